@@ -1,0 +1,134 @@
+"""Benchmarks (commands, not timed tests).
+
+    python bench.py loss [--tokens 1024,1536,2048] [--vocab 151936] [--hidden 896] [--device cpu|cuda]
+
+loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at
+a Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax,
+then gather). Each (variant, tokens) point runs in a fresh subprocess. Extra memory = peak minus the
+memory held before the loss path (inputs, lm_head weight, cache): on CPU the peak RSS (VmHWM, reset
+through /proc/self/clear_refs after setup), on CUDA torch.cuda.max_memory_allocated. The lm_head
+weight gradient ([V, H] float32) is allocated inside the path and counted. On CPU, scale tokens down
+and read the linear fit's extrapolation to --extrapolate tokens.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import estimators as E
+
+
+# ----------------------------------------------------------------------------- loss path
+def _rss_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} missing from /proc/self/status: the CPU memory measurement needs Linux")
+
+
+def loss_point(variant, tokens, vocab, hidden_size, samples, chunk_size, device, threads, seed=0):
+    """One measurement in this process: {"peak_extra_bytes", "seconds", ...} for one loss path run."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    N, V, H, M = tokens, vocab, hidden_size, samples
+    # in-place init: no temporaries that would raise the peak before the measurement starts
+    hidden = torch.empty(N, H, device=device).normal_().requires_grad_()
+    weight = torch.empty(V, H, device=device).normal_(0, 3 / H ** 0.5).requires_grad_()  # logits std ~3
+    ids = torch.randint(0, V, (N, M), device=device)
+    cache = {"mc_ids": ids, "mc_behavior_logp": torch.empty(N, M, device=device).uniform_(-12, -1),
+             "mc_teacher_logp": torch.empty(N, M, device=device).uniform_(-12, -1),
+             "loss_mask": torch.ones(N, dtype=torch.bool, device=device), "cu_seqlens": torch.tensor([0, N], device=device)}
+    opts = E.LossOptions(name="reverse_kl_mc", samples=M, chunk_size=chunk_size)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        before = _rss_kb("VmRSS") * 1024
+    start = time.perf_counter()
+    if variant == "chunked":
+        s = E.student_logp(hidden, weight, {"mc_ids": ids}, chunk_size=chunk_size)
+    else:  # naive: the whole float32 [N, V] log-softmax, then gather
+        s = {"mc_ids": torch.log_softmax(hidden.float() @ weight.float().T, dim=-1).gather(1, ids)}
+    loss, _ = E.compute_loss(s, cache, opts)
+    loss.backward()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _rss_kb("VmHWM") * 1024
+    seconds = time.perf_counter() - start
+    return {"variant": variant, "tokens": N, "peak_extra_bytes": peak - before, "seconds": seconds,
+            "loss": float(loss), "grad_finite": bool(torch.isfinite(weight.grad).all())}
+
+
+def cmd_loss(args):
+    tokens = [int(x) for x in args.tokens.split(",")]
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {args.threads} thread(s)"
+    print(f"loss path: reverse_kl_mc (A_theta, ratio), M={args.samples} ids/token, V={args.vocab}, H={args.hidden}, "
+          f"chunk_size={args.chunk_size}, float32, {device_name}")
+    print(f"{'variant':8s} {'tokens':>7s} {'peak extra MB':>14s} {'MB/token':>9s} {'time s':>8s} {'ms/token':>9s}")
+    results = {}
+    for variant in args.variants.split(","):
+        for n in tokens:
+            if variant == "naive" and n > args.naive_max_tokens:
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "_loss_point", json.dumps(dict(
+                variant=variant, tokens=n, vocab=args.vocab, hidden_size=args.hidden, samples=args.samples,
+                chunk_size=args.chunk_size, device=args.device, threads=args.threads))]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"{variant} at {n} tokens failed (rc {out.returncode}): {out.stderr.strip()[-500:]}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            if not r["grad_finite"]:
+                raise RuntimeError(f"{variant} at {n} tokens gave a non-finite gradient")
+            results.setdefault(variant, []).append(r)
+            mb = r["peak_extra_bytes"] / 2**20
+            print(f"{variant:8s} {n:7d} {mb:14.1f} {mb / n:9.3f} {r['seconds']:8.2f} {1e3 * r['seconds'] / n:9.2f}", flush=True)
+    print(f"linear fit peak_extra = a + b * tokens, extrapolated to {args.extrapolate} tokens:")
+    for variant, rs in results.items():
+        if len(rs) < 2:
+            continue
+        x = torch.tensor([float(r["tokens"]) for r in rs], dtype=torch.float64)
+        y = torch.tensor([r["peak_extra_bytes"] / 2**20 for r in rs], dtype=torch.float64)
+        b = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        a = float(y.mean()) - b * float(x.mean())
+        t = sum(r["seconds"] for r in rs) / sum(r["tokens"] for r in rs)
+        print(f"  {variant:8s} a = {a:8.1f} MB  b = {b:.4f} MB/token  ->  {(a + b * args.extrapolate) / 1024:6.2f} GB, "
+              f"~{t * args.extrapolate:.0f} s at this speed")
+    V, H = args.vocab, args.hidden
+    print(f"reference sizes: float32 [{args.extrapolate}, {V}] = {args.extrapolate * V * 4 / 2**30:.2f} GB; "
+          f"float32 [chunk={args.chunk_size}, V] = {args.chunk_size * V * 4 / 2**20:.0f} MB; lm_head grad [V, H] = {V * H * 4 / 2**20:.0f} MB")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("loss", help="memory and time of the loss path: chunked vs naive student gather")
+    p.add_argument("--tokens", default="1024,1536,2048", help="comma-separated response-token counts")
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--hidden", type=int, default=896)
+    p.add_argument("--samples", type=int, default=64, help="ids per token (M, or K)")
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--variants", default="chunked,naive")
+    p.add_argument("--naive-max-tokens", type=int, default=2048, help="skip naive above this (its memory grows ~2.3 MB/token)")
+    p.add_argument("--extrapolate", type=int, default=16384)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(fn=cmd_loss)
+    p = sub.add_parser("_loss_point", help=argparse.SUPPRESS)  # internal: one measurement, fresh process
+    p.add_argument("spec")
+    p.set_defaults(fn=lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))))
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

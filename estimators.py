@@ -1,0 +1,509 @@
+"""On-policy distillation estimators: every per-token KL loss of asyncopd in one file.
+
+Notation (per response position): s = log-probs of the current student (with grad), b = behaviour
+log-probs of the rollout-time, possibly stale, student, t = teacher log-probs (frozen). p_theta = e^s,
+p_b = e^b, q = e^t. Rows follow THE shift convention of teacher_cache.py: row r of every per-token field
+is response token y_r and the distribution that generated it (first response token and EOS included).
+
+Every estimator has one signature, fn(s, cache, opts) -> (per_token_loss [N], metrics), where s maps
+an id field of the cache to the current student's log-probs at those ids (see student_logp), and
+aggregate() turns per_token_loss into the scalar that is back-propagated.
+
+| estimator          | cache fields (+ token_ids, loss_mask, cu_seqlens)          | bias (vs its KL at the current student)                  | variance          | staleness (b != s) |
+|--------------------|-------------------------------------------------------------|----------------------------------------------------------|-------------------|--------------------|
+| forward_kl_topk    | teacher_topk_ids, teacher_topk_logp                         | drops teacher mass outside top-K (tail_bucket: exact KL  | none              | none: teacher weights, b unused |
+|                    |                                                             | of the coarsened distributions; renormalize: KL on top-K)|                   |                    |
+| forward_kl_dense   | teacher_dense_logp                                          | exact                                                    | none              | none               |
+| forward_kl_mc      | teacher_mc_ids, teacher_mc_logp                             | unbiased (value and gradient)                            | ~1/M              | none: teacher samples |
+| reverse_kl_dense   | teacher_dense_logp                                          | exact                                                    | none              | none               |
+| reverse_kl_support | student_topk_ids, student_topk_teacher_logp (or teacher_topk_*) | ignores student mass outside the fixed support S     | none              | biased: S was chosen by the stale student; missing t cannot be recovered |
+| reverse_kl_pg      | teacher_logp, behavior_logp (+ proximal_logp if decoupled)  | A_theta + ratio: unbiased gradient; A_old: O(s - b) bias;| high (1 sample)   | corrected per token by exp(s - b) if p_b covers p_theta; prefix distribution not corrected |
+|                    |                                                             | clip / TIS / decoupled / M2PO: biased where they act     |                   |                    |
+| reverse_kl_mc      | mc_ids, mc_teacher_logp, mc_behavior_logp (+ mc_proximal_logp) | as reverse_kl_pg                                      | ~1/M of pg        | as reverse_kl_pg   |
+| jsd                | teacher_dense_logp, or a finite support as reverse_kl_support | exact on dense; on a finite support, as the support   | none              | dense: none; finite: as reverse_kl_support |
+
+The paper's recommended surrogate is reverse_kl_mc with advantage="theta", ratio=True, no clip, M = 64.
+"""
+import difflib
+import math
+from dataclasses import dataclass
+
+import torch
+
+PG_ESTIMATORS = ("reverse_kl_pg", "reverse_kl_mc")
+FINITE_SUPPORT_ESTIMATORS = ("forward_kl_topk", "reverse_kl_support", "jsd")
+PROXIMAL_FIELDS = {"token_ids": "proximal_logp", "mc_ids": "mc_proximal_logp"}  # learner-added (decoupled)
+MAX_DENSE_VOCAB = 65536  # a dense [N, V] student log-softmax is for tests and small vocabularies only
+
+
+@dataclass
+class LossOptions:
+    name: str = "reverse_kl_mc"  # estimator, a key of ESTIMATORS
+    advantage: str = "theta"  # "theta": A = t - s recomputed at learner time, detached | "old": A = t - b frozen at rollout
+    ratio: bool = True  # importance ratio exp(s - b) on the sampled ids (off: plain score function)
+    clip_eps: float = 0.0  # PPO clip epsilon on the ratio (0 = off)
+    tis_cap: float = 0.0  # truncated-IS cap on the ratio, detached weight min(r, cap) (0 = off)
+    decoupled: bool = False  # AReaL decoupled PPO: clip p_theta/p_prox, times behaviour weight p_prox/p_b
+    behave_cap: float = 5.0  # decoupled: behaviour weights above this are zeroed
+    m2po_budget: float = 0.0  # M2PO second-moment budget on (b - s)^2 (0 = off)
+    m2po_floor_low: float = 0.3  # M2PO: eps_low is at least this
+    m2po_floor_high: float = 0.5  # M2PO: eps_high is at least this
+    teacher_topk: int = 16  # K: teacher top-K ids per position
+    student_topk: int = 16  # K_s: rollout student's top-K_s support per position
+    samples: int = 16  # M: Monte Carlo samples per position (column 0 = the generated token)
+    support: str = "student_topk"  # reverse_kl_support / jsd support: "student_topk" | "teacher_topk" | "dense" (jsd)
+    renormalize: bool = False  # finite support: renormalise student and teacher on the support
+    tail_bucket: bool = False  # finite support: add the mass outside the support as one extra category
+    beta: float = 0.5  # jsd: 0 = forward KL(q || p_theta), 1 = reverse KL(p_theta || q)
+    aggregation: str = "token_mean"  # "token_mean" over response tokens | "seq_mean" of per-sequence means
+    chunk_size: int = 1024  # positions per chunk in the student gather
+
+
+# ----------------------------------------------------------------------------- options
+def _fail(msg):
+    raise ValueError(msg)
+
+
+def validate_options(opts):
+    """Raise ValueError (one line: the problem and the fix) if opts cannot work."""
+    o = opts
+    if o.name not in ESTIMATORS:
+        close = difflib.get_close_matches(o.name, list(ESTIMATORS), n=1)
+        hint = f"did you mean {close[0]}?" if close else f"choose one of {sorted(ESTIMATORS)}"
+        _fail(f"unknown estimator name={o.name!r}: {hint}")
+    choices = {"advantage": ("theta", "old"), "aggregation": ("token_mean", "seq_mean"),
+               "support": ("student_topk", "teacher_topk", "dense")}
+    for key, allowed in choices.items():
+        if getattr(o, key) not in allowed:
+            _fail(f"unknown {key}={getattr(o, key)!r}: choose one of {list(allowed)}")
+    for key in ("teacher_topk", "student_topk", "samples", "chunk_size"):
+        if int(getattr(o, key)) < 1:
+            _fail(f"{key}={getattr(o, key)} must be >= 1")
+    for key in ("clip_eps", "tis_cap", "m2po_budget", "m2po_floor_low", "m2po_floor_high"):
+        if getattr(o, key) < 0:
+            _fail(f"{key}={getattr(o, key)} must be >= 0 (0 switches it off)")
+    if not 0 <= o.beta <= 1:
+        _fail(f"beta={o.beta} must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+    if o.behave_cap <= 0 or o.m2po_floor_low >= 1:
+        _fail(f"behave_cap={o.behave_cap} must be > 0 and m2po_floor_low={o.m2po_floor_low} < 1")
+    pg = o.name in PG_ESTIMATORS
+    stabilisers = [k for k, on in (("clip_eps", o.clip_eps > 0), ("tis_cap", o.tis_cap > 0),
+                                   ("decoupled", o.decoupled), ("m2po_budget", o.m2po_budget > 0)) if on]
+    pg_only = stabilisers + [k for k, on in (("advantage", o.advantage != "theta"), ("ratio", not o.ratio)) if on]
+    if pg_only and not pg:
+        _fail(f"{pg_only[0]} only applies to {PG_ESTIMATORS}, not {o.name}: reset it to its default")
+    if stabilisers and not o.ratio:
+        _fail(f"{stabilisers[0]} acts on the importance ratio but ratio=False: set ratio=True")
+    if len(set(stabilisers) - {"clip_eps"}) > 1 or (o.clip_eps > 0 and (o.tis_cap > 0 or o.m2po_budget > 0)):
+        _fail(f"stabilisers {stabilisers} cannot be combined: keep one (decoupled uses clip_eps as its clip)")
+    if (o.renormalize or o.tail_bucket) and o.name not in FINITE_SUPPORT_ESTIMATORS:
+        _fail(f"renormalize/tail_bucket only apply to {FINITE_SUPPORT_ESTIMATORS}, not {o.name}: set them False")
+    if o.renormalize and o.tail_bucket:
+        _fail("renormalize and tail_bucket both make the support a distribution: choose one")
+    if o.name == "reverse_kl_support" and o.support == "dense":
+        _fail("reverse_kl_support needs support='student_topk' or 'teacher_topk' (use reverse_kl_dense for dense)")
+    if o.name == "jsd" and o.support == "dense" and (o.renormalize or o.tail_bucket):
+        _fail("jsd with support='dense' is already normalised: set renormalize/tail_bucket False")
+
+
+def _support_fields(opts):
+    """(student id field, teacher log-prob field) of the support used by reverse_kl_support / jsd."""
+    if opts.name == "forward_kl_topk" or opts.support == "teacher_topk":
+        return "teacher_topk_ids", "teacher_topk_logp"
+    if opts.support == "student_topk":
+        return "student_topk_ids", "student_topk_teacher_logp"
+    return "dense", "teacher_dense_logp"
+
+
+def required_fields(opts):
+    """Names of the cache fields the estimator reads (rollout, teacher and learner-added ones)."""
+    fields = {"token_ids", "loss_mask", "cu_seqlens"}
+    name = opts.name
+    if name in ("forward_kl_dense", "reverse_kl_dense"):
+        fields |= {"teacher_dense_logp"}
+    elif name == "forward_kl_mc":
+        fields |= {"teacher_mc_ids", "teacher_mc_logp"}
+    elif name in FINITE_SUPPORT_ESTIMATORS:
+        ids, logp = _support_fields(opts)
+        fields |= {logp} | ({ids} if ids != "dense" else set())
+    elif name in PG_ESTIMATORS:
+        pre = "mc_" if name == "reverse_kl_mc" else ""
+        fields |= {f"{pre}teacher_logp"} | ({"mc_ids"} if pre else set())
+        if opts.ratio or opts.advantage == "old":
+            fields |= {f"{pre}behavior_logp"}
+        if opts.decoupled:
+            fields |= {f"{pre}proximal_logp"}
+    return fields
+
+
+def student_id_fields(opts):
+    """Id fields (and "dense") at which student_logp must give the current student's log-probs."""
+    return {"forward_kl_dense": ["dense"], "reverse_kl_dense": ["dense"], "forward_kl_mc": ["teacher_mc_ids"],
+            "reverse_kl_pg": ["token_ids"], "reverse_kl_mc": ["mc_ids"]}.get(opts.name) or [_support_fields(opts)[0]]
+
+
+# ----------------------------------------------------------------------------- student log-probs
+class _ChunkedGatherLogProb(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T / temperature) gathered at ids, chunk by chunk over positions.
+
+    Forward keeps only the [N, K] gathered values and the [N] logsumexp; backward recomputes each chunk's
+    logits z and uses dL/dz = scatter_add(g at ids) - softmax(z) * sum_k g_k (divided by the temperature
+    for dL/dlogits). Peak extra memory: one float32 [chunk, V] buffer plus, in backward, grad of weight.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, chunk_size):
+        w32 = weight.to(_compute_dtype(weight))  # no copy when the weight already is float32
+        out = torch.empty(ids.shape, dtype=w32.dtype, device=hidden.device)
+        lse = torch.empty(ids.shape[0], dtype=w32.dtype, device=hidden.device)
+        for a in range(0, ids.shape[0], chunk_size):
+            z = _chunk_logits(hidden[a:a + chunk_size], w32, temperature)
+            out[a:a + chunk_size] = z.gather(1, ids[a:a + chunk_size])
+            m = z.amax(dim=1, keepdim=True)
+            lse[a:a + chunk_size] = m.squeeze(1) + z.sub_(m).exp_().sum(1).log()  # in place: one [C, V] buffer
+        ctx.save_for_backward(hidden, weight, ids, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out - lse[:, None]
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, ids, lse = ctx.saved_tensors
+        temperature, C = ctx.temperature, ctx.chunk_size
+        w32 = weight.to(_compute_dtype(weight))
+        grad_h = torch.empty(hidden.shape, dtype=w32.dtype, device=hidden.device) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
+        g = g.to(w32.dtype)
+        for a in range(0, ids.shape[0], C):
+            h, gc = hidden[a:a + C].to(w32.dtype), g[a:a + C]
+            dz = _chunk_logits(h, w32, temperature).sub_(lse[a:a + C, None]).exp_()  # softmax(z), in place
+            dz.mul_(-gc.sum(1, keepdim=True)).scatter_add_(1, ids[a:a + C], gc)  # scatter_add: duplicate ids add up
+            if temperature != 1.0:
+                dz.div_(temperature)  # z = logits / temperature
+            if grad_h is not None:
+                grad_h[a:a + C] = dz @ w32
+            if grad_w is not None:
+                grad_w.addmm_(dz.T, h)
+        grad_h = grad_h.to(hidden.dtype) if grad_h is not None else None
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
+
+
+def _compute_dtype(weight):
+    """float32 for bf16/fp16/fp32 weights (logits in fp32 even when hidden is bf16); float64 stays float64."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _chunk_logits(h, w32, temperature):
+    z = h.to(w32.dtype) @ w32.T
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def student_logp(hidden, lm_head_weight, ids, temperature=1.0, chunk_size=1024):
+    """Current-student log-probs softmax(hidden @ W.T / temperature) at the ids of each field.
+
+    hidden [N, H] (rows as in the shift convention), lm_head_weight [V, H], ids {field: LongTensor [N] or
+    [N, k]}; the key "dense" (value ignored, e.g. None) asks for the full [N, V] log-softmax (V <= 65536).
+    All id fields are gathered in one chunked pass (concatenated along the id axis, split after), with
+    exact gradients w.r.t. hidden and weight and no float32 [N, V] tensor for the whole batch.
+    """
+    if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
+        _fail(f"student_logp needs hidden [N, H] and lm_head_weight [V, H], got {tuple(hidden.shape)} and "
+              f"{tuple(lm_head_weight.shape)}: select the response rows first")
+    N, V = hidden.shape[0], lm_head_weight.shape[0]
+    sparse = {k: v for k, v in ids.items() if k != "dense"}
+    for k, v in sparse.items():
+        if v.dtype != torch.int64 or v.shape[0] != N or v.dim() > 2:
+            _fail(f"ids[{k!r}] must be int64 [N={N}] or [N, k], got {v.dtype} {tuple(v.shape)}: pass cache fields")
+        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= V):
+            _fail(f"ids[{k!r}] has values outside [0, {V}): the cache and the student disagree on the vocabulary")
+    out = {}
+    if "dense" in ids:
+        if V > MAX_DENSE_VOCAB:
+            _fail(f"dense student log-probs need float32 [N, V] with V={V} > {MAX_DENSE_VOCAB}: use a finite-support estimator")
+        full = torch.log_softmax(_chunk_logits(hidden, lm_head_weight.to(_compute_dtype(lm_head_weight)), temperature), -1)
+        out["dense"] = full
+        return out | {k: full.gather(1, v.view(N, -1)).view(v.shape) for k, v in sparse.items()}
+    if not sparse:
+        return out
+    widths = [v.view(N, -1).shape[1] for v in sparse.values()]
+    flat = torch.cat([v.view(N, -1) for v in sparse.values()], dim=1)
+    gathered = _ChunkedGatherLogProb.apply(hidden, lm_head_weight, flat, float(temperature), int(chunk_size))
+    for (k, v), part in zip(sparse.items(), gathered.split(widths, dim=1)):
+        out[k] = part.reshape(v.shape)
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+def _masked_mean(x, valid):
+    """Mean of x over valid entries (valid broadcasts to x), as a float; 0.0 when none is valid."""
+    x, valid = x.detach(), valid.expand_as(x)
+    return float(x[valid].double().mean()) if bool(valid.any()) else 0.0
+
+
+def _valid(cache, like):
+    """loss_mask [N] shaped to broadcast against a per-token [N] or per-sample [N, M] tensor."""
+    mask = cache["loss_mask"].bool()
+    return mask if like.dim() == 1 else mask[:, None]
+
+
+def _field(cache, name, like, opts):
+    """cache[name] in like's dtype; a missing field is an error that names the estimator needing it."""
+    if name not in cache:
+        _fail(f"cache has no {name!r}, needed by {opts.name}: produce estimators.required_fields(opts) in rollout/teacher")
+    return cache[name].to(like.dtype)
+
+
+def _xlogratio(logp, logq):
+    """e^logp * (logp - logq), with 0 where e^logp == 0 (so t = -inf rows cannot give nan)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+
+
+def _log_tail(logp):
+    """log(1 - sum_k e^logp_k): the log mass outside a finite support, stable and clamped at tiny."""
+    mass = -torch.expm1(torch.logsumexp(logp, dim=-1, keepdim=True))
+    return mass.clamp(min=torch.finfo(logp.dtype).tiny).log()
+
+
+def _support_logps(s_k, t_k, opts):
+    """Student and teacher log-probs on a finite support, renormalised or with a tail bucket if asked."""
+    if opts.renormalize:
+        return s_k - torch.logsumexp(s_k, -1, keepdim=True), t_k - torch.logsumexp(t_k, -1, keepdim=True)
+    if opts.tail_bucket:
+        return torch.cat([s_k, _log_tail(s_k)], -1), torch.cat([t_k, _log_tail(t_k)], -1)
+    return s_k, t_k
+
+
+def _support_metrics(s_k, t_k, valid):
+    return {"student_mass": _masked_mean(s_k.exp().sum(-1), valid), "teacher_mass": _masked_mean(t_k.exp().sum(-1), valid)}
+
+
+# ----------------------------------------------------------------------------- forward KL (teacher-weighted)
+def forward_kl_topk(s, cache, opts):
+    """Forward KL on the teacher's top-K: sum_{k in topK(q)} e^{t_k} (t_k - s_k).
+
+    Needs teacher_topk_ids, teacher_topk_logp. With no option the teacher mass outside the top-K is
+    dropped (no renormalisation): K = V gives exactly KL(q || p_theta), K < V a truncation that still
+    pulls student mass onto the top-K (its gradient is not 0 at p_theta = q). tail_bucket adds one
+    category for the mass outside the top-K on both sides (student tail = 1 - sum_k e^{s_k}), giving
+    the exact KL of the coarsened distributions; renormalize uses e^{t_k}/sum e^t and e^{s_k}/sum e^s.
+    Bias: truncation only. Variance: none. Staleness: none (the weights come from the frozen teacher).
+    """
+    s_k = s["teacher_topk_ids"]
+    t_k = _field(cache, "teacher_topk_logp", s_k, opts)
+    metrics = _support_metrics(s_k, t_k, _valid(cache, s_k[:, 0]))
+    s_k, t_k = _support_logps(s_k, t_k, opts)
+    return _xlogratio(t_k, s_k).sum(-1), metrics
+
+
+def forward_kl_dense(s, cache, opts):
+    """Exact forward KL(q || p_theta) = sum_v e^{t_v} (t_v - s_v) over the whole vocabulary.
+
+    Needs teacher_dense_logp [N, V] and s["dense"]; for small vocabularies and tests. Exact, no variance,
+    no staleness effect.
+    """
+    return _xlogratio(_field(cache, "teacher_dense_logp", s["dense"], opts), s["dense"]).sum(-1), {}
+
+
+def forward_kl_mc(s, cache, opts):
+    """Monte Carlo forward KL with M teacher samples y_i ~ q: mean_i (t(y_i) - s(y_i)).
+
+    Needs teacher_mc_ids, teacher_mc_logp. Value and gradient -mean_i grad s(y_i) are unbiased for
+    KL(q || p_theta) and its gradient (E_q[grad s] is the gradient of the cross-entropy). Variance ~1/M.
+    Staleness: none, the samples come from the frozen teacher (b is never used). Only zero in
+    expectation at p_theta = q: a single draw still has a non-zero gradient.
+    """
+    s_y = s["teacher_mc_ids"]
+    t_y = _field(cache, "teacher_mc_logp", s_y, opts)
+    return (t_y - s_y).mean(-1), {}
+
+
+# ----------------------------------------------------------------------------- reverse KL (student-weighted)
+def reverse_kl_dense(s, cache, opts):
+    """Exact reverse KL(p_theta || q) = sum_v e^{s_v} (s_v - t_v) over the whole vocabulary.
+
+    Needs teacher_dense_logp [N, V] and s["dense"]. Exact, no variance; staleness-free since it is
+    recomputed under the current student.
+    """
+    return _xlogratio(s["dense"], _field(cache, "teacher_dense_logp", s["dense"], opts)).sum(-1), {}
+
+
+def reverse_kl_support(s, cache, opts):
+    """Reverse KL on a finite support S: sum_{k in S} e^{s_k} (s_k - t_k).
+
+    S = the rollout student's top-K_s (support="student_topk": student_topk_ids, student_topk_teacher_logp)
+    or the teacher's top-K (support="teacher_topk": teacher_topk_ids, teacher_topk_logp). renormalize
+    renormalises student and teacher on S (tail_bucket adds the outside mass as one category). Bias:
+    ignores student mass outside S, so it can be negative without renormalisation. Variance: none.
+    Staleness: S was fixed by the rollout student; where the current student moves mass off S, the
+    teacher scores it would need are missing and no reweighting recovers them.
+    """
+    ids_field, logp_field = _support_fields(opts)
+    s_k = s[ids_field]
+    t_k = _field(cache, logp_field, s_k, opts)
+    metrics = _support_metrics(s_k, t_k, _valid(cache, s_k[:, 0]))
+    s_k, t_k = _support_logps(s_k, t_k, opts)
+    return _xlogratio(s_k, t_k).sum(-1), metrics
+
+
+def _m2po_bounds(log_ratio, adv, valid, opts):
+    """M2PO clip bounds (eps_low, eps_high) from the valid entries, or None when within budget.
+
+    delta = b - s (= -log r). Harmful entries push the ratio further out: (A > 0 and r > 1) or (A < 0 and
+    r < 1). If mean delta^2 over the n harmful entries is <= budget: no clip. Otherwise solve
+    sum_i min(delta_i^2, tau^2) = budget * n for tau (piecewise linear in tau^2: walk the sorted
+    delta^2), then eps_low = 1 - e^{-tau}, eps_high = e^{tau} - 1, each raised to its floor.
+    """
+    delta2 = log_ratio.detach().square()
+    harmful = valid.expand_as(delta2) & (((adv > 0) & (log_ratio > 0)) | ((adv < 0) & (log_ratio < 0)))
+    x = delta2[harmful].double().sort().values
+    n = x.numel()
+    m2 = float(x.mean()) if n else 0.0
+    if m2 <= opts.m2po_budget:
+        return None, {"m2po_m2": m2, "m2po_harmful_frac": _masked_mean(harmful.float(), valid)}
+    prefix = torch.cat([x.new_zeros(1), x.cumsum(0)[:-1]])  # prefix[j] = sum of the j smallest
+    below = torch.arange(n, dtype=x.dtype, device=x.device)
+    f_at_x = prefix + x * (n - below)  # sum_i min(delta_i^2, x_j) at tau^2 = x_j: increasing in j
+    j = int(torch.searchsorted(f_at_x, torch.tensor([opts.m2po_budget * n], dtype=x.dtype, device=x.device)))
+    tau = math.sqrt((opts.m2po_budget * n - float(prefix[j])) / (n - j))  # tau^2 lies in [x_{j-1}, x_j]
+    lo = max(1 - math.exp(-tau), opts.m2po_floor_low)
+    hi = max(math.exp(tau) - 1, opts.m2po_floor_high)
+    return (lo, hi), {"m2po_m2": m2, "m2po_tau": tau, "m2po_eps_low": lo, "m2po_eps_high": hi,
+                      "m2po_harmful_frac": _masked_mean(harmful.float(), valid)}
+
+
+def _policy_gradient(s_y, cache, prefix, opts):
+    """Per-sample surrogate loss -r * A (PPO form and stabilisers as in opts) on [N] or [N, M] ids.
+
+    prefix "" reads teacher_logp/behavior_logp/proximal_logp, prefix "mc_" their [N, M] mc_* versions.
+    """
+    valid = _valid(cache, s_y)
+    t_y = _field(cache, f"{prefix}teacher_logp", s_y, opts)
+    b_y = _field(cache, f"{prefix}behavior_logp", s_y, opts) if opts.ratio or opts.advantage == "old" else None
+    prox_y = _field(cache, f"{prefix}proximal_logp", s_y, opts) if opts.decoupled else None
+    adv = (t_y - s_y).detach() if opts.advantage == "theta" else t_y - b_y
+    base = prox_y if opts.decoupled else (b_y if opts.ratio else s_y.detach())
+    log_ratio = (s_y - base).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()  # value 1 with ratio=False, but its gradient is ratio * grad s
+    metrics = {"ratio_mean": _masked_mean(ratio, valid), "advantage_mean": _masked_mean(adv, valid)}
+    if opts.tis_cap > 0:
+        weight = ratio.detach().clamp(max=opts.tis_cap)
+        metrics["tis_capped_frac"] = _masked_mean((ratio.detach() > opts.tis_cap).float(), valid)
+        return -weight * adv * torch.exp(s_y - s_y.detach()), metrics  # value -min(r,cap)A, grad -min(r,cap)A grad s
+    bounds = (opts.clip_eps, opts.clip_eps) if opts.clip_eps > 0 else None
+    if opts.m2po_budget > 0:
+        bounds, m2po_metrics = _m2po_bounds(log_ratio, adv, valid, opts)
+        metrics |= m2po_metrics
+    loss = -ratio * adv
+    if bounds is not None:
+        clipped = -ratio.clamp(1 - bounds[0], 1 + bounds[1]) * adv
+        metrics["clip_frac"] = _masked_mean((clipped > loss).float(), valid)
+        loss = torch.maximum(loss, clipped)
+    if opts.decoupled:
+        behave = (prox_y - b_y).exp()
+        metrics["behave_zeroed_frac"] = _masked_mean((behave > opts.behave_cap).float(), valid)
+        loss = torch.where(behave > opts.behave_cap, torch.zeros_like(behave), behave) * loss
+    return loss, metrics
+
+
+def reverse_kl_pg(s, cache, opts):
+    """Sampled reverse KL as a policy gradient on the generated token y ~ p_b: loss = -r * A.
+
+    r = exp(clamp(s(y) - b(y), +-20)) (ratio=False: r = exp(s - sg(s)), value 1, plain score function);
+    A = sg(t(y) - s(y)) (advantage="theta") or t(y) - b(y) (advantage="old"). Needs token_ids,
+    teacher_logp, behavior_logp (+ proximal_logp when decoupled).
+    With A_theta and the ratio, E_{y~p_b}[grad] = -E_{p_theta}[(t - s) grad s] = grad KL(p_theta || q)
+    at that position (E_{p_theta}[grad s] = 0) and E[value] = KL(p_theta || q): unbiased, whatever the
+    staleness, if p_b covers p_theta. A_old leaves an O(s - b) bias. Variance: high (one sample).
+    Stabilisers (each biased where it acts):
+      clip_eps    PPO: max(-r A, -clip(r, 1 - eps, 1 + eps) A).
+      tis_cap     truncated IS: loss = -sg(min(r, cap)) * A * exp(s - sg(s)); value -min(r, cap) A,
+                  gradient -min(r, cap) A grad s.
+      decoupled   AReaL: r = p_theta / p_prox (prox = student before the batch's first optimizer step),
+                  PPO clip on that r (if clip_eps > 0), times w = p_prox / p_b, with w := 0 where w > behave_cap.
+      m2po_budget M2PO: PPO clip with bounds from the second moment of b - s (see _m2po_bounds), per call,
+                  over the unmasked entries only.
+    """
+    return _policy_gradient(s["token_ids"], cache, "", opts)
+
+
+def reverse_kl_mc(s, cache, opts):
+    """Multi-sample MC reverse KL: mean over M behaviour samples of reverse_kl_pg's per-sample loss.
+
+    mc_ids [N, M]: column 0 = the generated token, columns 1..M-1 i.i.d. draws from p_b with replacement
+    (duplicates kept). Needs mc_ids, mc_teacher_logp, mc_behavior_logp (+ mc_proximal_logp). Same options
+    and stabilisers as reverse_kl_pg (M2PO statistics over the unmasked [N, M] entries). With A_theta and
+    the ratio: unbiased for grad KL(p_theta || q), variance ~1/M of the 1-sample estimator. The paper's
+    recommended surrogate: A_theta, ratio on, no clip, M = 64.
+    """
+    per_sample, metrics = _policy_gradient(s["mc_ids"], cache, "mc_", opts)
+    return per_sample.mean(-1), metrics
+
+
+# ----------------------------------------------------------------------------- generalised JSD
+def jsd(s, cache, opts):
+    """Generalised JSD(beta) between teacher P = e^t and student Q = e^s, scaled to be continuous at 0 and 1.
+
+    With M = beta P + (1 - beta) Q:  D = [beta KL(P || M) + (1 - beta) KL(Q || M)] / (beta (1 - beta))
+                                       = KL(P || M) / (1 - beta) + KL(Q || M) / beta.
+    beta -> 0 gives forward KL(P || Q), beta -> 1 reverse KL(Q || P); the endpoints are computed as
+    these limits. Elementwise the limit is P log(P/Q) - P + Q (resp. Q log(Q/P) - Q + P); the extra
+    -P + Q sums to 0 on a dense, renormalised or tail-bucket support, where the endpoints are exactly
+    forward_kl_* / reverse_kl_*. On a bare finite support (opts.support, no renormalisation) each term
+    stays >= 0 and the endpoints are these generalised KLs. Needs teacher_dense_logp (support="dense")
+    or the support's fields. Bias/variance/staleness: as the support it runs on. In float32, prefer the
+    exact endpoints to beta within ~1e-3 of them (the division by beta cancels digits).
+    """
+    ids_field, logp_field = _support_fields(opts)
+    logq = s[ids_field]
+    logp = _field(cache, logp_field, logq, opts)
+    logq, logp = _support_logps(logq, logp, opts)
+    beta = float(opts.beta)
+    if beta == 0.0:
+        return (_xlogratio(logp, logq) - logp.exp() + logq.exp()).sum(-1), {}
+    if beta == 1.0:
+        return (_xlogratio(logq, logp) - logq.exp() + logp.exp()).sum(-1), {}
+    logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+    return (_xlogratio(logp, logm) / (1 - beta) + _xlogratio(logq, logm) / beta).sum(-1), {}
+
+
+ESTIMATORS = {
+    "forward_kl_topk": forward_kl_topk,
+    "forward_kl_dense": forward_kl_dense,
+    "forward_kl_mc": forward_kl_mc,
+    "reverse_kl_dense": reverse_kl_dense,
+    "reverse_kl_support": reverse_kl_support,
+    "reverse_kl_pg": reverse_kl_pg,
+    "reverse_kl_mc": reverse_kl_mc,
+    "jsd": jsd,
+}
+
+
+# ----------------------------------------------------------------------------- aggregation
+def aggregate(per_token, loss_mask, cu_seqlens, mode="token_mean"):
+    """Scalar loss from per-token losses [N]; masked rows contribute nothing (values and gradients).
+
+    token_mean: sum over unmasked rows / their count (every response token weighs the same).
+    seq_mean:   mean over sequences (with >= 1 unmasked row) of each sequence's unmasked-token mean.
+    An all-masked batch gives 0 that still has a gradient (zeros), so backward() works everywhere.
+    """
+    mask = loss_mask.bool()
+    kept = torch.where(mask, per_token, torch.zeros_like(per_token))  # where, not *: garbage rows stay out
+    if mode == "token_mean":
+        return kept.sum() / mask.sum().clamp(min=1)
+    if mode != "seq_mean":
+        _fail(f"unknown aggregation mode={mode!r}: choose token_mean or seq_mean")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if int(lengths.sum()) != per_token.shape[0]:
+        _fail(f"cu_seqlens covers {int(lengths.sum())} rows but per_token has {per_token.shape[0]}: pass the batch's cu_seqlens")
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=per_token.device), lengths)
+    sums = torch.zeros(len(lengths), dtype=kept.dtype, device=kept.device).index_add(0, seq, kept)
+    counts = torch.zeros(len(lengths), dtype=kept.dtype, device=kept.device).index_add(0, seq, mask.to(kept.dtype))
+    has = counts > 0
+    return torch.where(has, sums / counts.clamp(min=1), torch.zeros_like(sums)).sum() / has.sum().clamp(min=1)
+
+
+def compute_loss(s, cache, opts):
+    """The estimator named in opts, aggregated: (scalar loss, metrics)."""
+    per_token, metrics = ESTIMATORS[opts.name](s, cache, opts)
+    return aggregate(per_token, cache["loss_mask"], cache["cu_seqlens"], opts.aggregation), metrics

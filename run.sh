@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# asyncopd in one command. Creates .venv (if missing), installs requirements.txt, then
+#   bash run.sh [key=value ...]        asynchronous OPD on the embedded CPU default (configs/default.yaml)
+#   bash run.sh test [pytest args]     the test suite
+#   bash run.sh CONFIG.yaml [k=v ...]  any other config
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null 2>&1 || { echo "run.sh: no $PY on PATH: install Python 3.10+ (or set PYTHON=...)"; exit 1; }
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "run.sh: Python 3.10+ needed, $PY is $("$PY" -V 2>&1)"; exit 1; }
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ ! -f .venv/.installed ] && [ "${free_kb:-0}" -lt 3000000 ]; then
+  echo "run.sh: only $((free_kb / 1024)) MB free here; the environment needs about 3 GB: free some disk space"; exit 1
+fi
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+if ! cmp -s requirements.txt .venv/.installed; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  cp requirements.txt .venv/.installed
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "${1:-}" = "test" ]; then shift; exec .venv/bin/python -m pytest -q tests "$@"; fi
+if [ "${1:-}" != "" ] && [[ "$1" == *.yaml ]]; then cfg=$1; shift; else cfg=configs/default.yaml; fi
+exec .venv/bin/python asyncopd.py train "$cfg" "$@"

@@ -1,0 +1,248 @@
+"""Prompts, tokenizer, answer checkers and greedy evaluation.
+
+The embedded task is multi-digit addition written out column by column. For
+"0472+0386=" the response is
+
+    2+6+0=08;7+8+0=15;4+3+1=08;0+0+0=00>858<eos>
+
+Step i (least significant digit first) shows digit a_i, digit b_i, the carry-in
+c_i and the two-digit column sum s_i = a_i + b_i + c_i; its first digit is the
+carry-out c_{i+1}, its second the answer digit. After '>' comes the answer
+without leading zeros. 43 tokens with DIGITS = 4, so generation dominates the
+step time, as it does for real reasoning models. Real data sets (GSM8K, MATH,
+DeepMath) come in through load_prompts and are graded by the "math" checker.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+from fractions import Fraction
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+DIGITS = 4                      # operand width; operands are zero-padded to it
+MAX_NEW_TOKENS = 48             # longest response is 4*8 + 3 + 1 + 5 + <eos> = 42 tokens
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
+TASK_CHARS = list("0123456789+=;>")
+SPLIT_SEEDS = {"train": 1234, "test": 5678}
+DEFAULT_LIMIT = {"train": 20000, "test": 1000}
+MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+# ----------------------------------------------------------------------------- addition task
+
+def is_heldout(a: int, b: int) -> bool:
+    """A problem belongs to the held-out split iff sha256("a+b") mod 10 == 0 (10% of all pairs),
+    so the two splits never share a problem whatever the seed or size."""
+    return int(hashlib.sha256(f"{a}+{b}".encode()).hexdigest()[:8], 16) % 10 == 0
+
+
+def addition_prompt(a: int, b: int) -> str:
+    return f"{a:0{DIGITS}d}+{b:0{DIGITS}d}="
+
+
+def addition_solution(a: int, b: int) -> str:
+    """The written column addition (without <eos>); see the module docstring."""
+    steps, carry = [], 0
+    for i in range(DIGITS):
+        da, db = (a // 10**i) % 10, (b // 10**i) % 10
+        s = da + db + carry
+        steps.append(f"{da}+{db}+{carry}={s:02d}")
+        carry = s // 10
+    return ";".join(steps) + ">" + str(a + b)
+
+
+def addition_problems(split: str, n: int) -> list[tuple[int, int]]:
+    """n distinct (a, b) pairs of the split, drawn by a seeded RNG (same list every call)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLIT_SEEDS)}")
+    rng, seen, out = random.Random(SPLIT_SEEDS[split]), set(), []
+    while len(out) < n:
+        a, b = rng.randrange(10**DIGITS), rng.randrange(10**DIGITS)
+        if is_heldout(a, b) == (split == "test") and (a, b) not in seen:
+            seen.add((a, b))
+            out.append((a, b))
+    return out
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: one WordLevel token per task character, plus <pad>, <eos>, <unk>.
+    Pads on the left, as batched generation needs; save_pretrained(dir) makes it loadable with
+    AutoTokenizer.from_pretrained(dir)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TASK_CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every char a word
+    tok.decoder = decoders.Fuse()                                              # join without spaces
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left",
+                                   clean_up_tokenization_spaces=False)
+
+
+# ----------------------------------------------------------------------------- prompt data
+
+def load_prompts(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Rows {"prompt", "answer", "checker"} from
+    - "addition": the built-in task (seeded; limit None -> DEFAULT_LIMIT[split]),
+    - a .jsonl / .parquet path (fields prompt|question|problem and answer|final_answer|solution;
+      "{split}" in the path is replaced by split), graded by the "math" checker,
+    - "hf:NAME[:config]": a Hugging Face dataset split (needs `datasets` and network)."""
+    if source == "addition":
+        pairs = addition_problems(split, limit if limit is not None else DEFAULT_LIMIT[split])
+        return [{"prompt": addition_prompt(a, b), "answer": str(a + b), "checker": "addition"}
+                for a, b in pairs]
+    if source.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"{source} needs the datasets library: `pip install datasets` "
+                             "(and network access), or pass a local .jsonl/.parquet file") from None
+        name, _, config = source[3:].partition(":")
+        records, where = list(datasets.load_dataset(name, config or None, split=split)), source
+    else:
+        where = source.replace("{split}", split)
+        if not os.path.isfile(where):
+            raise ValueError(f"prompt file {where} not found; pass an existing .jsonl/.parquet "
+                             "file, 'addition', or 'hf:NAME[:config]'")
+        if where.endswith(".jsonl"):
+            with open(where) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        elif where.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            records = pq.read_table(where).to_pylist()
+        else:
+            raise ValueError(f"prompt file {where} must end in .jsonl or .parquet")
+    if not records:
+        raise ValueError(f"{where} has no rows; point it at a non-empty data set")
+    rows = [_math_row(r, where) for r in records]
+    return rows if limit is None else rows[:limit]
+
+
+def _math_row(record: dict, where: str) -> dict:
+    prompt = next((record[k] for k in ("prompt", "question", "problem") if k in record), None)
+    answer = next((record[k] for k in ("answer", "final_answer", "solution") if k in record), None)
+    if prompt is None or answer is None:
+        raise ValueError(f"{where}: row has fields {sorted(record)}; it needs prompt|question|"
+                         "problem and answer|final_answer|solution")
+    if isinstance(prompt, list):  # chat-formatted prompt: keep the last message's text
+        prompt = prompt[-1]["content"]
+    if "boxed" not in prompt:
+        prompt = prompt + MATH_INSTRUCTION
+    return {"prompt": prompt, "answer": str(answer), "checker": "math"}
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
+    """Prompt token ids: the raw characters for the synthetic task, or the model's chat template
+    (one user turn + generation prompt) for instruct models."""
+    if chat_template:
+        if tokenizer.chat_template is None:
+            raise ValueError("chat_template=True but the tokenizer has no chat template; "
+                             "set chat_template: false for base models")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+        raise ValueError(f"prompt {text[:40]!r} has characters outside the tokenizer's vocabulary; "
+                         "use a tokenizer that covers this data set")
+    return ids
+
+
+# ----------------------------------------------------------------------------- checkers
+
+def check_addition(response: str, answer: str) -> bool:
+    """Correct iff the text after the last '>' is exactly the sum."""
+    return ">" in response and response.rsplit(">", 1)[1].strip() == answer.strip()
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, matching nested braces; None if there is none."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = start + len("\\boxed")
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced: the response was cut off inside the box
+
+
+def _normalise(s: str) -> str:
+    s = s.strip().strip("$").strip()
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\dfrac", "\\frac"),
+                     ("\\tfrac", "\\frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""),
+                     ("%", ""), ("\\$", "")):
+        s = s.replace(old, new)
+    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
+    return s.replace(" ", "").rstrip(".")
+
+
+def _as_number(s: str) -> Fraction | None:
+    """Exact value of "42", "-3.50", "1,234", "3/4", "\\frac{3}{4}", "-\\frac34"; None otherwise."""
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")  # thousands separators only, never "1,2" (a tuple)
+    m = re.fullmatch(r"(-?)\\frac\{?(-?\d+)\}?\{?(-?\d+)\}?", s) or re.fullmatch(r"(-?)(-?\d+)/(-?\d+)", s)
+    try:
+        if m:
+            value = Fraction(int(m.group(2)), int(m.group(3)))
+            return -value if m.group(1) else value
+        return Fraction(s) if re.fullmatch(r"-?\d*\.?\d+(e-?\d+)?", s) else None
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def check_math(response: str, answer: str) -> bool:
+    """Last \\boxed{} of the response vs the reference (text after '####' for GSM8K, its last
+    \\boxed{} for MATH-style solutions): equal as exact numbers when both parse, else equal as
+    normalised strings."""
+    if "####" in answer:
+        answer = answer.rsplit("####", 1)[1]
+    elif "\\boxed" in answer:
+        answer = last_boxed(answer) or answer
+    got = last_boxed(response)
+    if got is None:
+        return False
+    got, want = _normalise(got), _normalise(answer)
+    x, y = _as_number(got), _as_number(want)
+    if x is not None and y is not None:
+        return x == y
+    return got == want
+
+
+CHECKERS = {"addition": check_addition, "math": check_math}
+
+
+def check(checker: str, response_text: str, answer: str) -> bool:
+    if checker not in CHECKERS:
+        raise ValueError(f"unknown checker {checker!r}; use one of {sorted(CHECKERS)}")
+    return CHECKERS[checker](response_text, answer)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, tokenizer, prompts: list[dict], batch_size: int = 250,
+             max_new_tokens: int = MAX_NEW_TOKENS, chat_template: bool = False) -> float:
+    """Fraction of prompts answered correctly with greedy decoding (batched, left-padded)."""
+    model.eval()
+    device, correct = next(model.parameters()).device, 0
+    for i in range(0, len(prompts), batch_size):
+        rows = prompts[i:i + batch_size]
+        ids = [encode_prompt(tokenizer, r["prompt"], chat_template) for r in rows]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        correct += sum(check(r["checker"], t, r["answer"]) for r, t in zip(rows, texts))
+    return correct / len(prompts)

@@ -1,0 +1,31 @@
+"""Tiny random-init student/teacher pairs built in the test session (no downloads)."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(1)
+
+
+def make_model_dir(path, tokenizer, hidden=32, layers=1, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    conf = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                       max_position_embeddings=128, tie_word_embeddings=False,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    Qwen2ForCausalLM(conf).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(student_dir, teacher_dir): random tiny Qwen2 models on the addition tokenizer."""
+    import task
+    tok = task.build_tokenizer()
+    root = tmp_path_factory.mktemp("models")
+    return make_model_dir(root / "student", tok, 32, 1, 0), make_model_dir(root / "teacher", tok, 48, 2, 1)
