@@ -103,35 +103,18 @@ class Config:
 
 
 def _coerce(value, default, key):
-    """Convert a YAML/CLI value to the type of the default; one-line error on mismatch."""
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes"):
-            return True
-        if str(value).lower() in ("false", "0", "no"):
-            return False
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            return int(value)
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        try:
-            return float(value)
+    """YAML-typed value -> the field's type; one-line error on mismatch."""
+    kind = type(default)
+    if kind is float and not isinstance(value, bool):
+        try:  # ints, and "1e-3", which PyYAML reads as a string
+            value = float(value)
         except (TypeError, ValueError):
             pass
-    elif isinstance(default, str):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif isinstance(default, list):
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if isinstance(value, list):
-            return value
-    raise ValueError(f"config key {key} expects {type(default).__name__}, got {value!r}: fix the value")
+    elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if type(value) is not kind:
+        raise ValueError(f"config key {key} expects {kind.__name__}, got {value!r}: fix the value")
+    return value
 
 
 def _apply(obj, updates, prefix=""):
@@ -295,14 +278,25 @@ def check_offline_cache(cfg, student_dir, tok, fields):
     estimator's fields, and was scored by the teacher that made the student's SFT data."""
     if not cfg.cache_dir:
         raise ValueError("schedule=offline needs cache_dir=PATH: run `python asyncopd.py precompute` first")
+    from transformers import AutoConfig
     cache, meta = teacher_cache.load_dir(cfg.cache_dir)
     if meta["tokenizer_fingerprint"] != teacher_cache.tokenizer_fingerprint(tok):
         raise ValueError(f"cache {cfg.cache_dir} was built with tokenizer {meta['tokenizer_fingerprint']}, the student "
                          f"{student_dir} has {teacher_cache.tokenizer_fingerprint(tok)}: precompute with this student")
+    vocab = AutoConfig.from_pretrained(student_dir).vocab_size
+    if meta["vocab_size"] != vocab:
+        raise ValueError(f"cache {cfg.cache_dir} has vocabulary size {meta['vocab_size']}, the student {student_dir} "
+                         f"has {vocab}: precompute with a teacher of the student's vocabulary")
+    if meta["num_sequences"] != meta.get("prompts"):
+        raise ValueError(f"cache {cfg.cache_dir} holds {meta['num_sequences']} of the {meta.get('prompts')} sequences "
+                         "of its precompute: rerun the precompute to finish it")
     missing = sorted(fields - set(cache) - set(estimators.PROXIMAL_FIELDS.values()))
     if missing:
         raise ValueError(f"cache {cfg.cache_dir} lacks {missing} needed by {cfg.loss.name}: precompute with this loss")
     sft = sft_teacher(student_dir)
+    if sft is None and not cfg.allow_teacher_mismatch:
+        raise ValueError(f"teacher consistency: {student_dir} has no asyncopd_sft.json naming its SFT teacher: SFT it "
+                         "with `python sft.py student --teacher DIR`, or allow_teacher_mismatch=true")
     if sft != meta["teacher_fingerprint"] and not cfg.allow_teacher_mismatch:
         raise ValueError(f"teacher consistency: cache {cfg.cache_dir} was scored by teacher {meta['teacher_fingerprint']} "
                          f"but the student's SFT data came from teacher {sft} ({student_dir}/asyncopd_sft.json); "
@@ -317,6 +311,7 @@ def precompute(cfg):
     import rollout
     if not cfg.cache_dir:
         raise ValueError("precompute needs cache_dir=PATH (where the chunks go)")
+    torch.set_num_threads(cfg.threads)
     schedule, cfg.schedule = cfg.schedule, "sync"  # validate the teacher side like an online run
     tok, train, _ = validate(cfg)
     cfg.schedule = schedule
@@ -330,8 +325,21 @@ def precompute(cfg):
             "student_version": 0, "student_fingerprint": teacher_cache.fingerprint(cfg.student),
             "estimator": cfg.loss.name, "seed": cfg.seed}
     n = min(cfg.precompute_prompts, len(train))
+    # everything that decides a chunk's content: a rerun must match it to reuse the finished chunks
+    meta.update(prompts=n, chunk_prompts=cfg.chunk_prompts, data=cfg.data, required_fields=sorted(fields),
+                temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                teacher_topk=cfg.loss.teacher_topk, student_topk=cfg.loss.student_topk, samples=cfg.loss.samples)
     chunks = range(math.ceil(n / cfg.chunk_prompts))
     done = teacher_cache.finished_chunks(cfg.cache_dir)
+    if done:
+        old = teacher_cache.load(os.path.join(cfg.cache_dir, f"chunk_{min(done):05d}.safetensors"))[1]
+        diff = [k for k in meta if old.get(k) != meta[k]]
+        if diff:
+            raise ValueError(f"{cfg.cache_dir} holds chunks of another precompute ({diff[0]} {old.get(diff[0])!r} there, "
+                             f"{meta[diff[0]]!r} now): use another cache_dir or delete it")
+    for name in os.listdir(cfg.cache_dir) if os.path.isdir(cfg.cache_dir) else []:
+        if ".safetensors.tmp-" in name:  # a write cut short by an interruption
+            os.remove(os.path.join(cfg.cache_dir, name))
     t0 = time.time()
     for c in tqdm([c for c in chunks if c not in done], desc="precompute", disable=not cfg.progress):
         idx = list(range(c * cfg.chunk_prompts, min(n, (c + 1) * cfg.chunk_prompts)))
@@ -437,17 +445,17 @@ def rollout_role(ctx, cfg, worker, tok, train, evals, start_dir, start_step, sta
                 engine.load_weights(weights, version.value)
             _busy(ctx, "rollout", f"load v{engine.policy_version}", t0, time.time())
 
-    def maybe_eval(final=False):
-        period = cfg.eval_every * cfg.mini_batches
-        v = engine.policy_version
-        if worker == 0 and evals and (final or v == start_version or (period and v % period == 0 and v not in done_evals)):
+    def maybe_eval(final=False):  # at the start, when a period boundary is crossed, at the end
+        v, period = engine.policy_version, cfg.eval_every * cfg.mini_batches
+        due = not done or final or (period and v // period > done[-1] // period)
+        if worker == 0 and evals and due and (not done or v != done[-1]):
             t0 = time.time()
             acc = evaluate(engine, tok, evals, cfg)
-            done_evals.add(v)
+            done.append(v)
             _busy(ctx, "rollout", "eval", t0, time.time())
             ctx["metrics_q"].put(("eval", {"version": v, "step": v // cfg.mini_batches, "accuracy": acc}))
 
-    done_evals = set()
+    done = []
     fields = estimators.required_fields(cfg.loss)
     first, last = start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg)
     maybe_eval()

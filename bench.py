@@ -1,6 +1,7 @@
 """Benchmarks (commands, not timed tests).
 
-    python bench.py loss [--tokens 1024,1536,2048] [--vocab 151936] [--hidden 896] [--device cpu|cuda]
+    python bench.py loss [--tokens 1024,2048,4096] [--vocab 151936] [--hidden 896] [--device cpu|cuda]
+    python bench.py pipeline [--config configs/default.yaml] [--steps 24] [key=value ...]
 
 loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at
 a Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax,
@@ -9,6 +10,8 @@ memory held before the loss path (inputs, lm_head weight, cache): on CPU the pea
 through /proc/self/clear_refs after setup), on CUDA torch.cuda.max_memory_allocated. The lm_head
 weight gradient ([V, H] float32) is allocated inside the path and counted. On CPU, scale tokens down
 and read the linear fit's extrapolation to --extrapolate tokens.
+
+pipeline: the real pipeline (asyncopd.run) once per schedule on one config; see throughput().
 """
 import argparse
 import json
@@ -108,11 +111,49 @@ def cmd_loss(args):
           f"float32 [chunk={args.chunk_size}, V] = {args.chunk_size * V * 4 / 2**20:.0f} MB; lm_head grad [V, H] = {V * H * 4 / 2**20:.0f} MB")
 
 
+# ----------------------------------------------------------------------------- pipeline throughput
+def throughput(overrides, schedules, config="configs/default.yaml"):
+    """Run the real pipeline once per schedule on the same config; trained tokens/s at steady state.
+
+    The first schedule must be `sync`: nothing overlaps there, so its per-step seconds are each stage's
+    busy time (gen_s rollout, score_s teacher, train_s + sync_s learner), and an overlapping schedule can
+    at best reach speed-up = sum(stage times) / max(stage time) over sync (the ideal bound)."""
+    import asyncopd
+    rows = []
+    for name, extra in schedules:
+        cfg = asyncopd.load_config(config, [*overrides, *extra, "progress=false", "eval_size=0",
+                                          f"run_name=bench-{name}-{time.strftime('%H%M%S')}"])
+        steps = asyncopd.run(cfg)["steps"][2:]  # skip start-up (process spawn, first batches)
+        span = steps[-1]["time"] - steps[0]["time"]
+        mean = lambda k: sum(r[k] for r in steps[1:]) / len(steps[1:])  # noqa: E731
+        rows.append({"schedule": name, "tokens_per_s": sum(r["tokens"] for r in steps[1:]) / span,
+                     "gen_s": mean("gen_s"), "score_s": mean("score_s"), "train_s": mean("train_s") + mean("sync_s"),
+                     "stale_mean": mean("stale_mean")})
+    stages = [rows[0]["gen_s"], rows[0]["score_s"], rows[0]["train_s"]]
+    for r in rows:
+        r.update(bound=sum(stages) / max(stages), speedup=r["tokens_per_s"] / rows[0]["tokens_per_s"])
+        r["efficiency"] = r["speedup"] / r["bound"]
+    return rows
+
+
+def cmd_pipeline(args):
+    overrides = [f"steps={args.steps}", *args.overrides]
+    schedules = [("sync", ["schedule=sync"]), ("step_off(2)", ["schedule=step_off", "step_off=2"]),
+                 ("async", ["schedule=async", f"max_staleness={args.max_staleness}"])]
+    rows = throughput(overrides, schedules, args.config)
+    print(f"{'schedule':<12} {'tokens/s':>9} {'speed-up':>9} {'bound':>6} {'of bound':>9} "
+          f"{'gen s/step':>10} {'score s/step':>12} {'learn s/step':>12} {'staleness':>9}")
+    for r in rows:
+        print(f"{r['schedule']:<12} {r['tokens_per_s']:>9.0f} {r['speedup']:>8.2f}x {r['bound']:>5.2f}x "
+              f"{100 * r['efficiency']:>8.0f}% {r['gen_s']:>10.3f} {r['score_s']:>12.3f} {r['train_s']:>12.3f} "
+              f"{r['stale_mean']:>9.2f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("loss", help="memory and time of the loss path: chunked vs naive student gather")
-    p.add_argument("--tokens", default="1024,1536,2048", help="comma-separated response-token counts")
+    p.add_argument("--tokens", default="1024,2048,4096", help="comma-separated response-token counts")
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--samples", type=int, default=64, help="ids per token (M, or K)")
@@ -123,6 +164,12 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(fn=cmd_loss)
+    p = sub.add_parser("pipeline", help="trained tokens/s: sync vs step_off(2) vs async, with the ideal bound")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--max-staleness", type=int, default=2)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every schedule")
+    p.set_defaults(fn=cmd_pipeline)
     p = sub.add_parser("_loss_point", help=argparse.SUPPRESS)  # internal: one measurement, fresh process
     p.add_argument("spec")
     p.set_defaults(fn=lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))))

@@ -148,7 +148,8 @@ class _ChunkedGatherLogProb(torch.autograd.Function):
 
     Forward keeps only the [N, K] gathered values and the [N] logsumexp; backward recomputes each chunk's
     logits z and uses dL/dz = scatter_add(g at ids) - softmax(z) * sum_k g_k (divided by the temperature
-    for dL/dlogits). Peak extra memory: one float32 [chunk, V] buffer plus, in backward, grad of weight.
+    for dL/dlogits). Peak extra memory: one float32 [chunk, V] buffer plus, in backward, the weight's
+    gradient (and a float32 copy of the weight when it is bf16/fp16).
     """
 
     @staticmethod
@@ -161,6 +162,7 @@ class _ChunkedGatherLogProb(torch.autograd.Function):
             out[a:a + chunk_size] = z.gather(1, ids[a:a + chunk_size])
             m = z.amax(dim=1, keepdim=True)
             lse[a:a + chunk_size] = m.squeeze(1) + z.sub_(m).exp_().sum(1).log()  # in place: one [C, V] buffer
+            del z  # free it before the next chunk allocates its own (else two are alive at the peak)
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return out - lse[:, None]
@@ -183,6 +185,7 @@ class _ChunkedGatherLogProb(torch.autograd.Function):
                 grad_h[a:a + C] = dz @ w32
             if grad_w is not None:
                 grad_w.addmm_(dz.T, h)
+            del dz
         grad_h = grad_h.to(hidden.dtype) if grad_h is not None else None
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None
@@ -212,6 +215,8 @@ def student_logp(hidden, lm_head_weight, ids, temperature=1.0, chunk_size=1024):
     N, V = hidden.shape[0], lm_head_weight.shape[0]
     sparse = {k: v for k, v in ids.items() if k != "dense"}
     for k, v in sparse.items():
+        if not torch.is_tensor(v):
+            _fail(f"ids[{k!r}] is {type(v).__name__}, not a tensor: the cache lacks {k!r} (see required_fields)")
         if v.dtype != torch.int64 or v.shape[0] != N or v.dim() > 2:
             _fail(f"ids[{k!r}] must be int64 [N={N}] or [N, k], got {v.dtype} {tuple(v.shape)}: pass cache fields")
         if v.numel() and (int(v.min()) < 0 or int(v.max()) >= V):

@@ -1,7 +1,6 @@
 """Tests for estimators.py: every estimator against float64 references written from its definition,
 limits, unbiasedness and variance of the MC estimators, alignment on a tiny Qwen2, masking, the
 stabilisers on hand-worked numbers, and the chunked student gather. CPU only, no downloads."""
-import copy
 import math
 import os
 import sys

@@ -1,0 +1,258 @@
+"""Offline OPD (Lightning OPD): `asyncopd.py precompute` writes a chunked disk teacher cache once,
+`train schedule=offline` learns from it with no rollout or teacher process. Tiny random models."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import asyncopd
+import estimators
+import rollout
+import task
+import teacher_cache
+from conftest import ROOT, make_model_dir
+
+# 16 prompts in 4 chunks of 4; batch_size=4 and steps=4 make one epoch over the cache
+PRE = ["precompute_prompts=16", "chunk_prompts=4", "max_new_tokens=12", "eval_size=0", "threads=1", "progress=false",
+       "loss.name=reverse_kl_pg", "loss.ratio=false", "batch_size=4", "seed=3"]
+TRAIN = ["schedule=offline", "steps=4", "lr=0.01", "max_new_tokens=12", "eval_size=0", "threads=1", "progress=false",
+         "batch_size=4", "seed=3", "loss.name=reverse_kl_pg", "loss.advantage=theta"]
+
+
+def cli(cmd, student, teacher, *args, timeout=180):
+    argv = [sys.executable, os.path.join(ROOT, "asyncopd.py"), cmd, f"student={student}", f"teacher={teacher}", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def sft_student(src, dst, teacher_fp):
+    """Copy of a student whose asyncopd_sft.json names `teacher_fp` as its SFT teacher (as sft.py writes)."""
+    shutil.copytree(src, dst)
+    if teacher_fp is not None:
+        with open(os.path.join(dst, "asyncopd_sft.json"), "w") as f:
+            json.dump({"teacher_fingerprint": teacher_fp}, f)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tmp_path_factory):
+    """(student SFT'd on the tiny teacher, teacher, work folder)."""
+    student, teacher = tiny_models
+    root = tmp_path_factory.mktemp("offline")
+    return sft_student(student, root / "student", teacher_cache.fingerprint(teacher)), teacher, root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(models):
+    """An uninterrupted precompute through the real command line."""
+    student, teacher, root = models
+    out = cli("precompute", student, teacher, *PRE, f"cache_dir={root}/cache")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "16 sequences" in out.stdout and "4 chunks computed" in out.stdout and "0 reused" in out.stdout
+    return str(root / "cache")
+
+
+def config(student, teacher, args, **kw):
+    return asyncopd.load_config(None, [f"student={student}", f"teacher={teacher}", *args]
+                                + [f"{k}={v}" for k, v in kw.items()])
+
+
+def records(run_dir, kind="step"):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def logp_at_tokens(model_dir, cache):
+    """log softmax(model) at the cached response tokens, float64, by a plain padded forward."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    input_ids, attention_mask, rows = teacher_cache.pad_batch(cache, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[rows], dim=-1)
+    return logp.gather(1, cache["token_ids"][:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------- (a) end to end
+@pytest.mark.parametrize("ratio", [False, True])
+def test_precompute_then_offline_training(models, cache_dir, ratio):
+    """Lightning OPD on fixed rollouts: A_theta = t - s with no ratio is exact gradient descent on
+    1/2 sum (s - t)^2 over the cached tokens, so the squared gap must shrink; with the ratio, the
+    cached b makes r = exp(s - b) exactly 1 at the first step (student = rollout student) only."""
+    student, teacher, root = models
+    name = f"ratio_{ratio}"
+    out = cli("train", student, teacher, *TRAIN, f"loss.ratio={str(ratio).lower()}", f"cache_dir={cache_dir}",
+              f"out_dir={root}/runs", f"run_name={name}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = os.path.join(root, "runs", name)
+    steps = records(run)
+    cache, meta = teacher_cache.load_dir(cache_dir)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert sum(r["tokens"] for r in steps) == meta["num_tokens"]  # one epoch: every cached token once
+    assert [(r["stale_min"], r["stale_max"]) for r in steps] == [(k, k) for k in range(4)]  # all made by version 0
+    roles = {e["args"]["name"] for e in json.load(open(os.path.join(run, "trace.json")))["traceEvents"] if e["ph"] == "M"}
+    assert roles == {"learner"}  # no rollout, no teacher
+    s0, s4 = logp_at_tokens(student, cache), logp_at_tokens(os.path.join(run, "ckpt_00004"), cache)
+    torch.testing.assert_close(s0.float(), cache["behavior_logp"], atol=1e-5, rtol=1e-5)  # b = the SFT student
+    t = cache["teacher_logp"].double()
+    gap0, gap4 = ((s0 - t) ** 2).mean(), ((s4 - t) ** 2).mean()
+    assert gap4 < 0.9 * gap0, (float(gap0), float(gap4))
+    if ratio:
+        assert abs(steps[0]["ratio_mean"] - 1) < 1e-5 and abs(steps[-1]["ratio_mean"] - 1) > 1e-3
+    else:
+        assert all(r["ratio_mean"] == 1.0 for r in steps)
+        first = asyncopd.unit_prompt_indices(asyncopd.Config(batch_size=4, rollout_batch_size=4, seed=3), 16, 0)
+        gap = teacher_cache.select_sequences(dict(cache, teacher_logp=(s0 - t).float()), first)["teacher_logp"]
+        assert abs(steps[0]["loss"] - float(gap.mean())) < 1e-5  # value s - t on step 1's sequences
+
+
+# ----------------------------------------------------------------------------- (b) exact round trip
+def online_scores(cfg, chunk_prompts, n_chunks):
+    """What the rollout and teacher roles produce for unit c (same per-unit generators), unit = chunk."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(cfg.student)
+    prompts = task.load_prompts("addition", "train", chunk_prompts * n_chunks)
+    engine = rollout.make_engine(cfg.student, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).eval()
+    fields = estimators.required_fields(cfg.loss)
+    out = []
+    for c in range(n_chunks):
+        idx = list(range(c * chunk_prompts, (c + 1) * chunk_prompts))
+        traj = engine.generate([task.encode_prompt(tok, prompts[i]["prompt"], False) for i in idx], idx, 0,
+                               cfg.loss.student_topk if "student_topk_ids" in fields else 0,
+                               cfg.loss.samples if "mc_ids" in fields else 0, asyncopd._seeded(cfg, c, 1))
+        out.append(teacher_cache.score(teacher, traj, fields & teacher_cache.TEACHER_FIELDS, cfg.loss.teacher_topk,
+                                       cfg.loss.samples, generator=asyncopd._seeded(cfg, c, 2),
+                                       pad_token_id=tok.pad_token_id))
+    return out
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl_pg", "reverse_kl_mc", "forward_kl_mc", "forward_kl_topk"])
+def test_cache_round_trips_exactly(models, cache_dir, tmp_path, loss):
+    """Every field of every chunk on disk is bitwise what online rollout + teacher scoring give."""
+    student, teacher, _ = models
+    args = PRE + [f"loss.name={loss}", "loss.ratio=true", "loss.samples=3", "loss.teacher_topk=5"]
+    if loss == "reverse_kl_pg":  # the command-line cache of the fixture
+        directory, args = cache_dir, PRE
+    else:
+        directory = str(tmp_path / "cache")
+        asyncopd.precompute(config(student, teacher, args, cache_dir=directory))
+    cfg = config(student, teacher, args)
+    online = online_scores(cfg, 4, 4)
+    needed = estimators.required_fields(cfg.loss) - {"cu_seqlens"}
+    for c, want in enumerate(online):
+        got, meta = teacher_cache.load(os.path.join(directory, f"chunk_{c:05d}.safetensors"))
+        assert needed <= set(got) and set(got) == set(want), (sorted(got), sorted(want))
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (c, k)
+        assert meta["teacher_fingerprint"] == teacher_cache.fingerprint(teacher) and meta["chunk_index"] == c
+    whole, meta = teacher_cache.load_dir(directory)
+    for k, v in teacher_cache.concat(online).items():
+        assert torch.equal(whole[k], v), k
+    assert meta["num_chunks"] == 4 and whole["prompt_index"].tolist() == list(range(16))
+
+
+# ----------------------------------------------------------------------------- (c) resumption
+def test_interrupted_precompute_resumes_without_recomputing(models, cache_dir, tmp_path, monkeypatch, capsys):
+    """Crash while writing chunk 2 (a half-written tmp file is left behind), rerun: chunks 0-1 are
+    untouched (same mtime), 2-3 are computed, and every file equals the uninterrupted run's."""
+    student, teacher, _ = models
+    directory = str(tmp_path / "cache")
+    cfg = lambda: config(student, teacher, PRE, cache_dir=directory)  # noqa: E731 - precompute edits cfg
+    real_save, calls = teacher_cache.save_file, []
+
+    def crash_on_third(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            with open(path, "wb") as f:
+                f.write(b"half a chunk")
+            raise KeyboardInterrupt
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(teacher_cache, "save_file", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        asyncopd.precompute(cfg())
+    monkeypatch.setattr(teacher_cache, "save_file", real_save)
+    assert teacher_cache.finished_chunks(directory) == {0, 1}
+    assert any(".tmp-" in n for n in os.listdir(directory))
+    assert "holds 8 of the 16 sequences" in refused(student, teacher, directory)  # unfinished: not trainable
+    mtimes = {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in os.listdir(directory) if n.startswith("chunk_0000")}
+    message = asyncopd.precompute(cfg())
+    assert "2 chunks computed" in message and "2 reused" in message
+    for n, t in mtimes.items():
+        if ".tmp-" not in n:
+            assert os.stat(os.path.join(directory, n)).st_mtime_ns == t, f"{n} was rewritten"
+    names = sorted(os.listdir(directory))
+    assert names == sorted(os.listdir(cache_dir)) == [f"chunk_{c:05d}.safetensors" for c in range(4)]  # tmp cleaned
+    for n in names:
+        with open(os.path.join(directory, n), "rb") as a, open(os.path.join(cache_dir, n), "rb") as b:
+            assert a.read() == b.read(), n
+    assert "0 chunks computed" in asyncopd.precompute(cfg())  # finished: nothing to do
+    with pytest.raises(ValueError, match="holds chunks of another precompute .seed 3 there, 4 now"):
+        asyncopd.precompute(config(student, teacher, PRE, cache_dir=directory, seed=4))
+
+
+# ----------------------------------------------------------------------------- (d) guards
+def refused(student, teacher, cache, **kw):
+    with pytest.raises(ValueError) as e:
+        asyncopd.validate(config(student, teacher, TRAIN, cache_dir=cache, **kw))
+    return str(e.value)
+
+
+def test_teacher_consistency_guard(models, cache_dir, tiny_models, tmp_path):
+    student, teacher, root = models
+    fp = teacher_cache.fingerprint(teacher)
+    other = sft_student(student, tmp_path / "other", "0123456789abcdef")
+    msg = refused(other, teacher, cache_dir)
+    assert "teacher consistency" in msg and fp in msg and "0123456789abcdef" in msg and "allow_teacher_mismatch" in msg
+    asyncopd.validate(config(other, teacher, TRAIN, cache_dir=cache_dir, allow_teacher_mismatch="true"))  # the ablation
+    assert "no asyncopd_sft.json" in refused(tiny_models[0], teacher, cache_dir)  # a student sft.py did not make
+    asyncopd.validate(config(student, teacher, TRAIN, cache_dir=cache_dir))  # the consistent pair passes
+    # and on the command line: one line, exit code 2, no run started
+    out = cli("train", other, teacher, *TRAIN, f"cache_dir={cache_dir}", f"out_dir={tmp_path}/runs")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert fp in out.stderr and "0123456789abcdef" in out.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_cache_vocabulary_and_fields_guards(models, cache_dir, tmp_path):
+    student, teacher, _ = models
+    fp = teacher_cache.fingerprint(teacher)
+    tok = task.build_tokenizer()
+    tok.add_tokens(["@"])  # one more token: another vocabulary
+    other_tok = make_model_dir(tmp_path / "tok", tok, 32, 1)
+    with open(os.path.join(other_tok, "asyncopd_sft.json"), "w") as f:
+        json.dump({"teacher_fingerprint": fp}, f)
+    assert "was built with tokenizer" in refused(other_tok, teacher, cache_dir)
+    bigger = sft_student(student, tmp_path / "big", fp)
+    conf = json.load(open(f"{bigger}/config.json"))
+    conf["vocab_size"] += 7
+    json.dump(conf, open(f"{bigger}/config.json", "w"))
+    assert f"vocabulary size {conf['vocab_size'] - 7}" in refused(bigger, teacher, cache_dir)
+    msg = refused(student, teacher, cache_dir, **{"loss.name": "forward_kl_topk"})
+    assert "lacks ['teacher_topk_ids', 'teacher_topk_logp'] needed by forward_kl_topk" in msg
+    assert "lacks ['mc_behavior_logp', 'mc_ids', 'mc_teacher_logp']" in refused(student, teacher, cache_dir,
+                                                                               **{"loss.name": "reverse_kl_mc"})
+    assert "needs cache_dir" in refused(student, teacher, "")
+
+
+def test_damaged_cache_is_refused_with_its_path(models, cache_dir, tmp_path):
+    student, teacher, _ = models
+    broken = str(tmp_path / "broken")
+    shutil.copytree(cache_dir, broken)
+    path = os.path.join(broken, "chunk_00001.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    msg = refused(student, teacher, broken)
+    assert path in msg and "truncated, corrupt" in msg
+    with open(path, "wb") as f:
+        f.write(b"\x00" * 64)  # garbage header
+    assert path in refused(student, teacher, broken)
+    os.remove(path)
+    assert "chunks [1] are missing" in refused(student, teacher, broken)
+    assert "no chunk_*.safetensors" in refused(student, teacher, str(tmp_path / "empty"))
