@@ -340,6 +340,7 @@ def precompute(cfg):
     for name in os.listdir(cfg.cache_dir) if os.path.isdir(cfg.cache_dir) else []:
         if ".safetensors.tmp-" in name:  # a write cut short by an interruption
             os.remove(os.path.join(cfg.cache_dir, name))
+    teacher_fields = (fields & teacher_cache.TEACHER_FIELDS) | {"teacher_logp"}  # as teacher_role scores online
     t0 = time.time()
     for c in tqdm([c for c in chunks if c not in done], desc="precompute", disable=not cfg.progress):
         idx = list(range(c * cfg.chunk_prompts, min(n, (c + 1) * cfg.chunk_prompts)))
@@ -347,7 +348,7 @@ def precompute(cfg):
                                cfg.loss.student_topk if "student_topk_ids" in fields else 0,
                                cfg.loss.samples if "mc_ids" in fields else 0, _seeded(cfg, c, 1, cfg.rollout_devices[0]))
         with torch.no_grad():
-            scored = teacher_cache.score(teacher, _to(traj, cfg.teacher_device), fields & teacher_cache.TEACHER_FIELDS, cfg.loss.teacher_topk,
+            scored = teacher_cache.score(teacher, _to(traj, cfg.teacher_device), teacher_fields, cfg.loss.teacher_topk,
                                          cfg.loss.samples, generator=_seeded(cfg, c, 2, cfg.teacher_device), pad_token_id=tok.pad_token_id)
         teacher_cache.write_chunk(cfg.cache_dir, c, _to(scored, "cpu"), meta)
     cache, meta = teacher_cache.load_dir(cfg.cache_dir)
@@ -409,20 +410,6 @@ def _to(cache, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in cache.items()}
 
 
-def evaluate(engine, tok, rows, cfg):
-    """Held-out accuracy with greedy decoding, through the rollout engine interface."""
-    correct = 0
-    for i in range(0, len(rows), 100):
-        chunk = rows[i:i + 100]
-        traj = engine.generate([r["ids"] for r in chunk], list(range(len(chunk))), engine.policy_version, 0, 0,
-                               None, greedy=True)
-        cu = traj["cu_seqlens"].tolist()
-        for j, r in enumerate(chunk):
-            text = tok.decode(traj["token_ids"][cu[j]:cu[j + 1]].tolist(), skip_special_tokens=True)
-            correct += task.check(r["checker"], text, r["answer"])
-    return correct / max(1, len(rows))
-
-
 # ----------------------------------------------------------------------------- roles
 def rollout_role(ctx, cfg, worker, tok, train, evals, start_dir, start_step, start_version):
     """Rollout worker w generates units w, w+R, ... (R workers); worker 0 also evaluates."""
@@ -450,7 +437,7 @@ def rollout_role(ctx, cfg, worker, tok, train, evals, start_dir, start_step, sta
         due = not done or final or (period and v // period > done[-1] // period)
         if worker == 0 and evals and due and (not done or v != done[-1]):
             t0 = time.time()
-            acc = evaluate(engine, tok, evals, cfg)
+            acc = task.evaluate(engine, tok, evals)
             done.append(v)
             _busy(ctx, "rollout", "eval", t0, time.time())
             ctx["metrics_q"].put(("eval", {"version": v, "step": v // cfg.mini_batches, "accuracy": acc}))
@@ -488,15 +475,12 @@ def teacher_role(ctx, cfg, tok, evals, start_step):
     dtype = torch.bfloat16 if cfg.teacher_device.startswith("cuda") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype).to(cfg.teacher_device).eval()
     if cfg.eval_teacher and evals:
-        import rollout
-        engine = rollout.make_engine(model, kind="hf", device=cfg.teacher_device, temperature=1.0, top_p=1.0,
-                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)
         t0 = time.time()
-        acc = evaluate(engine, tok, evals, cfg)
+        acc = task.evaluate(model, tok, evals, max_new_tokens=cfg.max_new_tokens)
         _busy(ctx, "teacher", "eval", t0, time.time())
         ctx["metrics_q"].put(("teacher_eval", {"accuracy": acc}))
-    fields = estimators.required_fields(cfg.loss) & teacher_cache.TEACHER_FIELDS
+    # t at the generated token is always scored (4 bytes/token): it gives every run a reverse-KL estimate
+    fields = (estimators.required_fields(cfg.loss) & teacher_cache.TEACHER_FIELDS) | {"teacher_logp"}
     for _ in range(start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg)):
         item = _get(ctx, ctx["rollout_q"])
         if item is None:
@@ -667,13 +651,13 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
     student, opt, device = build_learner(cfg, rank, world, start_dir)
     if cfg.resume:
         load_optimizer(student, opt, cfg.resume, rank)
-    weights = ctx["weights"]
-    if rank == 0 and weights is None:  # CUDA IPC: allocate the device buffer here and hand it over once
-        weights = {k: v.to(device, copy=True) for k, v in full_state_dict(student).items()}
-        ctx["weights_q"].put(weights)
-    elif weights is None:
-        full_state_dict(student)
-    source = offline_batches(cfg, start_step) if cfg.schedule == "offline" else None
+    weights, offline = ctx["weights"], cfg.schedule == "offline"  # offline: no rollout to publish to
+    if weights is None and not offline:  # CUDA IPC: rank 0 allocates the device buffer and hands it over once
+        sd = full_state_dict(student)
+        if rank == 0:
+            weights = {k: v.to(device, copy=True) for k, v in sd.items()}
+            ctx["weights_q"].put(weights)
+    source = offline_batches(cfg, start_step) if offline else None
     t_start, tokens_total, pending = time.time(), 0, {}
     step = start_step
     while step < cfg.steps:
@@ -694,8 +678,8 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
         t1 = time.time()
         stats = train_on_batch(cfg, student, opt, cache, step, rank, world, device, pad_id)
         t2 = time.time()
-        sd = full_state_dict(student)
-        if rank == 0:
+        sd = {} if offline else full_state_dict(student)
+        if rank == 0 and not offline:
             with ctx["lock"]:
                 for k, v in weights.items():
                     v.copy_(sd[k])
@@ -723,6 +707,22 @@ def offline_batches(cfg, start_step):
     n_seq = len(cache["cu_seqlens"]) - 1
     for unit in range(start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg)):
         yield {"unit": unit}, teacher_cache.select_sequences(cache, unit_prompt_indices(cfg, n_seq, unit))
+
+
+def offline_evals(cfg, tok, evals, points, run_dir):
+    """Offline runs have no rollout role to evaluate: grade the (model dir, step) points after training."""
+    import rollout
+    torch.set_num_threads(cfg.threads)
+    recs = []
+    for path, step in points:
+        engine = rollout.make_engine(path, kind="hf", device=cfg.rollout_devices[0], temperature=cfg.temperature,
+                                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        recs.append({"version": step * cfg.mini_batches, "step": step, "accuracy": task.evaluate(engine, tok, evals)})
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.writelines(json.dumps({"kind": "eval", **r}) + "\n" for r in recs)
+    plot_run(run_dir)
+    return recs
 
 
 # ----------------------------------------------------------------------------- coordinator
@@ -801,6 +801,10 @@ def run(cfg):
         json.dump({"coordinator": os.getpid(), **{r: p.pid for r, p in procs.items()}}, f)
     summary = watch(cfg, ctx, procs, run_dir, start_step)
     summary["run_dir"] = run_dir
+    if cfg.schedule == "offline" and evals and summary.get("checkpoint") and not summary.get("interrupted"):
+        with open(os.path.join(summary["checkpoint"], "trainer_state.json")) as f:
+            end = json.load(f)["step"]
+        summary["evals"] = offline_evals(cfg, tok, evals, [(start_dir, start_step), (summary["checkpoint"], end)], run_dir)
     return summary
 
 

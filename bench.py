@@ -12,10 +12,15 @@ weight gradient ([V, H] float32) is allocated inside the path and counted. On CP
 and read the linear fit's extrapolation to --extrapolate tokens.
 
 pipeline: the real pipeline (asyncopd.run) once per schedule on one config; see throughput().
+
+    python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
+
+offline: online async OPD vs offline Lightning OPD (precompute included) and teacher A vs B; see cmd_offline().
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -149,6 +154,80 @@ def cmd_pipeline(args):
               f"{r['stale_mean']:>9.2f}")
 
 
+# ----------------------------------------------------------------------------- offline (Lightning OPD)
+def _asyncopd(argv):
+    """`python asyncopd.py ARGV` in a fresh process: (launch time, wall seconds, stdout)."""
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "asyncopd.py", *argv], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    if out.returncode:
+        raise RuntimeError(f"asyncopd.py {' '.join(argv)} failed: {out.stderr.strip()[-800:]}")
+    return t0, time.time() - t0, out.stdout.strip()
+
+
+def cmd_offline(args):
+    """Online async OPD vs offline OPD on fixed rollouts of the SFT student (precompute included), with the
+    config's estimator for both, plus Lightning OPD's own single-sample loss (A_theta = t - s, no ratio) on
+    the same cache; then the teacher-consistency ablation: teacher B (not the SFT teacher) online and
+    offline. Runs checkpoint every --eval-every steps with evaluation off; checkpoints are graded afterwards
+    on --eval-n held-out problems (greedy), so grading never slows a timed run."""
+    import asyncopd
+    import task
+    import teacher_cache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(args.threads)
+    cfg, out = asyncopd.load_config(args.config, args.overrides), os.path.abspath(args.out)
+    if not os.path.isfile(os.path.join(args.teacher_b, "config.json")):
+        raise ValueError(f"--teacher-b {args.teacher_b}: no model; train one: python sft.py teacher --out {args.teacher_b} --seed 1")
+    common = [args.config, *args.overrides, f"steps={args.steps}", f"save_every={args.eval_every}", "eval_size=0",
+              "progress=false", f"threads={args.threads}", f"out_dir={out}", f"precompute_prompts={args.prompts}",
+              f"chunk_prompts={args.chunk_prompts}", "allow_teacher_mismatch=true"]  # only teacher B needs it
+    lightning = ["loss.name=reverse_kl_pg", "loss.advantage=theta", "loss.ratio=false"]
+    specs = [("online A", "A", False, []), ("offline A", "A", True, []), ("offline A, Lightning", "A", True, lightning),
+             ("offline B", "B", True, []), ("online B", "B", False, [])]
+    teachers, pre_s, runs = {"A": cfg.teacher, "B": args.teacher_b}, {}, {}
+    for name, who, offline, extra in specs:
+        tag = name.replace(", ", "_").replace(" ", "_")
+        extra = [f"teacher={teachers[who]}", f"run_name={tag}", f"cache_dir={out}/cache_{who}", *extra]
+        shutil.rmtree(os.path.join(out, tag), ignore_errors=True)  # a rerun starts from scratch
+        if offline and who not in pre_s:
+            shutil.rmtree(os.path.join(out, f"cache_{who}"), ignore_errors=True)
+            _, pre_s[who], msg = _asyncopd(["precompute", *common, f"teacher={teachers[who]}", f"cache_dir={out}/cache_{who}"])
+            print(f"precompute {who}: {msg} [{pre_s[who]:.1f}s with start-up]", flush=True)
+        t0, wall, _ = _asyncopd(["train", *common, *(["schedule=offline"] if offline else []), *extra])
+        runs[name] = (os.path.join(out, tag), pre_s[who] if offline else 0.0, t0, wall)
+    tok, rows = AutoTokenizer.from_pretrained(cfg.student), task.load_prompts("addition", "test", args.eval_n)
+    grade = lambda d: task.evaluate(AutoModelForCausalLM.from_pretrained(d), tok, rows)  # noqa: E731
+    acc0, table = grade(cfg.student), {}
+    for name, (run, pre, t0, wall) in runs.items():
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            steps = {r["step"]: r for r in map(json.loads, f) if r["kind"] == "step"}
+        points = [(0, 0.0, acc0)] + [(k, pre + steps[k]["time"] - t0, grade(os.path.join(run, f"ckpt_{k:05d}")))
+                                     for k in sorted(steps) if k % args.eval_every == 0 or k == args.steps]
+        rate = (len(steps) - 1) / (steps[max(steps)]["time"] - steps[min(steps)]["time"])
+        table[name] = dict(pre=pre, wall=pre + wall, rate=rate, points=points)
+    target = min(table[n]["points"][-1][2] for n in ("online A", "offline A"))
+    print(f"\n{cfg.loss.name} (advantage {cfg.loss.advantage}, ratio {cfg.loss.ratio}), Lightning = reverse_kl_pg "
+          f"(A_theta, no ratio); {args.steps} steps x {cfg.batch_size} prompts; offline: {args.prompts} prompts rolled out once")
+    print(f"held-out accuracy (greedy, n={args.eval_n}) by learner step; student before OPD {100 * acc0:.1f}%, "
+          f"teacher A (SFT teacher) {100 * grade(cfg.teacher):.1f}%, teacher B {100 * grade(args.teacher_b):.1f}%")
+    print(f"{'run':<21} {'precompute s':>12} {'steps/s':>8} {'total s':>8} {f's to {100 * target:.1f}%':>10}  "
+          + " ".join(f"{'@' + str(k):>6}" for k, _, _ in table["online A"]["points"]))
+    for name, r in table.items():
+        hit = next((s for _, s, a in r["points"] if a >= target), None)
+        print(f"{name:<21} {r['pre']:>12.1f} {r['rate']:>8.2f} {r['wall']:>8.1f} {'-' if hit is None else f'{hit:.1f}':>10}  "
+              + " ".join(f"{100 * a:>5.1f}%" for _, _, a in r["points"]))
+    cache, meta = teacher_cache.load_dir(f"{out}/cache_A")
+    disk = sum(os.path.getsize(os.path.join(f"{out}/cache_A", n)) for n in os.listdir(f"{out}/cache_A"))
+    single = {k: v for k, v in cache.items() if not k.startswith("mc_")}  # what a reverse_kl_pg precompute writes
+    print(f"cache A: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens, M={cfg.loss.samples}: "
+          f"{teacher_cache.bytes_per_token(cache):.1f} bytes/token in memory ({disk / meta['num_tokens']:.1f} on disk); "
+          f"without the mc_* columns (a reverse_kl_pg cache) {teacher_cache.bytes_per_token(single):.1f}")
+    print("steps/s: learner steps per second, step 1 to the last (start-up excluded). total s, s to target: wall clock "
+          "from launch (offline: precompute included) to the end / to the first checkpoint at the target (the lower "
+          "final accuracy of online A and offline A). Teacher B runs use allow_teacher_mismatch=true, same prompts and seeds.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +249,18 @@ def main(argv=None):
     p.add_argument("--max-staleness", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every schedule")
     p.set_defaults(fn=cmd_pipeline)
+    p = sub.add_parser("offline", help="online async vs offline Lightning OPD, and teacher consistency (A vs B)")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--eval-every", type=int, default=10, help="checkpoint (and grade) every N learner steps")
+    p.add_argument("--eval-n", type=int, default=1000, help="held-out problems per grade")
+    p.add_argument("--prompts", type=int, default=3840, help="precompute: prompts rolled out once")
+    p.add_argument("--chunk-prompts", type=int, default=256)
+    p.add_argument("--teacher-b", default="/tmp/asyncopd_teacher_b", help="a different teacher (not committed)")
+    p.add_argument("--out", default="/tmp/asyncopd_bench_offline")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run, e.g. lr=0.0003")
+    p.set_defaults(fn=cmd_offline)
     p = sub.add_parser("_loss_point", help=argparse.SUPPRESS)  # internal: one measurement, fresh process
     p.add_argument("spec")
     p.set_defaults(fn=lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))))

@@ -2,18 +2,18 @@
 
     python lab.py all|direction|surrogates|cache|throughput [--quick] [--out results]
 
-Each experiment writes <out>/<name>.md (table, command, run time) and <out>/<name>.png, rewriting only its own part;
-<out>/REPORT.md concatenates the parts that exist. --quick: CI smoke (tiny budgets, 1 seed). Models: the shipped
-models/student and models/teacher, written-addition task (17 tokens), 1 CPU thread.
-  direction   forward KL (teacher top-8) vs reverse KL (MC-16, A_theta, ratio, no clip) at controlled staleness S.
-  surrogates  reverse_kl_mc (M = 16) surrogates at large S.
-  cache       bias and variance of finite-cache reverse-KL gradient estimators on real student/teacher distributions.
-  throughput  sync vs step_off(2) vs async through the real multi-process pipeline (bench.throughput).
+Each experiment writes <out>/<name>.md (table, command, run time) and <out>/<name>.png, rewriting only its own
+part; <out>/REPORT.md concatenates the parts that exist. --quick: the CI smoke (tiny budgets, 1 seed). Models: the
+shipped models/student and models/teacher on the written-addition task (17 tokens); 1 CPU thread.
+  direction   forward KL (teacher top-8) vs reverse KL (MC-16, A_theta, ratio, no clip) at controlled staleness S
+  surrogates  reverse_kl_mc (M = 16) surrogates at large S
+  cache       bias and variance of finite-cache reverse-KL gradient estimators on the real distributions
+  throughput  sync vs step_off(2) vs async through the real multi-process pipeline (bench.throughput)
 """
 import argparse
-import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -27,107 +27,108 @@ from estimators import LossOptions
 
 PARTS = {"direction": "1. KL direction vs staleness", "surrogates": "2. Reverse-KL surrogates under staleness",
          "cache": "3. Finite-cache bias and variance", "throughput": "4. Throughput: sync vs step_off(2) vs async"}
-FULL = dict(seeds=3, steps=30, batch=32, lr=1e-3, eval_size=200, staleness=[0, 1, 2, 4, 8], surrogate_staleness=[4, 8],
-            cache_staleness=[0, 1, 2, 4, 8], cache_prompts=32, reps=128, seq_prompts=16, seq_reps=32, tp_steps=12)
-QUICK = dict(seeds=1, steps=3, batch=8, lr=1e-3, eval_size=16, staleness=[0, 2], surrogate_staleness=[2],
-             cache_staleness=[0, 2], cache_prompts=6, reps=64, seq_prompts=3, seq_reps=8, tp_steps=2)
+FULL = dict(seeds=4, steps=60, batch=32, lr=3e-4, eval_size=500, staleness=[0, 1, 2, 4, 8], surrogate_staleness=[4, 8],
+            cache_staleness=[0, 1, 2, 4, 8], cache_prompts=32, reps=128, seq_prompts=16, seq_reps=32, tp=["steps=12"])
+QUICK = dict(seeds=1, steps=3, batch=8, lr=3e-4, eval_size=16, staleness=[0, 2], surrogate_staleness=[2],
+             cache_staleness=[0, 2], cache_prompts=6, reps=64, seq_prompts=3, seq_reps=8,
+             tp=["steps=4", "batch_size=8", "rollout_batch_size=4"])
 KS, MS = 4, (1, 4, 16, 64)  # cache experiment: the stale student's top-K_s support; MC sample counts
 
 
 # ----------------------------------------------------------------------------- the controlled-staleness loop
-def engine_for(lab, model):
-    return rollout.make_engine(model, "hf", "cpu", 1.0, 1.0, task.MAX_NEW_TOKENS, lab["tok"].eos_token_id, lab["pad"])
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def engine_for(lab, model):
+    return rollout.make_engine(model, "hf", "cpu", 1.0, 1.0, task.MAX_NEW_TOKENS, lab["tok"].eos_token_id, lab["pad"])
+
+
 def forward(model, traj, pad):
-    """Final-normed hidden states [N, H] and log_softmax [N, V] of the model at every response row of traj
-    (the shift convention), float64."""
+    """Final-normed hidden states [N, H] and log_softmax [N, V], float64, at every response row of traj."""
     input_ids, mask, rows = teacher_cache.pad_batch(traj, pad)
     with torch.no_grad():
-        h = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.reshape(-1, model.config.hidden_size)[rows]
+        h = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        h = h.reshape(-1, h.shape[-1])[rows]
         return h.double(), torch.log_softmax(model.lm_head(h).double(), -1)
 
 
 def final_metrics(lab, engine):
     """Held-out greedy accuracy, and KL(p_theta || q) = sum_v p(v) (s(v) - t(v)) per token, exact over the
     vocabulary, averaged over the tokens of responses the student samples on the held-out prompts."""
-    acc, rows = asyncopd.evaluate(engine, lab["tok"], lab["evals"], None), lab["evals"]
+    acc, rows = task.evaluate(engine, lab["tok"], lab["evals"]), lab["evals"]
     traj = engine.generate([r["ids"] for r in rows], list(range(len(rows))), engine.policy_version, 0, 0, gen(12345))
     s, t = forward(engine.model, traj, lab["pad"])[1], forward(lab["teacher"], traj, lab["pad"])[1]
     return acc, float((s.exp() * (s - t)).sum(-1).mean())
 
 
 def opd_run(lab, loss, staleness, seed, steps, keep=()):
-    """OPD of the shipped student, batch j generated by EXACTLY the weights of version max(0, j - S), trained by
-    asyncopd's own learner (FSDP2, world 1; its staleness check passes with max_staleness = S).
+    """OPD of the shipped student; batch j is generated by EXACTLY the weights of version max(0, j - S) and trained
+    by asyncopd's own learner (FSDP2, world 1; its staleness check passes with max_staleness = S).
     Returns (final accuracy, final KL, {version: published state dict} for the versions in keep)."""
     p, args = lab["p"], lab["args"]
     cfg = asyncopd.Config(student=args.student, teacher=args.teacher, schedule="async", max_staleness=staleness,
                           batch_size=p["batch"], rollout_batch_size=p["batch"], lr=p["lr"], loss=loss, seed=seed)
     student, opt, device = asyncopd.build_learner(cfg, 0, 1, cfg.student)
     engine, fields = engine_for(lab, cfg.student), estimators.required_fields(loss)
+    topk, mc = loss.student_topk if "student_topk_ids" in fields else 0, loss.samples if "mc_ids" in fields else 0
     publish = lambda: {k: v.clone() for k, v in asyncopd.full_state_dict(student).items()}  # noqa: E731 (params move on)
     weights, kept = {0: publish()}, {}
     for j in range(steps):
         v = max(0, j - staleness)
         engine.load_weights(weights[v], v)
         idx = asyncopd.unit_prompt_indices(cfg, len(lab["train"]), j)
-        traj = engine.generate([lab["train"][i]["ids"] for i in idx], idx, v, loss.student_topk if "student_topk_ids"
-                               in fields else 0, loss.samples if "mc_ids" in fields else 0, gen(seed * 100003 + 2 * j))
+        traj = engine.generate([lab["train"][i]["ids"] for i in idx], idx, v, topk, mc, gen(seed * 100003 + 2 * j))
         with torch.no_grad():
             batch = teacher_cache.score(lab["teacher"], traj, fields & teacher_cache.TEACHER_FIELDS, loss.teacher_topk,
                                         loss.samples, gen(seed * 100003 + 2 * j + 1), pad_token_id=lab["pad"])
         asyncopd.train_on_batch(cfg, student, opt, batch, j, 0, 1, device, lab["pad"])
         weights[j + 1] = publish()
-        kept |= {v: weights[v] for v in keep if v in weights}
+        kept |= {u: weights[u] for u in keep if u in weights}
         weights.pop(j - staleness, None)  # batch j+1 needs version >= j+1-S: keep the last S+1
     engine.load_weights(weights[steps], steps)
     return (*final_metrics(lab, engine), kept)
 
 
-def sweep(lab, name, claim, variants, levels, shared=None):
-    """Final accuracy and KL over seeds for every (variant, S) (plus one `shared` (label, loss) run at S = 0 that
-    starts every curve); the plot and the report lines."""
+def sweep(lab, name, variants, levels, shared=None):
+    """Final accuracy and KL over seeds for every (variant, S), plus one `shared` (label, loss) run at S = 0 that
+    starts every curve; writes the plot, returns the report lines."""
     p, rows = lab["p"], []
     for label, loss, S in ([(*shared, 0)] if shared else []) + [(lb, lo, S) for lb, lo in variants for S in levels]:
         runs = [opd_run(lab, loss, S, seed, p["steps"])[:2] for seed in range(p["seeds"])]
         rows.append(dict(label=label, S=S, acc=[a for a, _ in runs], kl=[k for _, k in runs]))
         print(f"  {label:40s} S={S}: accuracy {rows[-1]['acc']} KL {[round(k, 4) for k in rows[-1]['kl']]}", flush=True)
-    curve_rows = [dict(rows[0], label=label) for label, _ in variants] + rows[1:] if shared else rows
-    save_plot(lab, name, [("staleness S (optimizer steps)", ylabel, False, {label: (
-        [r["S"] for r in curve_rows if r["label"] == label], [r[key] for r in curve_rows if r["label"] == label])
-        for label, _ in variants}) for key, ylabel in (("acc", "held-out accuracy"), ("kl", "KL(p_theta || q) per token"))])
-    (acc0, kl0), engine = final_metrics(lab, engine_for(lab, lab["args"].student)), engine_for(lab, lab["teacher"])
+    curves = [dict(rows[0], label=label) for label, _ in variants] + rows[1:] if shared else rows
+    save_plot(lab, name, [("staleness S (optimizer steps)", ylabel, False, {label: [(r["S"], r[key]) for r in curves if
+              r["label"] == label] for label, _ in variants}) for key, ylabel in (("acc", "held-out accuracy"),
+                                                                                  ("kl", "KL(p_theta || q) per token"))])
+    (acc0, kl0), teacher = final_metrics(lab, engine_for(lab, lab["args"].student)), engine_for(lab, lab["teacher"])
     spread = lambda xs, f: f.format(xs[0]) if len(xs) == 1 else \
         f"{f.format(sum(xs) / len(xs))} ({f.format(min(xs))}-{f.format(max(xs))})"  # noqa: E731
-    return [claim, "", f"{p['steps']} learner steps x {p['batch']} prompts, AdamW lr {p['lr']}. Accuracy: greedy, "
-            f"{p['eval_size']} held-out prompts; KL(p_theta \\|\\| q): exact per token on student samples. Cells: mean "
-            f"(min-max) over seeds. Before OPD: student accuracy {acc0:.3f}, KL {kl0:.4f}; teacher accuracy "
-            f"{asyncopd.evaluate(engine, lab['tok'], lab['evals'], None):.3f}.", ""] + md_table(
+    return [" ".join(globals()[name].__doc__.split()), "", f"{p['steps']} learner steps x {p['batch']} prompts, AdamW "
+            f"lr {p['lr']}. Accuracy: greedy, {p['eval_size']} held-out prompts; KL: exact per token on student samples. "
+            f"Cells: mean (min-max) over seeds. Before OPD: student accuracy {acc0:.3f}, KL {kl0:.4f}; teacher accuracy "
+            f"{task.evaluate(teacher, lab['tok'], lab['evals']):.3f}.", ""] + md_table(
         ["estimator", "S", "seeds", "accuracy", "KL(p_theta \\|\\| q)"],
         [[r["label"], r["S"], len(r["acc"]), spread(r["acc"], "{:.3f}"), spread(r["kl"], "{:.4f}")] for r in rows])
 
 
 def md_table(header, rows):
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header)] + [f"| {' | '.join(map(str, r))} |" for r in rows]
 
 
 def save_plot(lab, name, panels):
-    """<out>/<name>.png, panels side by side: [(xlabel, ylabel, log y, {label: (x, [value or [per seed]])})]."""
+    """<out>/<name>.png, panels side by side: [(xlabel, ylabel, log y, {label: [(x, value or [per seed])]})]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (xlabel, ylabel, log, lines) in zip(axes[0], panels):
-        for label, (x, ys) in lines.items():
-            ys = [y if isinstance(y, list) else [y] for y in ys]
+        for label, points in lines.items():
+            ys = [y if isinstance(y, list) else [y] for _, y in points]
             mean = [sum(y) / len(y) for y in ys]
             err = [[m - min(y) for m, y in zip(mean, ys)], [max(y) - m for m, y in zip(mean, ys)]]  # min-max
-            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=label)
+            ax.errorbar([x for x, _ in points], mean, yerr=err, marker="o", capsize=3, label=label)
         ax.set(xlabel=xlabel, ylabel=ylabel, yscale="log" if log else "linear")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -137,12 +138,16 @@ def save_plot(lab, name, panels):
 
 # ----------------------------------------------------------------------------- experiments
 def direction(lab):
-    return sweep(lab, "direction", "Paper: forward KL is flat across staleness, reverse KL degrades.",
-                 [("forward KL, teacher top-8", LossOptions(name="forward_kl_topk", teacher_topk=8)),
-                  ("reverse KL, MC-16, A_theta, no clip", LossOptions(name="reverse_kl_mc", samples=16))], lab["p"]["staleness"])
+    """Paper: forward KL is flat across staleness, reverse KL degrades."""
+    return sweep(lab, "direction", [("forward KL, teacher top-8", LossOptions(name="forward_kl_topk", teacher_topk=8)),
+                                    ("reverse KL, MC-16, A_theta, no clip", LossOptions(name="reverse_kl_mc", samples=16))],
+                 lab["p"]["staleness"])
 
 
 def surrogates(lab):
+    """Estimator: reverse_kl_mc, M = 16; the RL stabilisers act on A_old, as in RL. At S = 0 the seven are one loss
+    (ratio 1, A_old = A_theta, nothing clips), run once. Paper: A_theta without clip is best and most stable;
+    decoupled PPO and M2PO do not beat it."""
     mc = dict(name="reverse_kl_mc", samples=16)
     variants = [("A_old + PPO clip 0.2", LossOptions(**mc, advantage="old", clip_eps=0.2)),
                 ("A_old, no clip", LossOptions(**mc, advantage="old")),
@@ -150,16 +155,14 @@ def surrogates(lab):
                 ("decoupled PPO (A_old, clip 0.2, cap 5)", LossOptions(**mc, advantage="old", decoupled=True, clip_eps=0.2)),
                 ("M2PO (A_old, budget 0.01)", LossOptions(**mc, advantage="old", m2po_budget=0.01)),
                 ("TIS (A_old, cap 2)", LossOptions(**mc, advantage="old", tis_cap=2.0))]
-    # at S = 0 (one mini-batch) the seven are one loss: ratio 1, A_old = A_theta, nothing clips or caps: run it once
-    return sweep(lab, "surrogates", "Estimator: reverse_kl_mc, M = 16; the RL stabilisers act on A_old, as in RL. Paper: "
-                 "A_theta without clip is best and most stable; decoupled PPO and M2PO do not beat it.", variants,
-                 lab["p"]["surrogate_staleness"], shared=("all seven at S = 0 (identical)", LossOptions(**mc)))
+    return sweep(lab, "surrogates", variants, lab["p"]["surrogate_staleness"],
+                 shared=("all seven at S = 0 (identical)", LossOptions(**mc)))
 
 
 def grads(name, z, b, t, ids=None):
-    """Per-row logit gradients d loss_n / d z_n, float64 [rows, V], by autograd through the repo's estimator: reverse_kl_dense
-    (exact), reverse_kl_support (ids: the support) or reverse_kl_mc (ids [rows, M]: draws from b; A_theta, ratio, no clip).
-    z, b, t: current student, behaviour and teacher log-probs [rows, V] (log-probs are logits up to a constant)."""
+    """Per-row logit gradients d loss_n / d z_n [rows, V] by autograd through the repo's estimator: reverse_kl_dense
+    (exact), reverse_kl_support (ids: the support) or reverse_kl_mc (ids [rows, M]: draws from b; A_theta, ratio,
+    no clip). z, b, t: current student, behaviour, teacher log-probs [rows, V] (= logits up to a constant)."""
     o, z = LossOptions(name=name), z.detach().requires_grad_()
     cache = {"teacher_dense_logp": t, "loss_mask": torch.ones(len(z), dtype=torch.bool)}
     if ids is not None:  # the estimator reads what it needs: the support (student_topk_*) or the MC draws (mc_*)
@@ -177,79 +180,75 @@ def ratio_se(num, den):
     return r, float(((num - r * den).square().sum() / (n * (n - 1))).sqrt() / den.mean())
 
 
-def seq_grad_var(g, h, traj, reps):
-    """Per prompt: trace of the covariance, over its `reps` responses i, of G_i = sum_{n in i} g_n h_n^T / L_i,
-    the gradient w.r.t. the lm_head weight of response i's token-mean loss (g_n: its logit gradients)."""
-    lengths = traj["cu_seqlens"].diff()
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    pos = torch.arange(len(seq_id)) - traj["cu_seqlens"][:-1][seq_id]
-    gp, hp = (torch.zeros(len(lengths), int(lengths.max()), x.shape[1], dtype=x.dtype) for x in (g, h))
-    gp[seq_id, pos], hp[seq_id, pos] = g, h
-    G = (gp.transpose(1, 2) @ hp) / lengths[:, None, None]
-    return G.view(-1, reps, G[0].numel()).var(1).sum(-1)
-
-
 def cache(lab):
+    """b = the shipped student, current theta = b after k on-policy OPD steps (so k is the staleness), q = the shipped
+    teacher. Local: the gradient w.r.t. the current student's logits z, at every position of responses sampled from
+    b, of each estimator against the exact g = p (s - t - KL); R repeated estimates per position (MC draws from b).
+    rel. bias = |E est - g| / |g| over all positions; SE floor = sqrt(var / R) / |g|, the rel. bias an unbiased
+    estimator shows; rel. MSE = (bias^2 + var) / |g|^2 of one estimate. Sequence level: the gradient w.r.t. the
+    lm_head weight of one response's token-mean loss, variance over fresh responses from b to the same prompt (MC
+    column 0 = the generated token): it keeps the randomness of the states, which M does not reduce. Ratios +-
+    standard error over sequences (local) or prompts (sequence). Paper, M = 64: local 1.49%, sequence level 11.2%."""
     p, R, reps, pad, rows, curves = lab["p"], lab["p"]["reps"], lab["p"]["seq_reps"], lab["pad"], [], {}
-    # behaviour b = the shipped student (version 0); current theta_k = b after k on-policy OPD steps (staleness k)
-    kept = opd_run(lab, LossOptions(name="reverse_kl_mc", samples=16), 0, 0, max(p["cache_staleness"]), p["cache_staleness"])[2]
+    kept = opd_run(lab, LossOptions(name="reverse_kl_mc", samples=16), 0, 0, max(p["cache_staleness"]),
+                   p["cache_staleness"])[2]
     stale, current = engine_for(lab, lab["args"].student), engine_for(lab, lab["args"].student)
     prompts = [r["ids"] for r in lab["evals"][:p["cache_prompts"]]]
-    local = stale.generate(prompts, list(range(len(prompts))), 0, 0, 0, gen(1))  # the states of the local part
-    seq = stale.generate([x for x in prompts[:p["seq_prompts"]] for _ in range(reps)], list(range(p["seq_prompts"] * reps)),
-                         0, 0, max(MS), gen(2))  # reps responses per prompt, with M = 64 draws from b at every position
-    seq_id = torch.repeat_interleave(torch.arange(len(prompts)), local["cu_seqlens"].diff())
-    per_seq = lambda v: torch.zeros(len(prompts), dtype=v.dtype).index_add(0, seq_id, v)  # noqa: E731
+    local = stale.generate(prompts, list(range(len(prompts))), 0, 0, 0, gen(1))
+    seq = stale.generate([x for x in prompts[:p["seq_prompts"]] for _ in range(reps)], [0] * p["seq_prompts"] * reps,
+                         0, 0, max(MS), gen(2))  # reps responses per prompt, M = 64 draws from b at every position
+    spans = [list(zip(traj["cu_seqlens"][:-1].tolist(), traj["cu_seqlens"][1:].tolist())) for traj in (local, seq)]
     for k in p["cache_staleness"]:
         current.load_weights(kept[k], k)
         (_, b), (_, t), (_, z) = (forward(m, local, pad) for m in (stale.model, lab["teacher"], current.model))
         (h, zs), (_, bs), (_, ts) = (forward(m, seq, pad) for m in (current.model, stale.model, lab["teacher"]))
         g, N, drift = grads("reverse_kl_dense", z, b, t), len(z), float((b.exp() * (b - z)).sum(-1).mean())
-        # name -> (R local estimates [R, N, V] at the same states, one estimate per position of the sequences)
+        # name -> (R local estimates [R, N, V] at the same states, one estimate at every position of the sequences)
         est = {f"stale top-{KS} support": (grads("reverse_kl_support", z, b, t, b.topk(KS).indices)[None],
                                            grads("reverse_kl_support", zs, bs, ts, bs.topk(KS).indices))}
         for M in MS:
-            draws = torch.multinomial(b.exp(), R * M, replacement=True, generator=gen(10 + M)).view(N, R, M)
+            draws = torch.multinomial(b.exp(), R * M, replacement=True, generator=gen(M)).view(N, R, M)
             est[f"MC, M = {M}"] = (torch.stack([grads("reverse_kl_mc", z, b, t, draws[:, r]) for r in range(R)]),
-                                   grads("reverse_kl_mc", zs, bs, ts, seq["mc_ids"][:, :M]))  # column 0 = generated token
-        est["exact dense (M = inf)"] = (g[None], grads("reverse_kl_dense", zs, bs, ts))
-        var1, seq1, gsq = est["MC, M = 1"][0].var(0).sum(-1), seq_grad_var(est["MC, M = 1"][1], h, seq, reps), g.square().sum()
+                                   grads("reverse_kl_mc", zs, bs, ts, seq["mc_ids"][:, :M]))  # column 0 = generated
+        est["exact dense (no sampling)"] = (g[None], grads("reverse_kl_dense", zs, bs, ts))
+        # sequence level, per prompt: trace of the covariance over its responses i of G_i = sum_{n in i} g_n h_n^T / L_i
+        seq_var = lambda gs: torch.stack([gs[lo:hi].T @ h[lo:hi] / (hi - lo) for lo, hi in spans[1]]).view(  # noqa: E731
+            p["seq_prompts"], reps, -1).var(1).sum(-1)
+        var1, seq1, gsq = est["MC, M = 1"][0].var(0).sum(-1), seq_var(est["MC, M = 1"][1]), g.square().sum()
         for name, (e, e_seq) in est.items():
             var = e.var(0).sum(-1) if len(e) > 1 else torch.zeros(N)  # trace of the covariance, per position
             bias2 = (e.mean(0) - g).square().sum(-1)  # an unbiased estimator's mean of R draws has E bias2 = var / R
-            (lr_, lse), (sr, sse) = ratio_se(per_seq(var), per_seq(var1)), ratio_se(seq_grad_var(e_seq, h, seq, reps), seq1)
-            rows.append([k, f"{drift:.4f}", name] + [f"{float(x):.4f}" for x in ((bias2.sum() / gsq).sqrt(), (var.sum() / R / gsq)
-                        .sqrt(), (bias2 + var).sum() / gsq)] + [f"{lr_:.4f} +- {lse:.4f}", f"{sr:.4f} +- {sse:.4f}"])
-            curves.setdefault(name, []).append((k, max(lr_, 1e-4), sr))
-    save_plot(lab, "cache", [("staleness k (optimizer steps)", f"{w} variance / 1-sample MC (0 drawn at 1e-4)", True, {
-        n: ([x[0] for x in c], [x[i] for x in c]) for n, c in curves.items()}) for i, w in ((1, "local"), (2, "sequence"))])
-    return [f"b = the shipped student, current theta = b after k on-policy OPD steps (reverse_kl_mc, lr {p['lr']}, batch "
-            f"{p['batch']}), q = the shipped teacher. Local: gradient w.r.t. the current student's logits z at the {N} "
-            f"positions of {len(prompts)} responses sampled from b, {R} repeated estimates per position (MC draws from b). "
-            f"rel. bias = \\|E est - g\\| / \\|g\\| over all positions; SE floor = sqrt(var / {R}) / \\|g\\|: the rel. bias an "
-            f"unbiased estimator shows; rel. MSE = (bias^2 + var) / \\|g\\|^2 of one estimate. Sequence level: gradient "
-            f"w.r.t. the lm_head weight of one response's token-mean loss, variance over {reps} responses from b per prompt "
-            f"({p['seq_prompts']} prompts; MC column 0 = the generated token): it keeps the randomness of the states, "
-            f"which M does not reduce. Ratios +- standard error over sequences (local) or prompts (sequence). One "
-            f"rollout set (seed 0). Paper, M = 64: local 1.49%, sequence level 11.2%.", ""] + md_table(
+            local_ratio = ratio_se(*(torch.stack([v[lo:hi].sum() for lo, hi in spans[0]]) for v in (var, var1)))
+            seq_ratio = ratio_se(seq_var(e_seq), seq1)
+            stats = (bias2.sum() / gsq).sqrt(), (var.sum() / R / gsq).sqrt(), (bias2 + var).sum() / gsq
+            rows.append([k, f"{drift:.4f}", name, *(f"{float(x):.4f}" for x in stats),
+                         *(f"{r:.4f} +- {se:.4f}" for r, se in (local_ratio, seq_ratio))])
+            curves.setdefault(name, []).append((k, max(float(stats[0]), 1e-4), max(local_ratio[0], 1e-4), seq_ratio[0]))
+    save_plot(lab, "cache", [("staleness k (optimizer steps)", f"{w} (0 drawn at 1e-4)", True, {n: [(c[0], c[i]) for c in cs]
+              for n, cs in curves.items()}) for i, w in ((1, "rel. bias of the gradient"), (2, "local variance / MC-1"),
+                                                         (3, "sequence-level variance / MC-1"))])
+    return [" ".join(cache.__doc__.split()).replace("|", "\\|"), "", f"Here: OPD lr {p['lr']}, batch {p['batch']}; "
+            f"{N} positions of {len(prompts)} responses, R = {R}, K_s = {KS}; sequence level: {p['seq_prompts']} prompts "
+            f"x {reps} responses; one rollout set (seed 0).", ""] + md_table(
         ["k", "KL(b \\|\\| p_theta)", "estimator", "rel. bias", "SE floor", "rel. MSE", "local var / MC-1",
          "sequence var / MC-1"], rows)
 
 
 def throughput(lab):
+    """Paper: AsyncOPD gives 1.6x to 3.8x the throughput of strict sync (8 GPUs)."""
     import bench
-    p, args = lab["p"], lab["args"]
-    overrides = [f"student={args.student}", f"teacher={args.teacher}", f"steps={p['tp_steps']}", f"batch_size={2 * p['batch']}",
-                 f"rollout_batch_size={p['batch']}", "eval_size=0", "threads=1"]
-    rows = bench.throughput(overrides, [("sync", ["schedule=sync"]), ("step_off(2)", ["schedule=step_off", "step_off=2"]),
-                                        ("async (S = 2)", ["schedule=async", "max_staleness=2"])])
-    x, keys = [r["schedule"] for r in rows], ("tokens_per_s", "gen_s", "score_s", "train_s", "bound", "speedup", "efficiency")
-    save_plot(lab, "throughput", [("schedule", "trained tokens / s", False, {"measured": (x, [r["tokens_per_s"] for r in rows])}),
-                                  ("schedule", "speedup vs sync", False, {"measured": (x, [r["speedup"] for r in rows]),
-                                                                          "ideal bound": (x, [r["bound"] for r in rows])})])
-    return ["Paper: AsyncOPD gives 1.6x to 3.8x the throughput of strict sync (8 GPUs).", "", "The real pipeline "
-            f"(asyncopd.run, 3 processes, 1 CPU thread each), 1 run per schedule (no spread): {' '.join(overrides)}.", ""] + \
-        md_table(["schedule", "runs", *keys], [[r["schedule"], 1, *(f"{r[key]:.2f}" for key in keys)] for r in rows])
+    args, keys = lab["args"], ("tokens_per_s", "speedup", "bound", "efficiency", "gen_s", "score_s", "train_s",
+                               "stale_mean")
+    overrides = [f"student={args.student}", f"teacher={args.teacher}", "threads=1", *lab["p"]["tp"]]
+    with tempfile.TemporaryDirectory() as runs:  # the run folders (checkpoints, traces) are not part of the report
+        rows = bench.throughput(overrides + [f"out_dir={runs}"], [("sync", ["schedule=sync"]), ("step_off(2)", [
+            "schedule=step_off", "step_off=2"]), ("async (S = 2)", ["schedule=async", "max_staleness=2"])])
+    save_plot(lab, "throughput", [("schedule", "speed-up over sync", False, {"measured": [(r["schedule"], r["speedup"])
+              for r in rows], "ideal bound": [(r["schedule"], r["bound"]) for r in rows]})])
+    return [throughput.__doc__, "", f"bench.throughput: the real pipeline (asyncopd.run: rollout, teacher, learner "
+            f"processes) on configs/default.yaml with {' '.join(overrides)}, 1 run per schedule (no spread measured); "
+            "gen/score/train s are per step.", ""] + md_table(
+        ["schedule", "runs", *keys], [[r["schedule"], 1, *(f"{r[key]:.2f}" for key in keys)] for r in rows])
 
 
 # ----------------------------------------------------------------------------- command line and report
@@ -260,20 +259,18 @@ def main(argv):
     for flag, default in (("--out", "results"), ("--student", "models/student"), ("--teacher", "models/teacher")):
         parser.add_argument(flag, default=default)
     args = parser.parse_args(argv)
-    for d in (args.student, args.teacher):
-        if not os.path.isfile(os.path.join(d, "config.json")):
-            raise SystemExit(f"lab: error: no model at {d}/config.json: pass --student/--teacher or build them with sft.py")
+    if not all(os.path.isfile(os.path.join(d, "config.json")) for d in (args.student, args.teacher)):
+        raise SystemExit(f"lab: error: no model in {args.student} or {args.teacher}: pass --student/--teacher or run sft.py")
     import torch.distributed as dist
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.out, exist_ok=True)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{asyncopd._free_port()}", rank=0, world_size=1)
-    tok, p = AutoTokenizer.from_pretrained(args.student), QUICK if args.quick else FULL
+    tok, p = transformers.AutoTokenizer.from_pretrained(args.student), QUICK if args.quick else FULL
     lab = dict(p=p, tok=tok, pad=tok.pad_token_id, args=args, train=task.load_prompts("addition", "train", 5000),
                evals=task.load_prompts("addition", "test", p["eval_size"]),
-               teacher=AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval())
+               teacher=transformers.AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval())
     for r in lab["train"] + lab["evals"]:
         r["ids"] = task.encode_prompt(tok, r["prompt"], False)
     for name in PARTS if args.experiment == "all" else [args.experiment]:
@@ -283,10 +280,11 @@ def main(argv):
         with open(os.path.join(args.out, f"{name}.md"), "w") as f:
             f.write(f"## {PARTS[name]}\n\nCommand: `python lab.py {' '.join(argv)}` ({time.time() - t0:.0f} s, 1 CPU "
                     f"thread)\n\n" + "\n".join(lines + ["", f"![{name}]({name}.png)"]) + "\n")
-        parts = [open(os.path.join(args.out, f"{n}.md")).read() for n in PARTS if os.path.isfile(os.path.join(args.out, f"{n}.md"))]
+        parts = [os.path.join(args.out, f"{n}.md") for n in PARTS]
+        parts = [open(part).read() for part in parts if os.path.isfile(part)]
         with open(os.path.join(args.out, "REPORT.md"), "w") as f:
-            f.write("# asyncopd staleness lab\n\nMade by `lab.py` (see its docstring); each section names the command that "
-                    "made it.\n\n" + "\n".join(parts))
+            f.write("# asyncopd staleness lab\n\nMade by `lab.py` (see its docstring); each section names the command "
+                    "that made it.\n\n" + "\n".join(parts))
     dist.destroy_process_group()
 
 

@@ -228,21 +228,21 @@ def check(checker: str, response_text: str, answer: str) -> bool:
 
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
 def evaluate(model, tokenizer, prompts: list[dict], batch_size: int = 250,
              max_new_tokens: int = MAX_NEW_TOKENS, chat_template: bool = False) -> float:
-    """Fraction of prompts answered correctly with greedy decoding (batched, left-padded)."""
-    model.eval()
-    device, correct = next(model.parameters()).device, 0
+    """Fraction of prompts answered correctly with greedy decoding. `model` is a rollout engine
+    (rollout.make_engine: transformers or vLLM) or a transformers model, wrapped in one."""
+    import rollout
+    engine = model if hasattr(model, "policy_version") else rollout.make_engine(
+        model, device=next(model.parameters()).device, max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    correct = 0
     for i in range(0, len(prompts), batch_size):
         rows = prompts[i:i + batch_size]
-        ids = [encode_prompt(tokenizer, r["prompt"], chat_template) for r in rows]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        ids = [r.get("ids") or encode_prompt(tokenizer, r["prompt"], chat_template) for r in rows]
+        traj = engine.generate(ids, list(range(len(rows))), engine.policy_version, greedy=True)
+        cu = traj["cu_seqlens"].tolist()
+        texts = tokenizer.batch_decode([traj["token_ids"][cu[j]:cu[j + 1]].tolist() for j in range(len(rows))],
+                                       skip_special_tokens=True)
         correct += sum(check(r["checker"], t, r["answer"]) for r, t in zip(rows, texts))
-    return correct / len(prompts)
+    return correct / max(1, len(prompts))

@@ -85,7 +85,7 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
     student, teacher, root = models
     name = f"ratio_{ratio}"
     out = cli("train", student, teacher, *TRAIN, f"loss.ratio={str(ratio).lower()}", f"cache_dir={cache_dir}",
-              f"out_dir={root}/runs", f"run_name={name}")
+              f"out_dir={root}/runs", f"run_name={name}", f"eval_size={8 if ratio else 0}")
     assert out.returncode == 0, out.stderr[-3000:]
     run = os.path.join(root, "runs", name)
     steps = records(run)
@@ -100,7 +100,12 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
     t = cache["teacher_logp"].double()
     gap0, gap4 = ((s0 - t) ** 2).mean(), ((s4 - t) ** 2).mean()
     assert gap4 < 0.9 * gap0, (float(gap0), float(gap4))
-    if ratio:
+    if ratio:  # no rollout role evaluates: the coordinator grades the start and the end
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        final = task.evaluate(AutoModelForCausalLM.from_pretrained(os.path.join(run, "ckpt_00004")),
+                              AutoTokenizer.from_pretrained(student), task.load_prompts("addition", "test", 8), max_new_tokens=12)
+        assert [(r["step"], r["accuracy"]) for r in records(run, "eval")][1:] == [(4, final)]
+        assert records(run, "eval")[0]["step"] == 0 and "student accuracy after" in out.stdout
         assert abs(steps[0]["ratio_mean"] - 1) < 1e-5 and abs(steps[-1]["ratio_mean"] - 1) > 1e-3
     else:
         assert all(r["ratio_mean"] == 1.0 for r in steps)
@@ -125,7 +130,8 @@ def online_scores(cfg, chunk_prompts, n_chunks):
         traj = engine.generate([task.encode_prompt(tok, prompts[i]["prompt"], False) for i in idx], idx, 0,
                                cfg.loss.student_topk if "student_topk_ids" in fields else 0,
                                cfg.loss.samples if "mc_ids" in fields else 0, asyncopd._seeded(cfg, c, 1))
-        out.append(teacher_cache.score(teacher, traj, fields & teacher_cache.TEACHER_FIELDS, cfg.loss.teacher_topk,
+        teacher_fields = (fields & teacher_cache.TEACHER_FIELDS) | {"teacher_logp"}  # as teacher_role
+        out.append(teacher_cache.score(teacher, traj, teacher_fields, cfg.loss.teacher_topk,
                                        cfg.loss.samples, generator=asyncopd._seeded(cfg, c, 2),
                                        pad_token_id=tok.pad_token_id))
     return out
