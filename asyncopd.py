@@ -340,17 +340,12 @@ def precompute(cfg):
     for name in os.listdir(cfg.cache_dir) if os.path.isdir(cfg.cache_dir) else []:
         if ".safetensors.tmp-" in name:  # a write cut short by an interruption
             os.remove(os.path.join(cfg.cache_dir, name))
-    teacher_fields = (fields & teacher_cache.TEACHER_FIELDS) | {"teacher_logp"}  # as teacher_role scores online
     t0 = time.time()
     for c in tqdm([c for c in chunks if c not in done], desc="precompute", disable=not cfg.progress):
         idx = list(range(c * cfg.chunk_prompts, min(n, (c + 1) * cfg.chunk_prompts)))
-        traj = engine.generate([train[i]["ids"] for i in idx], idx, 0,
-                               cfg.loss.student_topk if "student_topk_ids" in fields else 0,
-                               cfg.loss.samples if "mc_ids" in fields else 0, _seeded(cfg, c, 1, cfg.rollout_devices[0]))
-        with torch.no_grad():
-            scored = teacher_cache.score(teacher, _to(traj, cfg.teacher_device), teacher_fields, cfg.loss.teacher_topk,
-                                         cfg.loss.samples, generator=_seeded(cfg, c, 2, cfg.teacher_device), pad_token_id=tok.pad_token_id)
-        teacher_cache.write_chunk(cfg.cache_dir, c, _to(scored, "cpu"), meta)
+        traj = rollout_unit(cfg, engine, train, idx, c, cfg.rollout_devices[0])
+        scored = score_unit(cfg, teacher, traj, c, tok.pad_token_id)  # exactly what the teacher role sends online
+        teacher_cache.write_chunk(cfg.cache_dir, c, scored, meta)
     cache, meta = teacher_cache.load_dir(cfg.cache_dir)
     return (f"cache {cfg.cache_dir}: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens in {meta['num_chunks']} "
             f"chunks, {teacher_cache.bytes_per_token(cache):.0f} bytes/token ({len(chunks) - len(done)} chunks computed "
@@ -380,7 +375,7 @@ def _busy(ctx, role, name, t0, t1):
     ctx["metrics_q"].put(("trace", {"role": role, "name": name, "t0": t0, "t1": t1}))
 
 
-def _wait(ctx, ready, timeout=None):
+def _wait(ctx, ready):
     """Poll `ready()` until true; returns False if the run is stopping."""
     while not ready():
         if ctx["stop"].is_set():
@@ -408,6 +403,25 @@ def _put(ctx, q, item):
 
 def _to(cache, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in cache.items()}
+
+
+def rollout_unit(cfg, engine, rows, idx, unit, device):
+    """Generate one unit with the behaviour-side fields the estimator needs (seeded per unit)."""
+    fields = estimators.required_fields(cfg.loss)
+    return engine.generate([rows[i]["ids"] for i in idx], idx, engine.policy_version,
+                           cfg.loss.student_topk if "student_topk_ids" in fields else 0,
+                           cfg.loss.samples if "mc_ids" in fields else 0, _seeded(cfg, unit, 1, device))
+
+
+def score_unit(cfg, teacher, traj, unit, pad_id):
+    """Teacher-side fields of one unit; t at the generated token is always scored (4 bytes/token) so
+    every run logs a reverse-KL estimate."""
+    fields = (estimators.required_fields(cfg.loss) & teacher_cache.TEACHER_FIELDS) | {"teacher_logp"}
+    with torch.no_grad():
+        scored = teacher_cache.score(teacher, _to(traj, cfg.teacher_device), fields, cfg.loss.teacher_topk,
+                                     cfg.loss.samples, generator=_seeded(cfg, unit, 2, cfg.teacher_device),
+                                     pad_token_id=pad_id)
+    return _to(scored, "cpu")
 
 
 # ----------------------------------------------------------------------------- roles
@@ -443,7 +457,6 @@ def rollout_role(ctx, cfg, worker, tok, train, evals, start_dir, start_step, sta
             ctx["metrics_q"].put(("eval", {"version": v, "step": v // cfg.mini_batches, "accuracy": acc}))
 
     done = []
-    fields = estimators.required_fields(cfg.loss)
     first, last = start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg)
     maybe_eval()
     for unit in range(first + worker, last, len(cfg.rollout_devices)):
@@ -457,9 +470,7 @@ def rollout_role(ctx, cfg, worker, tok, train, evals, start_dir, start_step, sta
         maybe_eval()
         idx = unit_prompt_indices(cfg, len(train), unit)
         t0 = time.time()
-        traj = engine.generate([train[i]["ids"] for i in idx], idx, engine.policy_version,
-                               cfg.loss.student_topk if "student_topk_ids" in fields else 0,
-                               cfg.loss.samples if "mc_ids" in fields else 0, _seeded(cfg, unit, 1, device))
+        traj = rollout_unit(cfg, engine, train, idx, unit, device)
         t1 = time.time()
         _busy(ctx, "rollout", f"generate u{unit}", t0, t1)
         _put(ctx, ctx["rollout_q"], ({"unit": unit, "gen_s": t1 - t0}, traj))
@@ -479,21 +490,16 @@ def teacher_role(ctx, cfg, tok, evals, start_step):
         acc = task.evaluate(model, tok, evals, max_new_tokens=cfg.max_new_tokens)
         _busy(ctx, "teacher", "eval", t0, time.time())
         ctx["metrics_q"].put(("teacher_eval", {"accuracy": acc}))
-    # t at the generated token is always scored (4 bytes/token): it gives every run a reverse-KL estimate
-    fields = (estimators.required_fields(cfg.loss) & teacher_cache.TEACHER_FIELDS) | {"teacher_logp"}
     for _ in range(start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg)):
         item = _get(ctx, ctx["rollout_q"])
         if item is None:
             return
         meta, traj = item
         t0 = time.time()
-        with torch.no_grad():
-            scored = teacher_cache.score(model, _to(traj, cfg.teacher_device), fields, cfg.loss.teacher_topk,
-                                         cfg.loss.samples, generator=_seeded(cfg, meta["unit"], 2, cfg.teacher_device),
-                                         pad_token_id=tok.pad_token_id)
+        scored = score_unit(cfg, model, traj, meta["unit"], tok.pad_token_id)
         meta["score_s"] = time.time() - t0
         _busy(ctx, "teacher", f"score u{meta['unit']}", t0, time.time())
-        _put(ctx, ctx["teacher_q"], (meta, _to(scored, "cpu")))
+        _put(ctx, ctx["teacher_q"], (meta, scored))
     _wait(ctx, ctx["learned"].is_set)
 
 
@@ -809,64 +815,55 @@ def run(cfg):
 
 
 def watch(cfg, ctx, procs, run_dir, start_step):
-    """Coordinator loop: log metrics, drive the progress bar, detect failures within a second."""
+    """Coordinator loop: log metrics, drive the progress bar, notice a failed role within a second."""
     from tqdm import tqdm
-    stopping = {"signal": None}
+    stopping = []
 
     def on_signal(signum, _frame):
-        stopping["signal"] = signum
+        stopping.append(signum)
         ctx["stop"].set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    summary = {"evals": [], "teacher_accuracy": None, "steps": []}
-    trace = []
+    summary, trace, error, t0 = {"evals": [], "teacher_accuracy": None, "steps": []}, [], None, time.time()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True, desc=cfg.schedule)
-    error = None
-    t0 = time.time()
+    learners = [p for r, p in procs.items() if r.startswith("learner")]
+    log = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+
+    def take(kind, rec):
+        if kind == "trace":
+            return trace.append(rec)
+        log.write(json.dumps({"kind": kind, **rec}) + "\n")
+        log.flush()
+        if kind in ("step", "eval"):
+            summary[kind + "s"].append(rec)
+            bar.update(kind == "step")
+            last = summary["steps"][-1] if summary["steps"] else {"loss": 0, "stale_mean": 0, "tokens_per_s": 0}
+            acc = f"{summary['evals'][-1]['accuracy']:.2f}" if summary["evals"] else "-"
+            bar.set_postfix(loss=f"{last['loss']:.3f}", stale=f"{last['stale_mean']:.1f}",
+                            tok_s=f"{last['tokens_per_s']:.0f}", acc=acc)
+        elif kind == "teacher_eval":
+            summary["teacher_accuracy"] = rec["accuracy"]
+        elif kind == "checkpoint":
+            summary["checkpoint"] = rec["path"]
+
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as log:
-            while True:
-                try:
-                    kind, rec = ctx["metrics_q"].get(timeout=0.1)
-                except queue.Empty:
-                    kind = None
-                if kind == "trace":
-                    trace.append(rec)
-                elif kind is not None:
-                    log.write(json.dumps({"kind": kind, **rec}) + "\n")
-                    log.flush()
-                    if kind == "step":
-                        summary["steps"].append(rec)
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", stale=f"{rec['stale_mean']:.1f}",
-                                        tok_s=f"{rec['tokens_per_s']:.0f}", acc=_last_acc(summary))
-                    elif kind == "eval":
-                        summary["evals"].append(rec)
-                        bar.set_postfix(acc=_last_acc(summary))
-                    elif kind == "teacher_eval":
-                        summary["teacher_accuracy"] = rec["accuracy"]
-                    elif kind == "checkpoint":
-                        summary["checkpoint"] = rec["path"]
-                dead = {r: p.exitcode for r, p in procs.items() if p.exitcode not in (None, 0)}
-                if dead or not ctx["err_q"].empty():
-                    error = diagnose(ctx, procs)
-                    break
-                if all(p.exitcode == 0 for r, p in procs.items() if r.startswith("learner")):
-                    ctx["learned"].set()
-                if all(p.exitcode == 0 for p in procs.values()):
-                    while not ctx["metrics_q"].empty():  # late records (final eval, checkpoint)
-                        kind, rec = ctx["metrics_q"].get()
-                        if kind != "trace":
-                            log.write(json.dumps({"kind": kind, **rec}) + "\n")
-                            summary["evals"] += [rec] if kind == "eval" else []
-                            summary.update(checkpoint=rec["path"]) if kind == "checkpoint" else None
-                        else:
-                            trace.append(rec)
-                    break
-                if stopping["signal"] and all(p.exitcode is not None for r, p in procs.items() if r.startswith("learner")):
-                    break
+        while True:
+            try:
+                take(*ctx["metrics_q"].get(timeout=0.1))
+            except queue.Empty:
+                pass
+            if any(p.exitcode not in (None, 0) for p in procs.values()) or not ctx["err_q"].empty():
+                error = diagnose(ctx, procs)
+                break
+            if all(p.exitcode == 0 for p in learners):
+                ctx["learned"].set()  # the producers may exit now
+            if all(p.exitcode == 0 for p in procs.values()) or (stopping and all(p.exitcode is not None for p in learners)):
+                while not ctx["metrics_q"].empty():  # late records: final eval, checkpoint
+                    take(*ctx["metrics_q"].get())
+                break
     finally:
         bar.close()
+        log.close()
         for s, h in old.items():
             signal.signal(s, h)
         ctx["stop"].set()
@@ -886,7 +883,7 @@ def watch(cfg, ctx, procs, run_dir, start_step):
         with open(os.path.join(run_dir, "error.log"), "w") as f:
             f.write(f"{role}: {msg}\n{tb}")
         raise RuntimeError(f"{role} failed: {msg} (traceback in {run_dir}/error.log)")
-    summary["interrupted"] = stopping["signal"]
+    summary["interrupted"] = stopping[0] if stopping else None
     plot_run(run_dir)
     return summary
 
@@ -908,10 +905,6 @@ def diagnose(ctx, procs):
         return reports[0]
     role, code = next((r, p.exitcode) for r, p in procs.items() if p.exitcode not in (None, 0))
     return role, f"the {role} process exited with code {code} without a report", ""
-
-
-def _last_acc(summary):
-    return f"{summary['evals'][-1]['accuracy']:.2f}" if summary["evals"] else "-"
 
 
 def write_trace(trace, run_dir, t0):
