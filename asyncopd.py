@@ -677,7 +677,8 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
                     pending[item[0]["unit"]] = item
             units = [pending.pop(u) for u in wanted if u in pending]
             payload = [None if ctx["stop"].is_set() else ([m for m, _ in units], teacher_cache.concat([c for _, c in units]))]
-        dist.broadcast_object_list(payload, src=0)
+        if world > 1:  # one rank needs no copy of the batch
+            dist.broadcast_object_list(payload, src=0)
         if payload[0] is None:  # stopping (signal): checkpoint the last finished step
             break
         metas, cache = payload[0]

@@ -1,20 +1,14 @@
 """Benchmarks (commands, not timed tests).
 
     python bench.py loss [--tokens 1024,2048,4096] [--vocab 151936] [--hidden 896] [--device cpu|cuda]
-    python bench.py pipeline [--config configs/default.yaml] [--steps 24] [key=value ...]
-
-loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at
-a Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax,
-then gather). Each (variant, tokens) point runs in a fresh subprocess. Extra memory = peak minus the
-memory held before the loss path (inputs, lm_head weight, cache): on CPU the peak RSS (VmHWM, reset
-through /proc/self/clear_refs after setup), on CUDA torch.cuda.max_memory_allocated. The lm_head
-weight gradient ([V, H] float32) is allocated inside the path and counted. On CPU, scale tokens down
-and read the linear fit's extrapolation to --extrapolate tokens.
-
-pipeline: the real pipeline (asyncopd.run) once per schedule on one config; see throughput().
-
+    python bench.py pipeline [--config configs/default.yaml] [--steps 24] [--max-staleness 2] [key=value ...]
     python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
 
+loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at a
+Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax, then
+gather), each point in a fresh subprocess; see loss_point(). On CPU, scale tokens down and read the
+linear fit's extrapolation to EXTRAPOLATE tokens.
+pipeline: the real pipeline (asyncopd.run) once per schedule on one config; see throughput().
 offline: online async OPD vs offline Lightning OPD (precompute included) and teacher A vs B; see cmd_offline().
 """
 import argparse
@@ -29,6 +23,9 @@ import torch
 
 import estimators as E
 
+# loss: ids per token (M), student_logp chunk; naive is skipped above NAIVE_MAX_TOKENS (~2.3 MB/token)
+SAMPLES, CHUNK_SIZE, NAIVE_MAX_TOKENS, EXTRAPOLATE = 64, 1024, 2048, 16384
+
 
 # ----------------------------------------------------------------------------- loss path
 def _rss_kb(key):
@@ -39,8 +36,11 @@ def _rss_kb(key):
     raise RuntimeError(f"{key} missing from /proc/self/status: the CPU memory measurement needs Linux")
 
 
-def loss_point(variant, tokens, vocab, hidden_size, samples, chunk_size, device, threads, seed=0):
-    """One measurement in this process: {"peak_extra_bytes", "seconds", ...} for one loss path run."""
+def loss_point(variant, tokens, vocab, hidden_size, device, samples=SAMPLES, chunk_size=CHUNK_SIZE, threads=1, seed=0):
+    """One loss path run in this process: {"peak_extra_bytes", "seconds", ...}. Extra memory = peak minus
+    the memory held before the path (inputs, lm_head weight, cache): on CPU the peak RSS (VmHWM, reset
+    through /proc/self/clear_refs after setup), on CUDA max_memory_allocated. The lm_head weight gradient
+    ([V, H] float32) is allocated inside the path and counted."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     N, V, H, M = tokens, vocab, hidden_size, samples
@@ -79,19 +79,18 @@ def loss_point(variant, tokens, vocab, hidden_size, samples, chunk_size, device,
 
 def cmd_loss(args):
     tokens = [int(x) for x in args.tokens.split(",")]
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {args.threads} thread(s)"
-    print(f"loss path: reverse_kl_mc (A_theta, ratio), M={args.samples} ids/token, V={args.vocab}, H={args.hidden}, "
-          f"chunk_size={args.chunk_size}, float32, {device_name}")
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu, 1 thread(s)"
+    print(f"loss path: reverse_kl_mc (A_theta, ratio), M={SAMPLES} ids/token, V={args.vocab}, H={args.hidden}, "
+          f"chunk_size={CHUNK_SIZE}, float32, {device_name}")
     print(f"{'variant':8s} {'tokens':>7s} {'peak extra MB':>14s} {'MB/token':>9s} {'time s':>8s} {'ms/token':>9s}")
     results = {}
-    for variant in args.variants.split(","):
+    for variant in ("chunked", "naive"):
         for n in tokens:
-            if variant == "naive" and n > args.naive_max_tokens:
+            if variant == "naive" and n > NAIVE_MAX_TOKENS:
                 continue
-            cmd = [sys.executable, os.path.abspath(__file__), "_loss_point", json.dumps(dict(
-                variant=variant, tokens=n, vocab=args.vocab, hidden_size=args.hidden, samples=args.samples,
-                chunk_size=args.chunk_size, device=args.device, threads=args.threads))]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            spec = dict(variant=variant, tokens=n, vocab=args.vocab, hidden_size=args.hidden, device=args.device)
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "_loss_point", json.dumps(spec)],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"{variant} at {n} tokens failed (rc {out.returncode}): {out.stderr.strip()[-500:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -100,7 +99,7 @@ def cmd_loss(args):
             results.setdefault(variant, []).append(r)
             mb = r["peak_extra_bytes"] / 2**20
             print(f"{variant:8s} {n:7d} {mb:14.1f} {mb / n:9.3f} {r['seconds']:8.2f} {1e3 * r['seconds'] / n:9.2f}", flush=True)
-    print(f"linear fit peak_extra = a + b * tokens, extrapolated to {args.extrapolate} tokens:")
+    print(f"linear fit peak_extra = a + b * tokens, extrapolated to {EXTRAPOLATE} tokens:")
     for variant, rs in results.items():
         if len(rs) < 2:
             continue
@@ -109,11 +108,11 @@ def cmd_loss(args):
         b = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
         a = float(y.mean()) - b * float(x.mean())
         t = sum(r["seconds"] for r in rs) / sum(r["tokens"] for r in rs)
-        print(f"  {variant:8s} a = {a:8.1f} MB  b = {b:.4f} MB/token  ->  {(a + b * args.extrapolate) / 1024:6.2f} GB, "
-              f"~{t * args.extrapolate:.0f} s at this speed")
+        print(f"  {variant:8s} a = {a:8.1f} MB  b = {b:.4f} MB/token  ->  {(a + b * EXTRAPOLATE) / 1024:6.2f} GB, "
+              f"~{t * EXTRAPOLATE:.0f} s at this speed")
     V, H = args.vocab, args.hidden
-    print(f"reference sizes: float32 [{args.extrapolate}, {V}] = {args.extrapolate * V * 4 / 2**30:.2f} GB; "
-          f"float32 [chunk={args.chunk_size}, V] = {args.chunk_size * V * 4 / 2**20:.0f} MB; lm_head grad [V, H] = {V * H * 4 / 2**20:.0f} MB")
+    print(f"reference sizes: float32 [{EXTRAPOLATE}, {V}] = {EXTRAPOLATE * V * 4 / 2**30:.2f} GB; "
+          f"float32 [chunk={CHUNK_SIZE}, V] = {CHUNK_SIZE * V * 4 / 2**20:.0f} MB; lm_head grad [V, H] = {V * H * 4 / 2**20:.0f} MB")
 
 
 # ----------------------------------------------------------------------------- pipeline throughput
@@ -235,13 +234,7 @@ def main(argv=None):
     p.add_argument("--tokens", default="1024,2048,4096", help="comma-separated response-token counts")
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--samples", type=int, default=64, help="ids per token (M, or K)")
-    p.add_argument("--chunk-size", type=int, default=1024)
-    p.add_argument("--variants", default="chunked,naive")
-    p.add_argument("--naive-max-tokens", type=int, default=2048, help="skip naive above this (its memory grows ~2.3 MB/token)")
-    p.add_argument("--extrapolate", type=int, default=16384)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
     p.set_defaults(fn=cmd_loss)
     p = sub.add_parser("pipeline", help="trained tokens/s: sync vs step_off(2) vs async, with the ideal bound")
     p.add_argument("--config", default="configs/default.yaml")

@@ -1,13 +1,13 @@
 """On-policy distillation estimators: every per-token KL loss of asyncopd in one file.
 
-Notation (per response position): s = log-probs of the current student (with grad), b = behaviour
-log-probs of the rollout-time, possibly stale, student, t = teacher log-probs (frozen). p_theta = e^s,
-p_b = e^b, q = e^t. Rows follow THE shift convention of teacher_cache.py: row r of every per-token field
-is response token y_r and the distribution that generated it (first response token and EOS included).
+Notation (per response position): s = log-probs of the current student (with grad), b = behaviour log-probs of the
+rollout-time, possibly stale, student, t = teacher log-probs (frozen). p_theta = e^s, p_b = e^b, q = e^t. Rows follow
+THE shift convention of teacher_cache.py: row r of every per-token field is response token y_r and the distribution
+that generated it (first response token and EOS included).
 
-Every estimator has one signature, fn(s, cache, opts) -> (per_token_loss [N], metrics), where s maps
-an id field of the cache to the current student's log-probs at those ids (see student_logp), and
-aggregate() turns per_token_loss into the scalar that is back-propagated.
+Every estimator has one signature, fn(s, cache, opts) -> (per_token_loss [N], metrics), where s maps an id field of
+the cache to the current student's log-probs at those ids (see student_logp); aggregate() turns per_token_loss into
+the scalar that is back-propagated.
 
 | estimator          | cache fields (+ token_ids, loss_mask, cu_seqlens)          | bias (vs its KL at the current student)                  | variance          | staleness (b != s) |
 |--------------------|-------------------------------------------------------------|----------------------------------------------------------|-------------------|--------------------|
@@ -86,15 +86,14 @@ def validate_options(opts):
         _fail(f"beta={o.beta} must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
     if o.behave_cap <= 0 or o.m2po_floor_low >= 1:
         _fail(f"behave_cap={o.behave_cap} must be > 0 and m2po_floor_low={o.m2po_floor_low} < 1")
-    pg = o.name in PG_ESTIMATORS
     stabilisers = [k for k, on in (("clip_eps", o.clip_eps > 0), ("tis_cap", o.tis_cap > 0),
                                    ("decoupled", o.decoupled), ("m2po_budget", o.m2po_budget > 0)) if on]
     pg_only = stabilisers + [k for k, on in (("advantage", o.advantage != "theta"), ("ratio", not o.ratio)) if on]
-    if pg_only and not pg:
+    if pg_only and o.name not in PG_ESTIMATORS:
         _fail(f"{pg_only[0]} only applies to {PG_ESTIMATORS}, not {o.name}: reset it to its default")
     if stabilisers and not o.ratio:
         _fail(f"{stabilisers[0]} acts on the importance ratio but ratio=False: set ratio=True")
-    if len(set(stabilisers) - {"clip_eps"}) > 1 or (o.clip_eps > 0 and (o.tis_cap > 0 or o.m2po_budget > 0)):
+    if len(stabilisers) > 1 and stabilisers != ["clip_eps", "decoupled"]:
         _fail(f"stabilisers {stabilisers} cannot be combined: keep one (decoupled uses clip_eps as its clip)")
     if (o.renormalize or o.tail_bucket) and o.name not in FINITE_SUPPORT_ESTIMATORS:
         _fail(f"renormalize/tail_bucket only apply to {FINITE_SUPPORT_ESTIMATORS}, not {o.name}: set them False")
@@ -106,50 +105,45 @@ def validate_options(opts):
         _fail("jsd with support='dense' is already normalised: set renormalize/tail_bucket False")
 
 
-def _support_fields(opts):
-    """(student id field, teacher log-prob field) of the support used by reverse_kl_support / jsd."""
-    if opts.name == "forward_kl_topk" or opts.support == "teacher_topk":
-        return "teacher_topk_ids", "teacher_topk_logp"
-    if opts.support == "student_topk":
-        return "student_topk_ids", "student_topk_teacher_logp"
-    return "dense", "teacher_dense_logp"
+# (student id field, teacher log-prob field) per estimator, or per opts.support for reverse_kl_support and jsd
+_FIELDS = {"forward_kl_topk": ("teacher_topk_ids", "teacher_topk_logp"),
+           "forward_kl_dense": ("dense", "teacher_dense_logp"),  # "dense": the whole vocabulary
+           "forward_kl_mc": ("teacher_mc_ids", "teacher_mc_logp"),
+           "reverse_kl_dense": ("dense", "teacher_dense_logp"),
+           "reverse_kl_pg": ("token_ids", "teacher_logp"),
+           "reverse_kl_mc": ("mc_ids", "mc_teacher_logp"),
+           "student_topk": ("student_topk_ids", "student_topk_teacher_logp"),
+           "teacher_topk": ("teacher_topk_ids", "teacher_topk_logp"),
+           "dense": ("dense", "teacher_dense_logp")}
+
+
+def _fields(opts):
+    return _FIELDS[opts.support if opts.name in ("reverse_kl_support", "jsd") else opts.name]
 
 
 def required_fields(opts):
     """Names of the cache fields the estimator reads (rollout, teacher and learner-added ones)."""
-    fields = {"token_ids", "loss_mask", "cu_seqlens"}
-    name = opts.name
-    if name in ("forward_kl_dense", "reverse_kl_dense"):
-        fields |= {"teacher_dense_logp"}
-    elif name == "forward_kl_mc":
-        fields |= {"teacher_mc_ids", "teacher_mc_logp"}
-    elif name in FINITE_SUPPORT_ESTIMATORS:
-        ids, logp = _support_fields(opts)
-        fields |= {logp} | ({ids} if ids != "dense" else set())
-    elif name in PG_ESTIMATORS:
-        pre = "mc_" if name == "reverse_kl_mc" else ""
-        fields |= {f"{pre}teacher_logp"} | ({"mc_ids"} if pre else set())
-        if opts.ratio or opts.advantage == "old":
-            fields |= {f"{pre}behavior_logp"}
-        if opts.decoupled:
-            fields |= {f"{pre}proximal_logp"}
+    fields = {"token_ids", "loss_mask", "cu_seqlens", *_fields(opts)} - {"dense"}
+    pre = "mc_" if opts.name == "reverse_kl_mc" else ""
+    if opts.name in PG_ESTIMATORS and (opts.ratio or opts.advantage == "old"):
+        fields.add(f"{pre}behavior_logp")
+    if opts.name in PG_ESTIMATORS and opts.decoupled:
+        fields.add(f"{pre}proximal_logp")
     return fields
 
 
 def student_id_fields(opts):
     """Id fields (and "dense") at which student_logp must give the current student's log-probs."""
-    return {"forward_kl_dense": ["dense"], "reverse_kl_dense": ["dense"], "forward_kl_mc": ["teacher_mc_ids"],
-            "reverse_kl_pg": ["token_ids"], "reverse_kl_mc": ["mc_ids"]}.get(opts.name) or [_support_fields(opts)[0]]
+    return [_fields(opts)[0]]
 
 
 # ----------------------------------------------------------------------------- student log-probs
 class _ChunkedGatherLogProb(torch.autograd.Function):
     """log_softmax(hidden @ weight.T / temperature) gathered at ids, chunk by chunk over positions.
 
-    Forward keeps only the [N, K] gathered values and the [N] logsumexp; backward recomputes each chunk's
-    logits z and uses dL/dz = scatter_add(g at ids) - softmax(z) * sum_k g_k (divided by the temperature
-    for dL/dlogits). Peak extra memory: one float32 [chunk, V] buffer plus, in backward, the weight's
-    gradient (and a float32 copy of the weight when it is bf16/fp16).
+    Forward keeps only the [N, K] gathered values and the [N] logsumexp; backward recomputes each chunk's logits z
+    and uses dL/dz = scatter_add(g at ids) - softmax(z) * sum_k g_k (/ temperature for dL/dlogits). Peak extra memory:
+    one float32 [chunk, V] buffer plus, in backward, the weight's gradient (and a float32 copy of a bf16/fp16 weight).
     """
 
     @staticmethod
@@ -202,12 +196,11 @@ def _chunk_logits(h, w32, temperature):
 
 
 def student_logp(hidden, lm_head_weight, ids, temperature=1.0, chunk_size=1024):
-    """Current-student log-probs softmax(hidden @ W.T / temperature) at the ids of each field.
+    """Current-student log-probs log_softmax(hidden @ W.T / temperature) at the ids of each field.
 
-    hidden [N, H] (rows as in the shift convention), lm_head_weight [V, H], ids {field: LongTensor [N] or
-    [N, k]}; the key "dense" (value ignored, e.g. None) asks for the full [N, V] log-softmax (V <= 65536).
-    All id fields are gathered in one chunked pass (concatenated along the id axis, split after), with
-    exact gradients w.r.t. hidden and weight and no float32 [N, V] tensor for the whole batch.
+    hidden [N, H] (rows as in the shift convention), lm_head_weight [V, H], ids {field: LongTensor [N] or [N, k]};
+    the key "dense" (value ignored) asks for the full [N, V] log-softmax (V <= MAX_DENSE_VOCAB). All id fields are
+    gathered in one chunked pass (concatenated, split after): exact gradients, no float32 [N, V] tensor for the batch.
     """
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         _fail(f"student_logp needs hidden [N, H] and lm_head_weight [V, H], got {tuple(hidden.shape)} and "
@@ -221,21 +214,17 @@ def student_logp(hidden, lm_head_weight, ids, temperature=1.0, chunk_size=1024):
             _fail(f"ids[{k!r}] must be int64 [N={N}] or [N, k], got {v.dtype} {tuple(v.shape)}: pass cache fields")
         if v.numel() and (int(v.min()) < 0 or int(v.max()) >= V):
             _fail(f"ids[{k!r}] has values outside [0, {V}): the cache and the student disagree on the vocabulary")
-    out = {}
     if "dense" in ids:
         if V > MAX_DENSE_VOCAB:
             _fail(f"dense student log-probs need float32 [N, V] with V={V} > {MAX_DENSE_VOCAB}: use a finite-support estimator")
         full = torch.log_softmax(_chunk_logits(hidden, lm_head_weight.to(_compute_dtype(lm_head_weight)), temperature), -1)
-        out["dense"] = full
-        return out | {k: full.gather(1, v.view(N, -1)).view(v.shape) for k, v in sparse.items()}
+        return {"dense": full} | {k: full.gather(1, v.view(N, -1)).view(v.shape) for k, v in sparse.items()}
     if not sparse:
-        return out
-    widths = [v.view(N, -1).shape[1] for v in sparse.values()]
+        return {}
     flat = torch.cat([v.view(N, -1) for v in sparse.values()], dim=1)
     gathered = _ChunkedGatherLogProb.apply(hidden, lm_head_weight, flat, float(temperature), int(chunk_size))
-    for (k, v), part in zip(sparse.items(), gathered.split(widths, dim=1)):
-        out[k] = part.reshape(v.shape)
-    return out
+    parts = gathered.split([v.view(N, -1).shape[1] for v in sparse.values()], dim=1)
+    return {k: part.reshape(v.shape) for (k, v), part in zip(sparse.items(), parts)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -243,12 +232,6 @@ def _masked_mean(x, valid):
     """Mean of x over valid entries (valid broadcasts to x), as a float; 0.0 when none is valid."""
     x, valid = x.detach(), valid.expand_as(x)
     return float(x[valid].double().mean()) if bool(valid.any()) else 0.0
-
-
-def _valid(cache, like):
-    """loss_mask [N] shaped to broadcast against a per-token [N] or per-sample [N, M] tensor."""
-    mask = cache["loss_mask"].bool()
-    return mask if like.dim() == 1 else mask[:, None]
 
 
 def _field(cache, name, like, opts):
@@ -270,8 +253,15 @@ def _log_tail(logp):
     return mass.clamp(min=torch.finfo(logp.dtype).tiny).log()
 
 
-def _support_logps(s_k, t_k, opts):
-    """Student and teacher log-probs on a finite support, renormalised or with a tail bucket if asked."""
+def _support_logps(s, cache, opts):
+    """Student and teacher log-probs on the finite support opts reads (forward_kl_topk, reverse_kl_support, jsd).
+
+    Bare: as read, the mass outside the support dropped. renormalize: e^{s_k} / sum e^s and e^{t_k} / sum e^t.
+    tail_bucket: one extra category for the mass outside the support on both sides (student tail = 1 - sum_k e^{s_k}),
+    so the KL is the exact KL of the coarsened distributions.
+    """
+    ids_field, logp_field = _fields(opts)
+    s_k, t_k = s[ids_field], _field(cache, logp_field, s[ids_field], opts)
     if opts.renormalize:
         return s_k - torch.logsumexp(s_k, -1, keepdim=True), t_k - torch.logsumexp(t_k, -1, keepdim=True)
     if opts.tail_bucket:
@@ -279,7 +269,10 @@ def _support_logps(s_k, t_k, opts):
     return s_k, t_k
 
 
-def _support_metrics(s_k, t_k, valid):
+def _support_metrics(s, cache, opts):
+    """Student and teacher mass on the support as read (before renormalisation), mean over response tokens."""
+    ids_field, logp_field = _fields(opts)
+    s_k, t_k, valid = s[ids_field], _field(cache, logp_field, s[ids_field], opts), cache["loss_mask"].bool()
     return {"student_mass": _masked_mean(s_k.exp().sum(-1), valid), "teacher_mass": _masked_mean(t_k.exp().sum(-1), valid)}
 
 
@@ -287,25 +280,18 @@ def _support_metrics(s_k, t_k, valid):
 def forward_kl_topk(s, cache, opts):
     """Forward KL on the teacher's top-K: sum_{k in topK(q)} e^{t_k} (t_k - s_k).
 
-    Needs teacher_topk_ids, teacher_topk_logp. With no option the teacher mass outside the top-K is
-    dropped (no renormalisation): K = V gives exactly KL(q || p_theta), K < V a truncation that still
-    pulls student mass onto the top-K (its gradient is not 0 at p_theta = q). tail_bucket adds one
-    category for the mass outside the top-K on both sides (student tail = 1 - sum_k e^{s_k}), giving
-    the exact KL of the coarsened distributions; renormalize uses e^{t_k}/sum e^t and e^{s_k}/sum e^s.
-    Bias: truncation only. Variance: none. Staleness: none (the weights come from the frozen teacher).
+    Needs teacher_topk_ids, teacher_topk_logp. Bare: K = V is exactly KL(q || p_theta), K < V a truncation that still
+    pulls student mass onto the top-K (gradient not 0 at p_theta = q); tail_bucket (see _support_logps): the exact KL
+    of the coarsened distributions. Bias: truncation only. Variance: none. Staleness: none (teacher weights).
     """
-    s_k = s["teacher_topk_ids"]
-    t_k = _field(cache, "teacher_topk_logp", s_k, opts)
-    metrics = _support_metrics(s_k, t_k, _valid(cache, s_k[:, 0]))
-    s_k, t_k = _support_logps(s_k, t_k, opts)
-    return _xlogratio(t_k, s_k).sum(-1), metrics
+    s_k, t_k = _support_logps(s, cache, opts)
+    return _xlogratio(t_k, s_k).sum(-1), _support_metrics(s, cache, opts)
 
 
 def forward_kl_dense(s, cache, opts):
     """Exact forward KL(q || p_theta) = sum_v e^{t_v} (t_v - s_v) over the whole vocabulary.
 
-    Needs teacher_dense_logp [N, V] and s["dense"]; for small vocabularies and tests. Exact, no variance,
-    no staleness effect.
+    Needs teacher_dense_logp [N, V] and s["dense"]; for small vocabularies and tests. Exact, no variance or staleness.
     """
     return _xlogratio(_field(cache, "teacher_dense_logp", s["dense"], opts), s["dense"]).sum(-1), {}
 
@@ -313,10 +299,9 @@ def forward_kl_dense(s, cache, opts):
 def forward_kl_mc(s, cache, opts):
     """Monte Carlo forward KL with M teacher samples y_i ~ q: mean_i (t(y_i) - s(y_i)).
 
-    Needs teacher_mc_ids, teacher_mc_logp. Value and gradient -mean_i grad s(y_i) are unbiased for
-    KL(q || p_theta) and its gradient (E_q[grad s] is the gradient of the cross-entropy). Variance ~1/M.
-    Staleness: none, the samples come from the frozen teacher (b is never used). Only zero in
-    expectation at p_theta = q: a single draw still has a non-zero gradient.
+    Needs teacher_mc_ids, teacher_mc_logp. Value and gradient -mean_i grad s(y_i) are unbiased for KL(q || p_theta)
+    and its gradient (E_q[grad s] is the cross-entropy's gradient). Variance ~1/M. Staleness: none, the samples come
+    from the frozen teacher (b unused). Zero only in expectation at p_theta = q: one draw has a non-zero gradient.
     """
     s_y = s["teacher_mc_ids"]
     t_y = _field(cache, "teacher_mc_logp", s_y, opts)
@@ -327,8 +312,7 @@ def forward_kl_mc(s, cache, opts):
 def reverse_kl_dense(s, cache, opts):
     """Exact reverse KL(p_theta || q) = sum_v e^{s_v} (s_v - t_v) over the whole vocabulary.
 
-    Needs teacher_dense_logp [N, V] and s["dense"]. Exact, no variance; staleness-free since it is
-    recomputed under the current student.
+    Needs teacher_dense_logp [N, V] and s["dense"]. Exact, no variance, no staleness (current student).
     """
     return _xlogratio(s["dense"], _field(cache, "teacher_dense_logp", s["dense"], opts)).sum(-1), {}
 
@@ -336,36 +320,30 @@ def reverse_kl_dense(s, cache, opts):
 def reverse_kl_support(s, cache, opts):
     """Reverse KL on a finite support S: sum_{k in S} e^{s_k} (s_k - t_k).
 
-    S = the rollout student's top-K_s (support="student_topk": student_topk_ids, student_topk_teacher_logp)
-    or the teacher's top-K (support="teacher_topk": teacher_topk_ids, teacher_topk_logp). renormalize
-    renormalises student and teacher on S (tail_bucket adds the outside mass as one category). Bias:
-    ignores student mass outside S, so it can be negative without renormalisation. Variance: none.
-    Staleness: S was fixed by the rollout student; where the current student moves mass off S, the
-    teacher scores it would need are missing and no reweighting recovers them.
+    S = the rollout student's top-K_s (support="student_topk": student_topk_ids, student_topk_teacher_logp) or the
+    teacher's top-K (support="teacher_topk": teacher_topk_ids, teacher_topk_logp). Bias: ignores student mass outside
+    S, so it can be negative when bare (see _support_logps). Variance: none. Staleness: S was fixed by the rollout
+    student; where the current student moves mass off S, no reweighting recovers the missing teacher scores.
     """
-    ids_field, logp_field = _support_fields(opts)
-    s_k = s[ids_field]
-    t_k = _field(cache, logp_field, s_k, opts)
-    metrics = _support_metrics(s_k, t_k, _valid(cache, s_k[:, 0]))
-    s_k, t_k = _support_logps(s_k, t_k, opts)
-    return _xlogratio(s_k, t_k).sum(-1), metrics
+    s_k, t_k = _support_logps(s, cache, opts)
+    return _xlogratio(s_k, t_k).sum(-1), _support_metrics(s, cache, opts)
 
 
 def _m2po_bounds(log_ratio, adv, valid, opts):
     """M2PO clip bounds (eps_low, eps_high) from the valid entries, or None when within budget.
 
-    delta = b - s (= -log r). Harmful entries push the ratio further out: (A > 0 and r > 1) or (A < 0 and
-    r < 1). If mean delta^2 over the n harmful entries is <= budget: no clip. Otherwise solve
-    sum_i min(delta_i^2, tau^2) = budget * n for tau (piecewise linear in tau^2: walk the sorted
-    delta^2), then eps_low = 1 - e^{-tau}, eps_high = e^{tau} - 1, each raised to its floor.
+    delta = b - s (= -log r); harmful entries push r further out: (A > 0 and r > 1) or (A < 0 and r < 1). No clip if
+    mean delta^2 over the n harmful entries <= budget; else solve sum_i min(delta_i^2, tau^2) = budget * n for tau
+    (piecewise linear in tau^2: walk the sorted delta^2); eps_low = 1 - e^{-tau}, eps_high = e^{tau} - 1, floored.
     """
     delta2 = log_ratio.detach().square()
     harmful = valid.expand_as(delta2) & (((adv > 0) & (log_ratio > 0)) | ((adv < 0) & (log_ratio < 0)))
     x = delta2[harmful].double().sort().values
     n = x.numel()
     m2 = float(x.mean()) if n else 0.0
+    metrics = {"m2po_m2": m2, "m2po_harmful_frac": _masked_mean(harmful.float(), valid)}
     if m2 <= opts.m2po_budget:
-        return None, {"m2po_m2": m2, "m2po_harmful_frac": _masked_mean(harmful.float(), valid)}
+        return None, metrics
     prefix = torch.cat([x.new_zeros(1), x.cumsum(0)[:-1]])  # prefix[j] = sum of the j smallest
     below = torch.arange(n, dtype=x.dtype, device=x.device)
     f_at_x = prefix + x * (n - below)  # sum_i min(delta_i^2, x_j) at tau^2 = x_j: increasing in j
@@ -373,16 +351,13 @@ def _m2po_bounds(log_ratio, adv, valid, opts):
     tau = math.sqrt((opts.m2po_budget * n - float(prefix[j])) / (n - j))  # tau^2 lies in [x_{j-1}, x_j]
     lo = max(1 - math.exp(-tau), opts.m2po_floor_low)
     hi = max(math.exp(tau) - 1, opts.m2po_floor_high)
-    return (lo, hi), {"m2po_m2": m2, "m2po_tau": tau, "m2po_eps_low": lo, "m2po_eps_high": hi,
-                      "m2po_harmful_frac": _masked_mean(harmful.float(), valid)}
+    return (lo, hi), metrics | {"m2po_tau": tau, "m2po_eps_low": lo, "m2po_eps_high": hi}
 
 
 def _policy_gradient(s_y, cache, prefix, opts):
-    """Per-sample surrogate loss -r * A (PPO form and stabilisers as in opts) on [N] or [N, M] ids.
-
-    prefix "" reads teacher_logp/behavior_logp/proximal_logp, prefix "mc_" their [N, M] mc_* versions.
-    """
-    valid = _valid(cache, s_y)
+    """reverse_kl_pg's per-sample loss -r * A on [N] ids (prefix "") or [N, M] ids (prefix "mc_": the mc_* fields)."""
+    valid = cache["loss_mask"].bool()
+    valid = valid[:, None] if s_y.dim() == 2 else valid  # broadcasts against [N] or [N, M]
     t_y = _field(cache, f"{prefix}teacher_logp", s_y, opts)
     b_y = _field(cache, f"{prefix}behavior_logp", s_y, opts) if opts.ratio or opts.advantage == "old" else None
     prox_y = _field(cache, f"{prefix}proximal_logp", s_y, opts) if opts.decoupled else None
@@ -415,19 +390,16 @@ def reverse_kl_pg(s, cache, opts):
     """Sampled reverse KL as a policy gradient on the generated token y ~ p_b: loss = -r * A.
 
     r = exp(clamp(s(y) - b(y), +-20)) (ratio=False: r = exp(s - sg(s)), value 1, plain score function);
-    A = sg(t(y) - s(y)) (advantage="theta") or t(y) - b(y) (advantage="old"). Needs token_ids,
-    teacher_logp, behavior_logp (+ proximal_logp when decoupled).
-    With A_theta and the ratio, E_{y~p_b}[grad] = -E_{p_theta}[(t - s) grad s] = grad KL(p_theta || q)
-    at that position (E_{p_theta}[grad s] = 0) and E[value] = KL(p_theta || q): unbiased, whatever the
-    staleness, if p_b covers p_theta. A_old leaves an O(s - b) bias. Variance: high (one sample).
-    Stabilisers (each biased where it acts):
+    A = sg(t(y) - s(y)) (advantage="theta") or t(y) - b(y) (advantage="old"). Needs token_ids, teacher_logp,
+    behavior_logp (+ proximal_logp when decoupled). With A_theta and the ratio, E_{y~p_b}[grad] =
+    -E_{p_theta}[(t - s) grad s] = grad KL(p_theta || q) at that position (E_{p_theta}[grad s] = 0) and E[value] =
+    KL(p_theta || q): unbiased, whatever the staleness, if p_b covers p_theta. A_old leaves an O(s - b) bias.
+    Variance: high (one sample). Stabilisers (each biased where it acts):
       clip_eps    PPO: max(-r A, -clip(r, 1 - eps, 1 + eps) A).
-      tis_cap     truncated IS: loss = -sg(min(r, cap)) * A * exp(s - sg(s)); value -min(r, cap) A,
-                  gradient -min(r, cap) A grad s.
-      decoupled   AReaL: r = p_theta / p_prox (prox = student before the batch's first optimizer step),
-                  PPO clip on that r (if clip_eps > 0), times w = p_prox / p_b, with w := 0 where w > behave_cap.
-      m2po_budget M2PO: PPO clip with bounds from the second moment of b - s (see _m2po_bounds), per call,
-                  over the unmasked entries only.
+      tis_cap     truncated IS: -sg(min(r, cap)) A exp(s - sg(s)); value -min(r, cap) A, grad -min(r, cap) A grad s.
+      decoupled   AReaL: r = p_theta / p_prox (prox = student before the batch's first optimizer step), PPO clip on
+                  that r (if clip_eps > 0), times w = p_prox / p_b, with w := 0 where w > behave_cap.
+      m2po_budget M2PO: PPO clip, bounds from the 2nd moment of b - s over the call's unmasked entries (_m2po_bounds).
     """
     return _policy_gradient(s["token_ids"], cache, "", opts)
 
@@ -435,11 +407,9 @@ def reverse_kl_pg(s, cache, opts):
 def reverse_kl_mc(s, cache, opts):
     """Multi-sample MC reverse KL: mean over M behaviour samples of reverse_kl_pg's per-sample loss.
 
-    mc_ids [N, M]: column 0 = the generated token, columns 1..M-1 i.i.d. draws from p_b with replacement
-    (duplicates kept). Needs mc_ids, mc_teacher_logp, mc_behavior_logp (+ mc_proximal_logp). Same options
-    and stabilisers as reverse_kl_pg (M2PO statistics over the unmasked [N, M] entries). With A_theta and
-    the ratio: unbiased for grad KL(p_theta || q), variance ~1/M of the 1-sample estimator. The paper's
-    recommended surrogate: A_theta, ratio on, no clip, M = 64.
+    mc_ids [N, M]: column 0 = the generated token, columns 1..M-1 i.i.d. draws from p_b (duplicates kept). Needs
+    mc_ids, mc_teacher_logp, mc_behavior_logp (+ mc_proximal_logp). Options as in reverse_kl_pg (M2PO over all
+    unmasked [N, M] entries). With A_theta and the ratio: unbiased for grad KL(p_theta || q), variance ~1/M of pg's.
     """
     per_sample, metrics = _policy_gradient(s["mc_ids"], cache, "mc_", opts)
     return per_sample.mean(-1), metrics
@@ -451,18 +421,13 @@ def jsd(s, cache, opts):
 
     With M = beta P + (1 - beta) Q:  D = [beta KL(P || M) + (1 - beta) KL(Q || M)] / (beta (1 - beta))
                                        = KL(P || M) / (1 - beta) + KL(Q || M) / beta.
-    beta -> 0 gives forward KL(P || Q), beta -> 1 reverse KL(Q || P); the endpoints are computed as
-    these limits. Elementwise the limit is P log(P/Q) - P + Q (resp. Q log(Q/P) - Q + P); the extra
-    -P + Q sums to 0 on a dense, renormalised or tail-bucket support, where the endpoints are exactly
-    forward_kl_* / reverse_kl_*. On a bare finite support (opts.support, no renormalisation) each term
-    stays >= 0 and the endpoints are these generalised KLs. Needs teacher_dense_logp (support="dense")
-    or the support's fields. Bias/variance/staleness: as the support it runs on. In float32, prefer the
-    exact endpoints to beta within ~1e-3 of them (the division by beta cancels digits).
+    beta -> 0 gives forward KL(P || Q), beta -> 1 reverse KL(Q || P), computed at the endpoints as these limits:
+    elementwise P log(P/Q) - P + Q (resp. Q log(Q/P) - Q + P). The extra -P + Q sums to 0 on a dense, renormalised or
+    tail-bucket support, where the endpoints are exactly forward_kl_* / reverse_kl_*; on a bare finite support each
+    term stays >= 0. Needs the fields of opts.support. Bias/variance/staleness: as the support it runs on. In float32,
+    prefer the exact endpoints to beta within ~1e-3 of them (the division by beta cancels digits).
     """
-    ids_field, logp_field = _support_fields(opts)
-    logq = s[ids_field]
-    logp = _field(cache, logp_field, logq, opts)
-    logq, logp = _support_logps(logq, logp, opts)
+    logq, logp = _support_logps(s, cache, opts)
     beta = float(opts.beta)
     if beta == 0.0:
         return (_xlogratio(logp, logq) - logp.exp() + logq.exp()).sum(-1), {}
@@ -472,16 +437,8 @@ def jsd(s, cache, opts):
     return (_xlogratio(logp, logm) / (1 - beta) + _xlogratio(logq, logm) / beta).sum(-1), {}
 
 
-ESTIMATORS = {
-    "forward_kl_topk": forward_kl_topk,
-    "forward_kl_dense": forward_kl_dense,
-    "forward_kl_mc": forward_kl_mc,
-    "reverse_kl_dense": reverse_kl_dense,
-    "reverse_kl_support": reverse_kl_support,
-    "reverse_kl_pg": reverse_kl_pg,
-    "reverse_kl_mc": reverse_kl_mc,
-    "jsd": jsd,
-}
+ESTIMATORS = {f.__name__: f for f in (forward_kl_topk, forward_kl_dense, forward_kl_mc, reverse_kl_dense,
+                                      reverse_kl_support, reverse_kl_pg, reverse_kl_mc, jsd)}
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -502,8 +459,8 @@ def aggregate(per_token, loss_mask, cu_seqlens, mode="token_mean"):
     if int(lengths.sum()) != per_token.shape[0]:
         _fail(f"cu_seqlens covers {int(lengths.sum())} rows but per_token has {per_token.shape[0]}: pass the batch's cu_seqlens")
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=per_token.device), lengths)
-    sums = torch.zeros(len(lengths), dtype=kept.dtype, device=kept.device).index_add(0, seq, kept)
-    counts = torch.zeros(len(lengths), dtype=kept.dtype, device=kept.device).index_add(0, seq, mask.to(kept.dtype))
+    sums = kept.new_zeros(len(lengths)).index_add(0, seq, kept)
+    counts = kept.new_zeros(len(lengths)).index_add(0, seq, mask.to(kept.dtype))
     has = counts > 0
     return torch.where(has, sums / counts.clamp(min=1), torch.zeros_like(sums)).sum() / has.sum().clamp(min=1)
 

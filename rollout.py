@@ -1,45 +1,28 @@
 """Rollout engines: the student samples responses and records what the estimators need.
 
-Two engines share one duck-typed interface (no base class):
+make_engine() builds one of two engines ("hf", "vllm") sharing one duck-typed interface:
 
-    engine = make_engine(model, kind="hf"|"vllm", device, temperature, top_p, max_new_tokens,
-                         eos_token_id, pad_token_id, dtype)
     traj = engine.generate(prompts, prompt_index, policy_version, student_topk, mc_samples, generator)
-    engine.load_weights(state_dict, version)     # between generate() calls
-    engine.policy_version                        # version of the weights now loaded
+    engine.load_weights(state_dict, version)     # between generate() calls; sets engine.policy_version
 
-The behaviour distribution at every response position is
+The behaviour distribution over the student's logits z is pi_b(v) = softmax(z / T)(v) / mass(nucleus)
+for v in the nucleus, else 0: a token is in the nucleus iff the mass of the tokens ranked above it
+is < top_p (top_p = 1 keeps all; no top-k truncation). b = log pi_b(y) is the log-prob of exactly
+the distribution y was drawn from, so importance ratios pi_theta / pi_b are exact.
 
-    pi_b(v) = softmax(z / T)(v)                       if top_p == 1
-    pi_b(v) = softmax(z / T)(v) / mass(nucleus)       if v in nucleus, else 0   (top_p < 1)
-
-where z are the student's logits and the nucleus is the smallest set of most-probable tokens whose
-mass reaches top_p (a token is kept iff the mass of the tokens ranked above it is < top_p).
-There is no top-k truncation. b = log pi_b(y) is the log-prob of exactly the distribution the
-token y was drawn from, so importance ratios pi_theta / pi_b are exact.
-
-Row r of every per-token field describes response token y_r, i.e. the model output at absolute
-position P + r - 1 (the shift convention of teacher_cache.py). The returned trajectory dict holds
-the behaviour-side fields of the packed batch (see the contract): prompt_ids, prompt_cu_seqlens,
-token_ids, cu_seqlens, finished, prompt_index, behavior_logp, policy_version, loss_mask, and on
-request student_topk_ids / student_topk_behavior_logp (student_topk > 0) and mc_ids /
-mc_behavior_logp (mc_samples > 0; column 0 is the generated token, columns 1..M-1 are i.i.d.
-draws with replacement from pi_b, duplicates kept). All tensors are returned on the CPU.
+Row r of every per-token field describes response token y_r, the model output at absolute position
+P + r - 1 (teacher_cache.py's shift convention). The trajectory (CPU tensors) holds the behaviour-side
+fields of teacher_cache.py's contract; student_topk_* if student_topk > 0, mc_* if mc_samples > 0
+(column 0 = the generated token, columns 1..M-1 i.i.d. draws from pi_b, duplicates kept).
 """
 import torch
 
 ENGINES = ("hf", "vllm")
-# behaviour-side per-token fields rollout can produce (the always-present ones and the optional ones)
-ROLLOUT_FIELDS = {"token_ids", "behavior_logp", "policy_version", "loss_mask",
-                  "student_topk_ids", "student_topk_behavior_logp", "mc_ids", "mc_behavior_logp"}
 
 
 def engine_supports(kind, fields, mc_samples=None):
-    """Raise ValueError (one line, naming the fix) if engine `kind` cannot produce `fields`.
-
-    Called at config validation, before any process starts. `fields` is the set of cache fields
-    the estimator needs; only the behaviour-side ones matter here. mc_samples <= 1 (the generated
-    token alone) is fine on every engine."""
+    """Raise ValueError (naming the fix) if engine `kind` cannot produce the cache `fields` the
+    estimator needs. Called at config validation; mc_samples <= 1 (the generated token) is fine."""
     if kind not in ENGINES:
         raise ValueError(f"unknown rollout engine {kind!r}: use one of {', '.join(ENGINES)}")
     wants_mc = "mc_ids" in fields or "mc_behavior_logp" in fields
@@ -50,13 +33,10 @@ def engine_supports(kind, fields, mc_samples=None):
 
 def make_engine(model, kind="hf", device="cpu", temperature=1.0, top_p=1.0, max_new_tokens=64,
                 eos_token_id=None, pad_token_id=None, dtype=None, **vllm_kwargs):
-    """Build a rollout engine. `model`: a model directory, or (hf only) a built transformers model.
-
-    A built model is moved to `device` in place. dtype: a torch dtype for hf (None = keep the built
-    model's, float32 when loading a directory), a vLLM dtype string for vllm (None = "auto").
-    vllm_kwargs go to vllm.LLM (e.g. max_logprobs, gpu_memory_utilization)."""
-    if kind not in ENGINES:
-        raise ValueError(f"unknown rollout engine {kind!r}: use one of {', '.join(ENGINES)}")
+    """Build a rollout engine from a model directory or (hf only) a built transformers model, moved
+    to `device` in place. dtype: torch dtype for hf (None = the built model's, float32 from a directory),
+    vLLM dtype string for vllm (None = "auto"). vllm_kwargs go to vllm.LLM (e.g. max_logprobs)."""
+    engine_supports(kind, ())  # unknown kind
     if not temperature > 0:
         raise ValueError(f"temperature={temperature}: must be > 0 (greedy decoding has no behaviour distribution)")
     if not 0 < top_p <= 1:
@@ -87,10 +67,8 @@ def behaviour_logp(logits, temperature, top_p):
 
 
 def sample_ids(logp, num, generator=None):
-    """num i.i.d. draws per row from exp(logp) [B, V] -> ids [B, num], by inverse CDF.
-
-    u ~ U[0, total) and id = first index whose cumulative mass exceeds u: index i is hit with
-    probability p_i, and a zero-probability token (outside the nucleus) can never be hit. The
+    """num i.i.d. draws per row from exp(logp) [B, V] -> ids [B, num], by inverse CDF: u ~ U[0, total),
+    id = first index whose cumulative mass exceeds u, so a zero-probability token is never hit. The
     uniforms come from `generator` on its own device, so a CPU generator drives GPU sampling too."""
     cdf = logp.double().exp().cumsum(-1)
     gen_device = generator.device if generator is not None else logp.device
@@ -115,28 +93,23 @@ def _check_request(engine, prompts, prompt_index, policy_version, student_topk, 
 def _pack(prompts, prompt_index, lengths, finished, policy_version, per_token):
     """Sequence fields + per-token fields (already packed, token-major) -> trajectory dict."""
     n = int(sum(lengths))
-    traj = {
-        "prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int64),
-        "prompt_cu_seqlens": torch.tensor([0] + [len(p) for p in prompts]).cumsum(0),
-        "cu_seqlens": torch.tensor([0] + list(lengths)).cumsum(0),
-        "finished": torch.as_tensor(finished, dtype=torch.bool),
-        "prompt_index": torch.as_tensor(prompt_index, dtype=torch.int64),
-        "policy_version": torch.full((n,), policy_version, dtype=torch.int64),
-        "loss_mask": torch.ones(n, dtype=torch.bool),
-    }
-    for name, value in per_token.items():
-        traj[name] = value.cpu().to(torch.int64 if name.endswith("ids") else torch.float32)
-    return traj
+    return {"prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int64),
+            "prompt_cu_seqlens": torch.tensor([0] + [len(p) for p in prompts]).cumsum(0),
+            "cu_seqlens": torch.tensor([0] + list(lengths)).cumsum(0),
+            "finished": torch.as_tensor(finished, dtype=torch.bool),
+            "prompt_index": torch.as_tensor(prompt_index, dtype=torch.int64),
+            "policy_version": torch.full((n,), policy_version, dtype=torch.int64),
+            "loss_mask": torch.ones(n, dtype=torch.bool),
+            **{k: v.cpu().to(torch.int64 if k.endswith("ids") else torch.float32) for k, v in per_token.items()}}
 
 
 # ----------------------------------------------------------------------------- transformers engine
 class HFEngine:
     """Own batched sampling loop over a transformers causal LM with its KV cache (CPU or GPU).
 
-    Prompts are left-padded; position ids count real tokens only (the first real token is at 0),
-    so every logit equals that of a plain right-padded forward over prompt + response. Each step
-    costs one batched forward of one token per sequence; sequences that already emitted EOS keep
-    running (fed pad) but their rows are dropped when packing."""
+    Prompts are left-padded and position ids count real tokens only, so every logit equals that of a
+    plain right-padded forward over prompt + response. Sequences past EOS run on (fed pad); packing
+    drops their rows."""
 
     def __init__(self, model, device, temperature, top_p, max_new_tokens, eos_token_id, pad_token_id, dtype):
         if isinstance(model, str):
@@ -151,39 +124,31 @@ class HFEngine:
         self.policy_version = 0
 
     @torch.no_grad()
-    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None,
-                 greedy=False):
+    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None, greedy=False):
         """greedy=True (evaluation) takes the argmax; b is then still log pi_b of that token."""
         _check_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
         B, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(B, width, dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: real tokens flush right
-            ids[i, width - len(p):] = torch.as_tensor(p)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        # left padding: real tokens flush right
+        ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         if student_topk > out.logits.shape[-1]:
             raise ValueError(f"student_topk={student_topk} exceeds the vocabulary ({out.logits.shape[-1]}): lower it")
 
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        steps = {"alive": [], "token_ids": [], "behavior_logp": [], "student_topk_ids": [],
-                 "student_topk_behavior_logp": [], "mc_ids": [], "mc_behavior_logp": []}
+        steps = []  # one {field: [B, ...]} per decoding step
         for t in range(self.max_new_tokens):
             logp = behaviour_logp(out.logits[:, -1], self.temperature, self.top_p)
             draws = logp.argmax(-1, keepdim=True) if greedy else sample_ids(logp, max(mc_samples, 1), generator)
             tok = draws[:, 0].masked_fill(done, self.pad_token_id)
-            steps["alive"].append(~done)
-            steps["token_ids"].append(tok)
-            steps["behavior_logp"].append(logp.gather(1, tok[:, None])[:, 0])
+            step = {"alive": ~done, "token_ids": tok, "behavior_logp": logp.gather(1, tok[:, None])[:, 0]}
             if student_topk:
                 top = logp.topk(student_topk, dim=-1)
-                steps["student_topk_ids"].append(top.indices)
-                steps["student_topk_behavior_logp"].append(top.values)
+                step.update(student_topk_ids=top.indices, student_topk_behavior_logp=top.values)
             if mc_samples:
-                steps["mc_ids"].append(draws)
-                steps["mc_behavior_logp"].append(logp.gather(1, draws))
+                step.update(mc_ids=draws, mc_behavior_logp=logp.gather(1, draws))
+            steps.append(step)
             done = done | (tok == self.eos_token_id)
             if bool(done.all()) or t == self.max_new_tokens - 1:
                 break
@@ -192,8 +157,8 @@ class HFEngine:
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
                              past_key_values=out.past_key_values, use_cache=True)
 
-        alive = torch.stack(steps.pop("alive"), dim=1)  # [B, T]; row-major order = token-major packing
-        per_token = {k: torch.stack(v, dim=1)[alive] for k, v in steps.items() if v}
+        alive = torch.stack([s.pop("alive") for s in steps], dim=1)  # [B, T]; row-major = token-major packing
+        per_token = {k: torch.stack([s[k] for s in steps], dim=1)[alive] for k in steps[0]}
         return _pack(prompts, prompt_index, alive.sum(1).tolist(), done.cpu(), policy_version, per_token)
 
     @torch.no_grad()
@@ -210,22 +175,17 @@ class HFEngine:
 
 # ----------------------------------------------------------------------------- vLLM engine
 class VLLMEngine:
-    """vLLM 0.33.0 adapter (GPU only; public API only). NOT exercised by the tests: they run on CPU
-    without vLLM. Facts used (../shared/reference/vllm-api.md):
+    """vLLM 0.33.0 adapter (GPU only, public API only). NOT exercised by the tests, which run on CPU
+    without vLLM (a stub checks the plumbing). Facts used (../shared/reference/vllm-api.md):
 
-    - LLM(model, logprobs_mode="processed_logprobs", max_logprobs=...)           (section 1)
-      "processed" = after temperature and top-p masking, so b is the log-prob under exactly the
-      sampled distribution; raw_logprobs would ignore the temperature.
-    - SamplingParams(temperature, top_p, top_k=0, max_tokens, logprobs=K_s, stop_token_ids,
-      seed); the sampled token is always in the per-position logprob dict; generate() with
-      TokensPrompt returns results in input order.                                 (section 1)
-    - weight update: collective_rpc("reload_weights", kwargs={"weights_iterator": ...}) then
-      reset_prefix_cache() (prefix caching would otherwise serve stale KV).   (sections 2.3, 3)
-
-    MC draws (mc_samples > 1) are refused: the public API cannot return extra samples from the
-    processed distribution (section 4). vLLM uses the first visible GPU: set CUDA_VISIBLE_DEVICES
-    in the rollout child before torch/vLLM initialise CUDA, and start that child non-daemonic
-    (vLLM spawns its own engine-core process; section 3)."""
+    - LLM(logprobs_mode="processed_logprobs"): log-probs after temperature and top-p, i.e. under exactly
+      the sampled distribution; SamplingParams(top_k=0, logprobs=K_s, stop_token_ids, seed); the sampled
+      token is always in the per-position logprob dict; generate() keeps the input order (section 1).
+    - collective_rpc("reload_weights", kwargs={"weights_iterator": ...}), then reset_prefix_cache(),
+      else prefix caching serves stale KV (sections 2.3, 3).
+    - no public way to draw extra samples from the processed distribution: mc_samples > 1 is refused
+      (section 4). vLLM takes the first visible GPU and spawns its own engine-core process: the rollout
+      child sets CUDA_VISIBLE_DEVICES first and is non-daemonic (section 3)."""
 
     def __init__(self, model, device, temperature, top_p, max_new_tokens, eos_token_id, dtype, **llm_kwargs):
         if not isinstance(model, str):
@@ -249,12 +209,11 @@ class VLLMEngine:
         self.eos_token_id = eos_token_id
         self.policy_version = 0
 
-    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None,
-                 greedy=False):
+    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None, greedy=False):
         from vllm import SamplingParams, TokensPrompt
 
         _check_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
-        engine_supports("vllm", {"mc_ids"} if mc_samples else set(), mc_samples)
+        engine_supports("vllm", {"mc_ids"}, mc_samples)  # mc_samples <= 1 passes
         if student_topk > self.max_logprobs:
             raise ValueError(f"student_topk={student_topk} > max_logprobs={self.max_logprobs}: "
                              f"pass max_logprobs={student_topk} to make_engine")
@@ -265,29 +224,23 @@ class VLLMEngine:
                                  max_tokens=self.max_new_tokens, logprobs=student_topk,
                                  stop_token_ids=[self.eos_token_id], detokenize=False, seed=s) for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        tokens, b, top_ids, top_logp, lengths, finished = [], [], [], [], [], []
-        for out in outputs:
-            c = out.outputs[0]
-            ids = list(c.token_ids)
-            stopped = c.finish_reason == "stop"
-            if stopped and ids[-1] != self.eos_token_id:
-                raise ValueError(f"vllm stopped on token {ids[-1]}, not eos_token_id={self.eos_token_id} "
+        completions = [out.outputs[0] for out in outputs]
+        finished = [c.finish_reason == "stop" for c in completions]
+        for c, stopped in zip(completions, finished):
+            if stopped and c.token_ids[-1] != self.eos_token_id:
+                raise ValueError(f"vllm stopped on token {c.token_ids[-1]}, not eos_token_id={self.eos_token_id} "
                                  "(the model's generation_config adds EOS ids): pass the id it uses as eos_token_id")
-            for y, lp in zip(ids, c.logprobs):
-                b.append(lp[y].logprob)
-                best = sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:student_topk]  # drops y if outside top-K
-                top_ids.append([i for i, _ in best])
-                top_logp.append([v.logprob for _, v in best])
-            tokens += ids
-            lengths.append(len(ids))
-            finished.append(stopped)
-        per_token = {"token_ids": torch.tensor(tokens), "behavior_logp": torch.tensor(b)}
-        if student_topk:
-            per_token["student_topk_ids"] = torch.tensor(top_ids)
-            per_token["student_topk_behavior_logp"] = torch.tensor(top_logp)
+        rows = [(y, lp) for c in completions for y, lp in zip(c.token_ids, c.logprobs)]  # lp: {id: Logprob}
+        per_token = {"token_ids": torch.tensor([y for y, _ in rows]),
+                     "behavior_logp": torch.tensor([lp[y].logprob for y, lp in rows])}
+        if student_topk:  # the K_s most probable per position, sorted; y only if it is among them
+            best = [sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:student_topk] for _, lp in rows]
+            per_token.update(student_topk_ids=torch.tensor([[i for i, _ in top] for top in best]),
+                             student_topk_behavior_logp=torch.tensor([[v.logprob for _, v in top] for top in best]))
         if mc_samples:  # M == 1: the generated token is the only draw
-            per_token["mc_ids"] = per_token["token_ids"][:, None].clone()
-            per_token["mc_behavior_logp"] = per_token["behavior_logp"][:, None].clone()
+            per_token.update(mc_ids=per_token["token_ids"][:, None].clone(),
+                             mc_behavior_logp=per_token["behavior_logp"][:, None].clone())
+        lengths = [len(c.token_ids) for c in completions]
         return _pack(prompts, prompt_index, lengths, finished, policy_version, per_token)
 
     def load_weights(self, state_dict, version):

@@ -1,30 +1,25 @@
 """Finite teacher-score cache: a packed, token-major dict of plain tensors.
 
-THE shift convention (stated here once; everything else calls `response_positions`)
-------------------------------------------------------------------------------------
+THE shift convention (stated here once; everything else calls `response_positions`):
 A sequence is a prompt x_0..x_{P-1} followed by a response y_0..y_{L-1} (y_{L-1} may be EOS).
-Row r of every per-token field describes response token y_r and the distribution that generated
-it, i.e. the model output at absolute position  P + r - 1  of the concatenated sequence. So the
-rows use positions P-1 .. P+L-2: the first response token (scored from the last prompt position)
-and the last one (EOS) are both included, and nothing is one position off.
+Row r of every per-token field describes y_r and the distribution that generated it, i.e. the model
+output at absolute position  P + r - 1  of the concatenated sequence. So rows use positions P-1 ..
+P+L-2: the first response token (scored from the last prompt position) and the last (EOS) are both
+included, and nothing is one position off.
 
-Layout
-------
-N = total response tokens, B = sequences. No [B, S, K] padding: per-token fields are stacked
-sequence after sequence, and `cu_seqlens` says where each sequence's rows start and end.
+Layout: N = total response tokens, B = sequences. No [B, S, K] padding: per-token fields are
+stacked sequence after sequence, and `cu_seqlens` says where each sequence's rows start and end.
 
   sequence fields                    shape      dtype
   prompt_ids                         [sum P]    int64   all prompts, concatenated
-  prompt_cu_seqlens                  [B+1]      int64   offsets into prompt_ids
-  cu_seqlens                         [B+1]      int64   offsets into the N rows
+  prompt_cu_seqlens / cu_seqlens     [B+1]      int64   offsets into prompt_ids / into the N rows
   finished                           [B]        bool    response ended with EOS
   prompt_index                       [B]        int64   row of the prompt in its data set
   per-token fields (row r = y_r)
   token_ids                          [N]        int64   y_r
-  behavior_logp / teacher_logp       [N]        f32     b(y_r) / t(y_r)
+  behavior/teacher/proximal_logp     [N]        f32     b(y_r) / t(y_r) / learner-added (decoupled PPO)
   policy_version                     [N]        int64   learner version that generated y_r
   loss_mask                          [N]        bool    False = ignore this row
-  proximal_logp                      [N]        f32     learner-added (decoupled PPO)
   teacher_topk_ids / _logp           [N, K]     i64/f32 teacher top-K, sorted by t descending
   student_topk_ids                   [N, Ks]    int64   rollout student's top-Ks support ...
   student_topk_behavior/teacher_logp [N, Ks]    f32     ... with b and t there
@@ -42,6 +37,7 @@ A dict of CPU tensors crosses torch.multiprocessing queues through shared memory
 goes to disk as one safetensors file (or a directory of chunks, for resumable offline precompute).
 """
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -53,63 +49,51 @@ from safetensors.torch import save_file
 I64, F32, BOOL = torch.int64, torch.float32, torch.bool
 # name -> dtype, what its first dim counts ("N" response tokens, "B" sequences, "B+1" offsets,
 # "P" prompt tokens), and its second dim's width name (None = rank 1).
-FIELD_SPECS = {
-    "prompt_ids": dict(dtype=I64, rows="P", width=None),
-    "prompt_cu_seqlens": dict(dtype=I64, rows="B+1", width=None),
-    "cu_seqlens": dict(dtype=I64, rows="B+1", width=None),
-    "finished": dict(dtype=BOOL, rows="B", width=None),
-    "prompt_index": dict(dtype=I64, rows="B", width=None),
-    "token_ids": dict(dtype=I64, rows="N", width=None),
-    "behavior_logp": dict(dtype=F32, rows="N", width=None),
-    "teacher_logp": dict(dtype=F32, rows="N", width=None),
-    "policy_version": dict(dtype=I64, rows="N", width=None),
-    "loss_mask": dict(dtype=BOOL, rows="N", width=None),
-    "proximal_logp": dict(dtype=F32, rows="N", width=None),
-    "teacher_topk_ids": dict(dtype=I64, rows="N", width="K"),
-    "teacher_topk_logp": dict(dtype=F32, rows="N", width="K"),
-    "student_topk_ids": dict(dtype=I64, rows="N", width="Ks"),
-    "student_topk_behavior_logp": dict(dtype=F32, rows="N", width="Ks"),
-    "student_topk_teacher_logp": dict(dtype=F32, rows="N", width="Ks"),
-    "mc_ids": dict(dtype=I64, rows="N", width="M"),
-    "mc_behavior_logp": dict(dtype=F32, rows="N", width="M"),
-    "mc_teacher_logp": dict(dtype=F32, rows="N", width="M"),
-    "mc_proximal_logp": dict(dtype=F32, rows="N", width="M"),
-    "teacher_mc_ids": dict(dtype=I64, rows="N", width="Mt"),
-    "teacher_mc_logp": dict(dtype=F32, rows="N", width="Mt"),
-    "teacher_dense_logp": dict(dtype=F32, rows="N", width="V"),
-}
+FIELD_SPECS = {name: dict(dtype=dtype, rows=rows, width=width) for rows, width, group in [
+    ("P", None, dict(prompt_ids=I64)),
+    ("B+1", None, dict(prompt_cu_seqlens=I64, cu_seqlens=I64)),
+    ("B", None, dict(finished=BOOL, prompt_index=I64)),
+    ("N", None, dict(token_ids=I64, behavior_logp=F32, teacher_logp=F32, policy_version=I64, loss_mask=BOOL, proximal_logp=F32)),
+    ("N", "K", dict(teacher_topk_ids=I64, teacher_topk_logp=F32)),
+    ("N", "Ks", dict(student_topk_ids=I64, student_topk_behavior_logp=F32, student_topk_teacher_logp=F32)),
+    ("N", "M", dict(mc_ids=I64, mc_behavior_logp=F32, mc_teacher_logp=F32, mc_proximal_logp=F32)),
+    ("N", "Mt", dict(teacher_mc_ids=I64, teacher_mc_logp=F32)),
+    ("N", "V", dict(teacher_dense_logp=F32)),
+] for name, dtype in group.items()}
 REQUIRED_FIELDS = ("prompt_ids", "prompt_cu_seqlens", "cu_seqlens", "token_ids")
-TEACHER_FIELDS = {"teacher_logp", "teacher_topk_ids", "teacher_topk_logp", "student_topk_teacher_logp",
-                  "mc_teacher_logp", "teacher_mc_ids", "teacher_mc_logp", "teacher_dense_logp"}
+TEACHER_FIELDS = {name for name in FIELD_SPECS if "teacher" in name}  # what score() can add
 # Under top-p the behaviour distribution is exactly 0 outside the nucleus, so b at the student's
 # top-Ks ids may be -inf; every other log-prob is at a sampled id or from a full softmax.
 MAY_BE_NEG_INF = {"student_topk_behavior_logp"}
+GATHERED = {"student_topk_teacher_logp": "student_topk_ids", "mc_teacher_logp": "mc_ids"}  # t at rollout ids
 
 
 # ----------------------------------------------------------------------------- the shift
+def _segments(lens):
+    """(segment [n], index within its segment [n]) for segments of these lengths laid end to end."""
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
+    first = torch.cumsum(lens, 0) - lens  # flat index of each segment's first element
+    return seg, torch.arange(seg.numel(), device=lens.device) - first[seg]
+
+
 def response_positions(prompt_lens, response_lens):
     """(batch_index [N], position [N]): row r of sequence i is read at position P_i + r - 1."""
     prompt_lens, response_lens = torch.as_tensor(prompt_lens), torch.as_tensor(response_lens)
     if (prompt_lens < 1).any():
         raise ValueError("response_positions: every prompt needs >= 1 token (y_0 is scored at position P-1)")
-    batch_index = torch.repeat_interleave(torch.arange(len(response_lens), device=response_lens.device), response_lens)
-    first_row = torch.cumsum(response_lens, 0) - response_lens  # row of y_0 of each sequence
-    r = torch.arange(batch_index.numel(), device=response_lens.device) - first_row[batch_index]
+    batch_index, r = _segments(response_lens)
     return batch_index, prompt_lens[batch_index] + r - 1
 
 
 def pad_batch(cache, pad_token_id=0):
-    """Right-padded prompt+response (input_ids [B,S], attention_mask [B,S]) and rows [N] =
-    b*S + (P_b + r - 1): the flat index into hidden.reshape(B*S, H) of every response row.
-    Right padding keeps positions 0..P+L-1 unchanged, and causal attention never reads pads."""
+    """Right-padded prompt+response (input_ids, attention_mask [B,S]) and rows [N] = b*S + P_b + r - 1, the flat
+    index into hidden.reshape(B*S, H) of each response row. Right padding keeps positions; causal attention skips pads."""
     P, L = cache["prompt_cu_seqlens"].diff(), cache["cu_seqlens"].diff()
     if P.numel() == 0:
         raise ValueError("pad_batch: empty batch (B = 0); drop it before the forward pass")
     B, S, device = P.numel(), int((P + L).max()), P.device
     input_ids = torch.full((B, S), pad_token_id, dtype=I64, device=device)
-    prompt_b = torch.repeat_interleave(torch.arange(B, device=device), P)
-    prompt_pos = torch.arange(prompt_b.numel(), device=device) - cache["prompt_cu_seqlens"][:-1][prompt_b]
-    input_ids[prompt_b, prompt_pos] = cache["prompt_ids"]
+    input_ids[_segments(P)] = cache["prompt_ids"]  # prompt token j of sequence b sits at (b, j)
     b, pos = response_positions(P, L)
     input_ids[b, pos + 1] = cache["token_ids"]  # y_r sits at P + r, one after the position that scores it
     attention_mask = (torch.arange(S, device=device)[None, :] < (P + L)[:, None]).long()
@@ -141,31 +125,27 @@ def validate(cache, vocab_size=None, where=""):
             bad(name, f"unknown field; known fields are {sorted(FIELD_SPECS)}")
         if not isinstance(t, torch.Tensor) or t.dtype != FIELD_SPECS[name]["dtype"]:
             bad(name, f"dtype {getattr(t, 'dtype', type(t).__name__)}, expected a {FIELD_SPECS[name]['dtype']} tensor")
-    for name in ("cu_seqlens", "prompt_cu_seqlens"):
-        cu = cache[name]
+    for cu_name, ids_name in (("cu_seqlens", "token_ids"), ("prompt_cu_seqlens", "prompt_ids")):
+        cu, ids = cache[cu_name], cache[ids_name]
         if cu.dim() != 1 or cu.numel() < 1 or cu[0] != 0 or (cu.diff() < 0).any():
-            bad(name, f"must be 1-D, start at 0 and never decrease (got {cu.tolist()[:8]}...)")
-    B, N, sum_P = cache["cu_seqlens"].numel() - 1, int(cache["cu_seqlens"][-1]), int(cache["prompt_cu_seqlens"][-1])
-    if cache["prompt_cu_seqlens"].numel() != B + 1:
-        bad("prompt_cu_seqlens", f"has {cache['prompt_cu_seqlens'].numel()} entries, cu_seqlens implies B+1 = {B + 1}")
-    if cache["token_ids"].shape[:1] != (N,):
-        bad("cu_seqlens", f"ends at {N} but token_ids has shape {tuple(cache['token_ids'].shape)}")
-    if cache["prompt_ids"].shape[:1] != (sum_P,):
-        bad("prompt_cu_seqlens", f"ends at {sum_P} but prompt_ids has shape {tuple(cache['prompt_ids'].shape)}")
+            bad(cu_name, f"must be 1-D, start at 0 and never decrease (got {cu.tolist()[:8]}...)")
+        if ids.shape[:1] != (int(cu[-1]),):
+            bad(cu_name, f"ends at {int(cu[-1])} but {ids_name} has shape {tuple(ids.shape)}")
     if (cache["prompt_cu_seqlens"].diff() < 1).any():
         bad("prompt_cu_seqlens", "every prompt needs >= 1 token (y_0 is scored at position P-1)")
-    n_rows = {"N": N, "B": B, "B+1": B + 1, "P": sum_P}
+    B = cache["cu_seqlens"].numel() - 1
+    n_rows = {"N": int(cache["cu_seqlens"][-1]), "B": B, "B+1": B + 1, "P": int(cache["prompt_cu_seqlens"][-1])}
     group = widths(cache)
     V = vocab_size if vocab_size is not None else group.get("V")
-    if vocab_size is not None and group.get("V", vocab_size) != vocab_size:
-        bad("teacher_dense_logp", f"width {group['V']} != vocab_size {vocab_size}")
+    if group.get("V", V) != V:
+        bad("teacher_dense_logp", f"width {group['V']} != vocab_size {V}")
     for name, t in cache.items():
-        spec = FIELD_SPECS[name]
-        rank = 1 if spec["width"] is None else 2
-        if t.dim() != rank or t.shape[0] != n_rows[spec["rows"]]:
-            bad(name, f"shape {tuple(t.shape)}, expected rank {rank} with {n_rows[spec['rows']]} rows ({spec['rows']})")
-        if rank == 2 and t.shape[1] != group[spec["width"]]:
-            bad(name, f"width {t.shape[1]} disagrees with {spec['width']} = {group[spec['width']]} of the other fields")
+        rows, w = FIELD_SPECS[name]["rows"], FIELD_SPECS[name]["width"]
+        rank = 1 if w is None else 2
+        if t.dim() != rank or t.shape[0] != n_rows[rows]:
+            bad(name, f"shape {tuple(t.shape)}, expected rank {rank} with {n_rows[rows]} rows ({rows})")
+        if rank == 2 and t.shape[1] != group[w]:
+            bad(name, f"width {t.shape[1]} disagrees with {w} = {group[w]} of the other fields")
         if name.endswith("_ids") and t.numel() and (t.min() < 0 or (V is not None and t.max() >= V)):
             bad(name, f"ids must lie in [0, {V}); got range [{int(t.min())}, {int(t.max())}]")
         if name.endswith("_logp") and t.numel():
@@ -176,13 +156,12 @@ def validate(cache, vocab_size=None, where=""):
                 bad(name, f"log-prob {float(t.max()):.4g} > 0 (must be a log-probability)")
         if name in ("policy_version", "prompt_index") and t.numel() and t.min() < 0:
             bad(name, "must be >= 0")
-    for name in ("teacher_topk_ids", "student_topk_ids"):
-        if name in cache and cache[name].shape[1] > 1 and (cache[name].sort(1).values.diff(dim=1) == 0).any():
+        if name in ("teacher_topk_ids", "student_topk_ids") and (t.sort(1).values.diff(dim=1) == 0).any():
             bad(name, "top-K ids must be distinct within a row")
-    if "teacher_topk_logp" in cache and (cache["teacher_topk_logp"].diff(dim=1) > 0).any():
-        bad("teacher_topk_logp", "must be sorted in descending order along the K axis")
-    if "mc_ids" in cache and cache["mc_ids"].shape[1] > 0 and not torch.equal(cache["mc_ids"][:, 0], cache["token_ids"]):
-        bad("mc_ids", "column 0 must equal token_ids (the generated token)")
+        if name == "teacher_topk_logp" and (t.diff(dim=1) > 0).any():
+            bad(name, "must be sorted in descending order along the K axis")
+        if name == "mc_ids" and t.shape[1] > 0 and not torch.equal(t[:, 0], cache["token_ids"]):
+            bad(name, "column 0 must equal token_ids (the generated token)")
 
 
 def bytes_per_token(cache):
@@ -194,35 +173,22 @@ def bytes_per_token(cache):
 
 
 # ----------------------------------------------------------------------------- slicing
-def _check_names(cache, where):
-    unknown = sorted(set(cache) - set(FIELD_SPECS))
-    if unknown:
-        raise ValueError(f"{where}: unknown fields {unknown}; known fields are {sorted(FIELD_SPECS)}")
-
-
-def _ranges(cu, seq_idx):
-    """Flat row indices of the selected sequences (in the given order) and their new offsets."""
-    lens = cu[seq_idx + 1] - cu[seq_idx]
-    new_cu = torch.zeros(len(seq_idx) + 1, dtype=I64, device=cu.device)
-    new_cu[1:] = torch.cumsum(lens, 0)
-    within = torch.arange(int(new_cu[-1]), device=cu.device) - torch.repeat_interleave(new_cu[:-1], lens)
-    return torch.repeat_interleave(cu[seq_idx], lens) + within, new_cu
-
-
 def select_sequences(cache, seq_idx):
     """Cache holding only sequences seq_idx (in that order): mini-batches, FSDP rank shards."""
-    _check_names(cache, "select_sequences")
     seq_idx = torch.as_tensor(seq_idx, dtype=I64, device=cache["cu_seqlens"].device).reshape(-1)
     B = cache["cu_seqlens"].numel() - 1
     if seq_idx.numel() and (seq_idx.min() < 0 or seq_idx.max() >= B):
         raise ValueError(f"select_sequences: indices must lie in [0, {B}); got {seq_idx.tolist()[:8]}")
-    rows, cu = _ranges(cache["cu_seqlens"], seq_idx)
-    prompt_rows, prompt_cu = _ranges(cache["prompt_cu_seqlens"], seq_idx)
-    out = {"cu_seqlens": cu, "prompt_cu_seqlens": prompt_cu}
+    out, index = {}, {"B": seq_idx}
+    for cu_name, rows in (("cu_seqlens", "N"), ("prompt_cu_seqlens", "P")):
+        cu = cache[cu_name]
+        lens = cu[seq_idx + 1] - cu[seq_idx]
+        seg, within = _segments(lens)
+        index[rows] = cu[seq_idx][seg] + within  # flat rows of the selected sequences, in order
+        out[cu_name] = torch.cat([torch.zeros(1, dtype=I64, device=cu.device), torch.cumsum(lens, 0)])
     for name, t in cache.items():
-        kind = FIELD_SPECS[name]["rows"]
-        if kind != "B+1":
-            out[name] = t[{"N": rows, "P": prompt_rows, "B": seq_idx}[kind]]
+        if FIELD_SPECS[name]["rows"] != "B+1":
+            out[name] = t[index[FIELD_SPECS[name]["rows"]]]
     return out
 
 
@@ -230,44 +196,34 @@ def concat(caches):
     """One cache from several with the same fields and widths (sequences in the given order)."""
     if not caches:
         raise ValueError("concat: no caches given")
-    names = set(caches[0])
-    _check_names(caches[0], "concat")
+    first = caches[0]
     for i, c in enumerate(caches):
-        if set(c) != names:
-            raise ValueError(f"concat: cache {i} has fields {sorted(c)}, cache 0 has {sorted(names)}")
-        for n in names:
-            if c[n].shape[1:] != caches[0][n].shape[1:] or c[n].dtype != caches[0][n].dtype:
+        if set(c) != set(first):
+            raise ValueError(f"concat: cache {i} has fields {sorted(c)}, cache 0 has {sorted(first)}")
+        for n in first:
+            if (c[n].dtype, c[n].shape[1:]) != (first[n].dtype, first[n].shape[1:]):
                 raise ValueError(f"concat: field '{n}' of cache {i} is {c[n].dtype}{tuple(c[n].shape)}, "
-                                 f"cache 0 has {caches[0][n].dtype}{tuple(caches[0][n].shape)}")
-    out = {}
-    for n in names:
-        if FIELD_SPECS[n]["rows"] == "B+1":  # offsets: shift each cache's by the rows before it
-            offset, parts = 0, [caches[0][n][:1]]
-            for c in caches:
-                parts.append(c[n][1:] + offset)
-                offset += int(c[n][-1])
-            out[n] = torch.cat(parts)
-        else:
-            out[n] = torch.cat([c[n] for c in caches])
+                                 f"cache 0 has {first[n].dtype}{tuple(first[n].shape)}")
+    out = {n: torch.cat([c[n] for c in caches]) for n in first if FIELD_SPECS[n]["rows"] != "B+1"}
+    for n in [n for n in first if FIELD_SPECS[n]["rows"] == "B+1"]:  # offsets: shift by the rows before
+        offsets = itertools.accumulate((int(c[n][-1]) for c in caches), initial=0)
+        out[n] = torch.cat([first[n][:1]] + [c[n][1:] + o for c, o in zip(caches, offsets)])
     return out
 
 
 # ----------------------------------------------------------------------------- teacher scoring
 @torch.no_grad()
 def score(teacher_model, traj, fields, teacher_topk=0, teacher_mc=0, generator=None, chunk_size=1024, pad_token_id=0):
-    """One teacher forward over the padded batch; returns a new dict = traj + the requested fields.
-
-    t = log_softmax(teacher logits) at temperature 1, in float32, computed `chunk_size` rows at a
-    time so [N, V] is never materialised (unless teacher_dense_logp is asked for). teacher_mc_ids
-    are `teacher_mc` i.i.d. draws with replacement from softmax(teacher logits), using `generator`.
-    """
+    """One teacher forward over the padded batch; returns a new dict = traj + the requested fields. t = the
+    teacher's log_softmax at temperature 1 in float32, `chunk_size` rows at a time (no [N, V] unless teacher_dense_logp
+    is asked for); teacher_mc_ids: `teacher_mc` i.i.d. draws with replacement from softmax(t), using `generator`."""
     fields = set(fields)
     if fields - TEACHER_FIELDS:
         raise ValueError(f"score: {sorted(fields - TEACHER_FIELDS)} are not teacher fields; choose from {sorted(TEACHER_FIELDS)}")
     if teacher_model.training:
         raise ValueError("score: teacher_model is in training mode; call teacher_model.eval() first")
     V = teacher_model.lm_head.out_features
-    for f, ids_field in (("student_topk_teacher_logp", "student_topk_ids"), ("mc_teacher_logp", "mc_ids")):
+    for f, ids_field in GATHERED.items():
         if f in fields and ids_field not in traj:
             raise ValueError(f"score: '{f}' needs '{ids_field}' in the trajectory; ask the rollout for it")
     if fields & {"teacher_topk_ids", "teacher_topk_logp"} and not 1 <= teacher_topk <= V:
@@ -279,35 +235,22 @@ def score(teacher_model, traj, fields, teacher_topk=0, teacher_mc=0, generator=N
     input_ids, attention_mask, rows = pad_batch(traj, pad_token_id)
     hidden = teacher_model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)[0]
     hidden = hidden.reshape(-1, hidden.shape[-1])[rows.to(device)]  # [N, H], row r = position P+r-1
-    N = rows.numel()
-    shapes = {"teacher_logp": (N,), "teacher_topk_ids": (N, teacher_topk), "teacher_topk_logp": (N, teacher_topk),
-              "student_topk_teacher_logp": (N, traj.get("student_topk_ids", torch.empty(0, 0)).shape[1]),
-              "mc_teacher_logp": (N, traj.get("mc_ids", torch.empty(0, 0)).shape[1]),
-              "teacher_mc_ids": (N, teacher_mc), "teacher_mc_logp": (N, teacher_mc), "teacher_dense_logp": (N, V)}
-    new = {f: torch.empty(shapes[f], dtype=FIELD_SPECS[f]["dtype"], device=device) for f in fields}
-    for lo in range(0, N, chunk_size):
-        sl = slice(lo, min(lo + chunk_size, N))
+    parts = {f: [] for f in fields}
+    for lo in range(0, max(rows.numel(), 1), chunk_size):  # N = 0 still runs one (empty) chunk: right shapes
+        sl = slice(lo, lo + chunk_size)
         t = torch.log_softmax(teacher_model.lm_head(hidden[sl]).float(), dim=-1)  # [n, V] float32
-        if "teacher_logp" in fields:
-            new["teacher_logp"][sl] = t.gather(1, traj["token_ids"][sl].to(device)[:, None])[:, 0]
+        got = {"teacher_dense_logp": t, "teacher_logp": t.gather(1, traj["token_ids"][sl].to(device)[:, None])[:, 0]}
         if fields & {"teacher_topk_ids", "teacher_topk_logp"}:
-            top = torch.topk(t, teacher_topk, dim=-1, sorted=True)
-            for f, v in (("teacher_topk_ids", top.indices), ("teacher_topk_logp", top.values)):
-                if f in fields:
-                    new[f][sl] = v
-        for f, ids_field in (("student_topk_teacher_logp", "student_topk_ids"), ("mc_teacher_logp", "mc_ids")):
+            got["teacher_topk_logp"], got["teacher_topk_ids"] = torch.topk(t, teacher_topk, dim=-1, sorted=True)
+        for f, ids_field in GATHERED.items():
             if f in fields:
-                new[f][sl] = t.gather(1, traj[ids_field][sl].to(device))
+                got[f] = t.gather(1, traj[ids_field][sl].to(device))
         if fields & {"teacher_mc_ids", "teacher_mc_logp"}:
-            draws = torch.multinomial(t.exp(), teacher_mc, replacement=True, generator=generator)
-            if "teacher_mc_ids" in fields:
-                new["teacher_mc_ids"][sl] = draws
-            if "teacher_mc_logp" in fields:
-                new["teacher_mc_logp"][sl] = t.gather(1, draws)
-        if "teacher_dense_logp" in fields:
-            new["teacher_dense_logp"][sl] = t
-    out = dict(traj)
-    out.update({f: v.to(out_device) for f, v in new.items()})
+            got["teacher_mc_ids"] = torch.multinomial(t.exp(), teacher_mc, replacement=True, generator=generator)
+            got["teacher_mc_logp"] = t.gather(1, got["teacher_mc_ids"])
+        for f in fields:
+            parts[f].append(got[f])
+    out = dict(traj, **{f: torch.cat(p).to(out_device) for f, p in parts.items()})
     validate(out, vocab_size=V, where="score output")
     return out
 
@@ -330,18 +273,15 @@ def fingerprint(model_dir):
 
 
 def tokenizer_fingerprint(tokenizer_or_dir):
-    """sha256 (16 hex) of the sorted vocabulary, added tokens included. The vocabulary (not the
-    file bytes) is hashed so a directory and the tokenizer object loaded from it agree."""
+    """sha256 (16 hex) of the sorted vocabulary with added tokens: a dir and its loaded tokenizer agree."""
     if isinstance(tokenizer_or_dir, (str, os.PathLike)):
         import tokenizers
         path = os.path.join(tokenizer_or_dir, "tokenizer.json") if os.path.isdir(tokenizer_or_dir) else tokenizer_or_dir
         if not os.path.isfile(path):
             raise ValueError(f"tokenizer_fingerprint: no tokenizer.json at {path}; pass the tokenizer object instead")
         vocab = tokenizers.Tokenizer.from_file(os.fspath(path)).get_vocab(with_added_tokens=True)
-    elif hasattr(tokenizer_or_dir, "get_vocab"):
+    else:  # an HF / tokenizers tokenizer
         vocab = tokenizer_or_dir.get_vocab()
-    else:
-        raise ValueError(f"tokenizer_fingerprint: expected a directory, a tokenizer.json path or a tokenizer, got {type(tokenizer_or_dir).__name__}")
     return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
 
 
@@ -353,8 +293,7 @@ CHUNK_NAME = re.compile(r"^chunk_(\d{5})\.safetensors$")
 
 
 def save(cache, path, meta):
-    """One safetensors file, written atomically; meta (+ format_version, fields, widths, sizes) is
-    json in the file's metadata under "asyncopd"."""
+    """One safetensors file, written atomically; meta (+ format_version, fields, widths, sizes) as json under "asyncopd"."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"save: meta lacks {missing} (needed to guard offline training); add them")
@@ -374,17 +313,14 @@ def load(path, mmap=True):
         with safe_open(os.fspath(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["asyncopd"])
             cache = {k: f.get_tensor(k) for k in f.keys()}
+        vocab_size = meta["vocab_size"]
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: truncated, corrupt or not an asyncopd cache ({type(e).__name__}: {e}); "
-                         f"delete it and recompute") from None
+        raise ValueError(f"{path}: truncated, corrupt or not an asyncopd cache ({type(e).__name__}: {e}); delete it and recompute") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: cache format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
-    if sorted(cache) != meta.get("fields") or widths(cache) != meta.get("widths") or "vocab_size" not in meta:
-        raise ValueError(f"{path}: tensors {sorted(cache)} {widths(cache)} disagree with the meta "
-                         f"{meta.get('fields')} {meta.get('widths')} or it lacks vocab_size; the file is corrupt, recompute it")
     if not mmap:
         cache = {k: v.clone() for k, v in cache.items()}
-    validate(cache, vocab_size=meta["vocab_size"], where=os.fspath(path))
+    validate(cache, vocab_size=vocab_size, where=os.fspath(path))
     return cache, meta
 
 
@@ -396,9 +332,8 @@ def write_chunk(directory, index, cache, meta):
 
 def finished_chunks(directory):
     """Indices of the complete chunks (tmp files from an interrupted write are not counted)."""
-    if not os.path.isdir(directory):
-        return set()
-    return {int(m.group(1)) for m in map(CHUNK_NAME.match, os.listdir(directory)) if m}
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return {int(m.group(1)) for m in map(CHUNK_NAME.match, names) if m}
 
 
 def load_dir(directory):
@@ -415,8 +350,7 @@ def load_dir(directory):
     for p, (_, m) in zip(paths[1:], parts[1:]):
         for k in sorted(set(meta0) | (set(m) - set(PER_CHUNK_META))):
             if m.get(k) != meta0.get(k):
-                raise ValueError(f"{p}: meta '{k}' = {m.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; "
-                                 f"chunks from different runs cannot be mixed")
+                raise ValueError(f"{p}: meta '{k}' = {m.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; chunks from different runs cannot be mixed")
     cache = concat([c for c, _ in parts])
     return cache, dict(meta0, num_tokens=int(cache["cu_seqlens"][-1]),
                        num_sequences=cache["cu_seqlens"].numel() - 1, num_chunks=len(paths))
