@@ -28,7 +28,7 @@ from estimators import LossOptions
 PARTS = {"direction": "1. KL direction vs staleness", "surrogates": "2. Reverse-KL surrogates under staleness",
          "cache": "3. Finite-cache bias and variance", "throughput": "4. Throughput: sync vs step_off(2) vs async"}
 FULL = dict(seeds=4, steps=60, batch=32, lr=3e-4, eval_size=500, staleness=[0, 1, 2, 4, 8], surrogate_staleness=[4, 8],
-            cache_staleness=[0, 1, 2, 4, 8], cache_prompts=32, reps=128, seq_prompts=16, seq_reps=32, tp=["steps=12"])
+            cache_staleness=[0, 1, 2, 4, 8], cache_prompts=32, reps=128, seq_prompts=16, seq_reps=32, tp=["steps=60", "rollout_batch_size=8"])
 QUICK = dict(seeds=1, steps=3, batch=8, lr=3e-4, eval_size=16, staleness=[0, 2], surrogate_staleness=[2],
              cache_staleness=[0, 2], cache_prompts=6, reps=64, seq_prompts=3, seq_reps=8,
              tp=["steps=4", "batch_size=8", "rollout_batch_size=4"])
@@ -237,8 +237,8 @@ def cache(lab):
 def throughput(lab):
     """Paper: AsyncOPD gives 1.6x to 3.8x the throughput of strict sync (8 GPUs)."""
     import bench
-    args, keys = lab["args"], ("tokens_per_s", "speedup", "bound", "efficiency", "gen_s", "score_s", "train_s",
-                               "stale_mean")
+    args, keys = lab["args"], ("tokens_per_s", "speedup", "bound", "efficiency", "step_s", "gen_s", "score_s",
+                               "train_s", "busy", "stale_mean")
     overrides = [f"student={args.student}", f"teacher={args.teacher}", "threads=1", *lab["p"]["tp"]]
     with tempfile.TemporaryDirectory() as runs:  # the run folders (checkpoints, traces) are not part of the report
         rows = bench.throughput(overrides + [f"out_dir={runs}"], [("sync", ["schedule=sync"]), ("step_off(2)", [
@@ -247,7 +247,7 @@ def throughput(lab):
               for r in rows], "ideal bound": [(r["schedule"], r["bound"]) for r in rows]})])
     return [throughput.__doc__, "", f"bench.throughput: the real pipeline (asyncopd.run: rollout, teacher, learner "
             f"processes) on configs/default.yaml with {' '.join(overrides)}, 1 run per schedule (no spread measured); "
-            "gen/score/train s are per step.", ""] + md_table(
+            "gen/score/train s are per step; bound = sum/max of the sync run's stage times; busy = slowest stage / s per step.", ""] + md_table(
         ["schedule", "runs", *keys], [[r["schedule"], 1, *(f"{r[key]:.2f}" for key in keys)] for r in rows])
 
 
