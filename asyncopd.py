@@ -640,7 +640,8 @@ def train_on_batch(cfg, student, opt, cache, step, rank, world, device, pad_id):
         for k, v in metrics.items():
             stats[k] = stats.get(k, 0.0) + float(v) / m
     stale = torch.cat(stale_all).float()
-    stats.update(stale_min=float(stale.min()), stale_mean=float(stale.mean()), stale_max=float(stale.max()))
+    stats.update(stale_min=float(stale.min()), stale_mean=float(stale.mean()), stale_max=float(stale.max()),
+                 stale_hist=torch.bincount(stale.long()).tolist())  # tokens per staleness value
     return stats
 
 
@@ -940,9 +941,11 @@ def plot_run(run_dir):
     ax[0, 0].legend()
     ax[0, 1].plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
     ax[0, 1].set(xlabel="learner step", ylabel="held-out accuracy", title="student accuracy", ylim=(0, 1))
-    ax[1, 0].bar(["min", "mean", "max"], [min(r["stale_min"] for r in steps), sum(r["stale_mean"] for r in steps) / len(steps),
-                                          max(r["stale_max"] for r in steps)])
-    ax[1, 0].set(ylabel="optimizer steps", title="token staleness over the run")
+    hist = [0] * max(len(r["stale_hist"]) for r in steps)
+    for r in steps:
+        hist = [h + c for h, c in zip(hist, r["stale_hist"] + [0] * len(hist))]
+    ax[1, 0].bar(range(len(hist)), hist)
+    ax[1, 0].set(xlabel="staleness (optimizer steps)", ylabel="trained tokens", title="token staleness histogram")
     ax[1, 1].plot(x, [r["tokens_per_s"] for r in steps])
     ax[1, 1].set(xlabel="learner step", ylabel="trained tokens / s", title="throughput (cumulative)")
     fig.tight_layout()

@@ -27,7 +27,7 @@ from estimators import LossOptions
 
 PARTS = {"direction": "1. KL direction vs staleness", "surrogates": "2. Reverse-KL surrogates under staleness",
          "cache": "3. Finite-cache bias and variance", "throughput": "4. Throughput: sync vs step_off(2) vs async"}
-FULL = dict(seeds=4, steps=60, batch=32, lr=3e-4, eval_size=500, staleness=[0, 1, 2, 4, 8], surrogate_staleness=[4, 8],
+FULL = dict(seeds=4, steps=60, batch=32, lr=3e-4, eval_size=500, staleness=[0, 1, 2, 4, 8], surrogate_staleness=[8],
             cache_staleness=[0, 1, 2, 4, 8], cache_prompts=32, reps=128, seq_prompts=16, seq_reps=32, tp=["steps=60", "rollout_batch_size=8"])
 QUICK = dict(seeds=1, steps=3, batch=8, lr=3e-4, eval_size=16, staleness=[0, 2], surrogate_staleness=[2],
              cache_staleness=[0, 2], cache_prompts=6, reps=64, seq_prompts=3, seq_reps=8,

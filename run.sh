@@ -14,7 +14,9 @@ if [ ! -f .venv/.installed ] && [ "${free_kb:-0}" -lt 3000000 ]; then
 fi
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 if ! cmp -s requirements.txt .venv/.installed; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  echo "run.sh: installing requirements.txt into .venv (about a minute)"
+  # this machine's pip config names local mirrors that may not exist; hide only those warnings (pipefail keeps pip's status)
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
   cp requirements.txt .venv/.installed
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
