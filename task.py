@@ -19,7 +19,6 @@ import random
 import re
 from fractions import Fraction
 
-import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
