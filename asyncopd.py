@@ -42,11 +42,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.multiprocessing as mp
 import yaml
+from transformers.utils import logging as hf_logging
 
 import estimators
 import task
 import teacher_cache
 from estimators import LossOptions
+
+hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would drown the run's own bar
 
 
 # ----------------------------------------------------------------------------- config
@@ -746,8 +749,6 @@ def _child(role, fn, ctx, *args):
         import ctypes
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans if the parent dies
     torch.set_num_threads(ctx["threads"])
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
     try:
         fn(ctx, *args)
     except BaseException as e:  # noqa: BLE001 - everything is reported, then the child exits non-zero
