@@ -73,6 +73,7 @@ class Config:
     # devices (one node)
     rollout_devices: list = field(default_factory=lambda: ["cpu"])  # one rollout worker per entry, e.g. [cuda:0, cuda:1]
     teacher_device: str = "cpu"  # e.g. "cuda:4"
+    teacher_dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "bfloat16" or "float32"; online and precompute agree
     learner_devices: list = field(default_factory=lambda: ["cpu"])  # one FSDP rank per entry
     threads: int = 1  # torch CPU threads per process (2-core laptops: 1)
     # schedule
@@ -89,7 +90,9 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     grad_clip: float = 1.0  # max gradient norm (0 = off)
-    mixed_precision: bool = False  # bf16 compute with fp32 master weights (GPU)
+    mixed_precision: bool = False  # bf16 compute with fp32 master weights (GPU); the rollout then runs in bf16 too
+    weight_transport: str = "auto"  # learner -> rollout weights: "shared" (host shared memory; cpu, vLLM), "handoff"
+    #   (a buffer on learner rank 0's device handed to each rollout worker: CUDA IPC), "auto" (handoff iff hf on cuda)
     loss: LossOptions = field(default_factory=LossOptions)  # the estimator (see estimators.py)
     # offline (Lightning OPD)
     cache_dir: str = ""  # offline: teacher-cache directory written by `precompute`
@@ -184,6 +187,49 @@ def units_per_batch(cfg):
     return cfg.batch_size // cfg.rollout_batch_size
 
 
+def training_dtype(cfg):
+    """The student's dtype outside the learner's fp32 master weights: published weights and the rollout model."""
+    return torch.bfloat16 if cfg.mixed_precision else torch.float32
+
+
+def teacher_dtype(cfg):
+    """One teacher dtype for online scoring and offline precompute, so the two caches agree."""
+    if cfg.teacher_dtype == "auto":
+        return torch.bfloat16 if cfg.teacher_device.startswith("cuda") else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.teacher_dtype]
+
+
+def load_teacher(cfg):
+    """The frozen teacher as every scorer uses it (the teacher role and `precompute`)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=teacher_dtype(cfg))
+    return model.to(cfg.teacher_device).eval()
+
+
+def resolve_transport(cfg):
+    """"shared", "handoff" or "none" (offline: no rollout). Handoff needs the rollout to see the learner's device,
+    which a vLLM child (restricted to its own GPU) does not."""
+    if cfg.schedule == "offline":
+        return "none"
+    if cfg.weight_transport != "auto":
+        return cfg.weight_transport
+    on_cuda = cfg.rollout_devices[0].startswith("cuda") and cfg.learner_devices[0].startswith("cuda")
+    return "handoff" if cfg.engine == "hf" and on_cuda else "shared"
+
+
+def visible_device(device, parent_visible):
+    """CUDA_VISIBLE_DEVICES for a child that must see only `device` ("cuda:N", numbered as the parent sees the GPUs):
+    the parent's own restriction (e.g. "4,5,6,7") maps N to its N-th entry."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if parent_visible is None:
+        return str(index)
+    entries = [e.strip() for e in parent_visible.split(",") if e.strip()]
+    if index >= len(entries):
+        raise ValueError(f"{device} but CUDA_VISIBLE_DEVICES={parent_visible!r} shows {len(entries)} GPUs: "
+                         "use a device index below that")
+    return entries[index]
+
+
 # ----------------------------------------------------------------------------- validation
 def _check_device(dev, what):
     if dev.startswith("cuda"):
@@ -225,6 +271,13 @@ def validate(cfg):
     if cfg.schedule == "async" and cfg.max_staleness < cfg.mini_batches - 1:
         raise ValueError(f"max_staleness={cfg.max_staleness} < mini_batches-1={cfg.mini_batches - 1}: "
                          "the later mini-batches of a batch are that stale even in sync; raise max_staleness")
+    if cfg.teacher_dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"teacher_dtype={cfg.teacher_dtype!r}: use auto, bfloat16 or float32")
+    if cfg.weight_transport not in ("auto", "shared", "handoff"):
+        raise ValueError(f"weight_transport={cfg.weight_transport!r}: use auto, shared or handoff")
+    if resolve_transport(cfg) == "handoff" and cfg.engine != "hf":
+        raise ValueError(f"weight_transport=handoff needs engine=hf: a {cfg.engine} rollout sees only its own GPU, "
+                         "so it cannot open a buffer on the learner's; use weight_transport=shared")
     if not 0 < cfg.temperature <= 10 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"temperature={cfg.temperature} top_p={cfg.top_p}: need 0 < temperature and 0 < top_p <= 1")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
@@ -312,7 +365,6 @@ def precompute(cfg):
     """Lightning OPD, once: the (SFT) student rolls out `precompute_prompts` prompts, the teacher
     scores them, chunk by chunk into cache_dir. Finished chunks are skipped on a rerun."""
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
     import rollout
     if not cfg.cache_dir:
         raise ValueError("precompute needs cache_dir=PATH (where the chunks go)")
@@ -322,10 +374,10 @@ def precompute(cfg):
     cfg.schedule = schedule
     fields = estimators.required_fields(cfg.loss)
     engine = rollout.make_engine(cfg.student, kind=cfg.engine, device=cfg.rollout_devices[0], temperature=cfg.temperature,
-                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, dtype=training_dtype(cfg),
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).to(cfg.teacher_device).eval()
-    meta = {"teacher_fingerprint": teacher_cache.fingerprint(cfg.teacher),
+    teacher = load_teacher(cfg)
+    meta = {"teacher_fingerprint": teacher_cache.fingerprint(cfg.teacher), "teacher_dtype": str(teacher_dtype(cfg)),
             "tokenizer_fingerprint": teacher_cache.tokenizer_fingerprint(tok), "vocab_size": teacher.config.vocab_size,
             "student_version": 0, "student_fingerprint": teacher_cache.fingerprint(cfg.student),
             "estimator": cfg.loss.name, "seed": cfg.seed}
@@ -406,6 +458,14 @@ def _put(ctx, q, item):
             pass
 
 
+def sync_devices(*devices):
+    """Wait for queued copies on each CUDA device: copies across devices (and into a CUDA IPC buffer) are
+    asynchronous, so a reader must not be told the weights are ready before this returns."""
+    for d in {torch.device(d) for d in devices}:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
 def _to(cache, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in cache.items()}
 
@@ -434,22 +494,28 @@ def rollout_role(ctx, cfg, worker, tok, train, evals, start_dir, start_step, sta
     """Rollout worker w generates units w, w+R, ... (R workers); worker 0 also evaluates."""
     import rollout
     device = cfg.rollout_devices[worker]
-    if cfg.engine == "vllm" and ":" in device:  # vLLM takes the first visible GPU; CUDA is not initialised yet
-        os.environ["CUDA_VISIBLE_DEVICES"], device = device.split(":")[1], "cuda:0"
+    role = f"rollout{worker}" if len(cfg.rollout_devices) > 1 else "rollout"
+    if cfg.engine == "vllm":  # vLLM takes the first visible GPU: show it only this one, before CUDA starts
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        device = "cuda:0"
     engine = rollout.make_engine(start_dir, kind=cfg.engine, device=device, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, dtype=training_dtype(cfg),
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     engine.policy_version = start_version
     weights, version = ctx["weights"], ctx["version"]
-    if weights is None:  # CUDA IPC: the learner hands over its device buffer once
+    if weights is None:  # handoff: learner rank 0 sends each worker its own handle to the buffer
         weights = _get(ctx, ctx["weights_q"])
+        if weights is None:
+            return
+    source = next(iter(weights.values())).device
 
     def load_latest():
         if version.value > engine.policy_version:
             t0 = time.time()
             with ctx["lock"]:
                 engine.load_weights(weights, version.value)
-            _busy(ctx, "rollout", f"load v{engine.policy_version}", t0, time.time())
+                sync_devices(device, source)  # copies must land before the learner may overwrite the buffer
+            _busy(ctx, role, f"load v{engine.policy_version}", t0, time.time())
 
     def maybe_eval(final=False):  # at the start, when a period boundary is crossed, at the end
         v, period = engine.policy_version, cfg.eval_every * cfg.mini_batches
@@ -458,38 +524,47 @@ def rollout_role(ctx, cfg, worker, tok, train, evals, start_dir, start_step, sta
             t0 = time.time()
             acc = task.evaluate(engine, tok, evals)
             done.append(v)
-            _busy(ctx, "rollout", "eval", t0, time.time())
+            _busy(ctx, role, "eval", t0, time.time())
             ctx["metrics_q"].put(("eval", {"version": v, "step": v // cfg.mini_batches, "accuracy": acc}))
 
-    done = []
-    first, last = start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg)
-    maybe_eval()
-    for unit in range(first + worker, last, len(cfg.rollout_devices)):
-        need = required_version(cfg, unit)
-        t0 = time.time()
-        if not _wait(ctx, lambda: version.value >= need):
-            return
-        if time.time() - t0 > 1e-3:
-            _busy(ctx, "rollout", "wait (admission)", t0, time.time())
-        load_latest()
+    try:
+        done = []
+        first, last = start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg)
         maybe_eval()
-        idx = unit_prompt_indices(cfg, len(train), unit)
-        t0 = time.time()
-        traj = rollout_unit(cfg, engine, train, idx, unit, device)
-        t1 = time.time()
-        _busy(ctx, "rollout", f"generate u{unit}", t0, t1)
-        _put(ctx, ctx["rollout_q"], ({"unit": unit, "gen_s": t1 - t0}, traj))
-    final = cfg.steps * cfg.mini_batches
-    if _wait(ctx, lambda: version.value >= final):
-        load_latest()
-        maybe_eval(final=True)
+        for unit in range(first + worker, last, len(cfg.rollout_devices)):
+            need = required_version(cfg, unit)
+            t0 = time.time()
+            if not _wait(ctx, lambda: version.value >= need):
+                return
+            if time.time() - t0 > 1e-3:
+                _busy(ctx, role, "wait (admission)", t0, time.time())
+            load_latest()
+            maybe_eval()
+            idx = unit_prompt_indices(cfg, len(train), unit)
+            t0 = time.time()
+            traj = rollout_unit(cfg, engine, train, idx, unit, device)
+            t1 = time.time()
+            _busy(ctx, role, f"generate u{unit}", t0, t1)
+            _put(ctx, ctx["rollout_q"], ({"unit": unit, "gen_s": t1 - t0}, traj))
+        final = cfg.steps * cfg.mini_batches
+        if _wait(ctx, lambda: version.value >= final):
+            load_latest()
+            maybe_eval(final=True)
+    finally:
+        release_weights(ctx, weights)
     _wait(ctx, ctx["learned"].is_set)  # shared-memory tensors in flight need their sender alive
 
 
+def release_weights(ctx, weights):
+    """A rollout worker is done with the weight buffer: drop its handle, then count it, so that learner rank 0
+    (the buffer's owner under handoff) may exit. Idempotent per worker."""
+    weights.clear()  # our dict of handles only; the buffer itself lives in the learner
+    with ctx["released"].get_lock():
+        ctx["released"].value += 1
+
+
 def teacher_role(ctx, cfg, tok, evals, start_step):
-    from transformers import AutoModelForCausalLM
-    dtype = torch.bfloat16 if cfg.teacher_device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype).to(cfg.teacher_device).eval()
+    model = load_teacher(cfg)
     if cfg.eval_teacher and evals:
         t0 = time.time()
         acc = task.evaluate(model, tok, evals, max_new_tokens=cfg.max_new_tokens)
@@ -664,12 +739,13 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
     student, opt, device = build_learner(cfg, rank, world, start_dir)
     if cfg.resume:
         load_optimizer(student, opt, cfg.resume, rank)
-    weights, offline = ctx["weights"], cfg.schedule == "offline"  # offline: no rollout to publish to
-    if weights is None and not offline:  # CUDA IPC: rank 0 allocates the device buffer and hands it over once
-        sd = full_state_dict(student)
-        if rank == 0:
-            weights = {k: v.to(device, copy=True) for k, v in sd.items()}
+    transport = resolve_transport(cfg)
+    weights = ctx["weights"] if rank == 0 else None
+    if transport == "handoff" and rank == 0:  # one handle per rollout worker: one put feeds one get
+        weights = weight_buffer(start_dir, training_dtype(cfg), device)
+        for _ in cfg.rollout_devices:
             ctx["weights_q"].put(weights)
+    offline = transport == "none"
     source = offline_batches(cfg, start_step) if offline else None
     t_start, tokens_total, pending = time.time(), 0, {}
     step = start_step
@@ -692,12 +768,8 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
         t1 = time.time()
         stats = train_on_batch(cfg, student, opt, cache, step, rank, world, device, pad_id)
         t2 = time.time()
-        sd = {} if offline else full_state_dict(student)
-        if rank == 0 and not offline:
-            with ctx["lock"]:
-                for k, v in weights.items():
-                    v.copy_(sd[k])
-                ctx["version"].value = cfg.mini_batches * (step + 1)
+        if not offline:
+            publish_weights(ctx, student, weights, cfg.mini_batches * (step + 1), rank)
         t3 = time.time()
         step += 1
         if rank == 0:
@@ -713,6 +785,41 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
     path = save_checkpoint(cfg, student, opt, step, cfg.mini_batches * step, start_dir, run_dir, rank)
     if rank == 0:
         ctx["metrics_q"].put(("checkpoint", {"path": path, "step": step}))
+    if transport == "handoff" and rank == 0:
+        t0 = time.time()
+        hold_until_released(ctx, len(cfg.rollout_devices))
+        _busy(ctx, "learner", "hold weights until released", t0, time.time())
+
+
+def publish_weights(ctx, student, weights, version, rank):
+    """Copy the learner's weights into the rollout's buffer in its dtype, one parameter at a time, then announce
+    `version`. Every rank calls (each parameter is all-gathered on the learner's device); rank 0, which holds the
+    lock, copies straight from the gathered tensor (no host round trip for a buffer on its device)."""
+    if rank == 0:
+        ctx["lock"].acquire()
+    try:
+        for name, value in student.model.state_dict().items():
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            if rank == 0:
+                weights[name].copy_(full.detach())
+        if rank == 0:
+            sync_devices(*{w.device for w in weights.values()}, full.device)
+            ctx["version"].value = version
+    finally:
+        if rank == 0:
+            ctx["lock"].release()
+
+
+def hold_until_released(ctx, workers, grace_s=10.0):
+    """The buffer's owner stays alive until every rollout worker dropped its handle (CUDA IPC needs the producer
+    alive while consumers hold it); once the run is stopping, a crashed worker is not waited for past grace_s."""
+    deadline = None
+    while ctx["released"].value < workers:
+        if ctx["stop"].is_set():
+            deadline = deadline or time.time() + grace_s
+            if time.time() > deadline:
+                return
+        time.sleep(0.01)
 
 
 def offline_batches(cfg, start_step):
@@ -762,12 +869,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def weight_buffer(start_dir, dtype):
-    """Shared-memory copy of the student's weights that the learner publishes into (CPU path)."""
+def weight_buffer(start_dir, dtype, device="cpu"):
+    """The buffer the learner publishes weights into (HF names, one tensor per state-dict entry): in host shared
+    memory for weight_transport=shared, on the learner's device for handoff (shared with the rollout on a queue)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
         shapes = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(start_dir)).state_dict()
-    return {k: torch.zeros(v.shape, dtype=dtype).share_memory_() for k, v in shapes.items()}
+    buffer = {k: torch.zeros(v.shape, dtype=dtype, device=device) for k, v in shapes.items()}
+    return {k: v.share_memory_() for k, v in buffer.items()} if torch.device(device).type == "cpu" else buffer
 
 
 def make_run_dir(cfg):
@@ -791,12 +900,13 @@ def run(cfg):
         start_step, start_version = state["step"], state["version"]
     run_dir = make_run_dir(cfg)
     spawn = mp.get_context("spawn")
-    cuda_ipc = cfg.engine == "hf" and cfg.rollout_devices[0].startswith("cuda") and cfg.learner_devices[0].startswith("cuda")
+    shared = resolve_transport(cfg) == "shared"
     ctx = {"rollout_q": spawn.Queue(cfg.queue_size), "teacher_q": spawn.Queue(cfg.queue_size),
            "metrics_q": spawn.Queue(), "err_q": spawn.Queue(), "weights_q": spawn.Queue(), "stop": spawn.Event(),
            "learned": spawn.Event(),
            "lock": spawn.Lock(), "version": spawn.Value("q", start_version), "threads": cfg.threads,
-           "weights": None if (cuda_ipc or cfg.schedule == "offline") else weight_buffer(start_dir, torch.float32)}
+           "released": spawn.Value("i", 0),  # rollout workers done with the weight buffer
+           "weights": weight_buffer(start_dir, training_dtype(cfg)) if shared else None}
     world, port = len(cfg.learner_devices), _free_port()
     roles = [(f"learner{r}" if world > 1 else "learner", learner_role,
               (cfg, r, world, port, start_dir, start_step, start_version, run_dir, tok.pad_token_id)) for r in range(world)]

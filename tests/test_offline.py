@@ -117,12 +117,12 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
 # ----------------------------------------------------------------------------- (b) exact round trip
 def online_scores(cfg, chunk_prompts, n_chunks):
     """What the rollout and teacher roles produce for unit c (same per-unit generators), unit = chunk."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(cfg.student)
     prompts = task.load_prompts("addition", "train", chunk_prompts * n_chunks)
     engine = rollout.make_engine(cfg.student, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).eval()
+    teacher = asyncopd.load_teacher(cfg)  # as the teacher role loads it
     fields = estimators.required_fields(cfg.loss)
     out = []
     for c in range(n_chunks):
@@ -137,13 +137,16 @@ def online_scores(cfg, chunk_prompts, n_chunks):
     return out
 
 
-@pytest.mark.parametrize("loss", ["reverse_kl_pg", "reverse_kl_mc", "forward_kl_mc", "forward_kl_topk"])
-def test_cache_round_trips_exactly(models, cache_dir, tmp_path, loss):
-    """Every field of every chunk on disk is bitwise what online rollout + teacher scoring give."""
+@pytest.mark.parametrize("loss,dtype", [("reverse_kl_pg", "auto"), ("reverse_kl_mc", "auto"), ("forward_kl_mc", "auto"),
+                                        ("forward_kl_topk", "auto"), ("reverse_kl_mc", "bfloat16")])
+def test_cache_round_trips_exactly(models, cache_dir, tmp_path, loss, dtype):
+    """Every field of every chunk on disk is bitwise what online rollout + teacher scoring give, in the
+    teacher dtype of the online run (bfloat16: what a GPU teacher role scores in)."""
     student, teacher, _ = models
-    args = PRE + [f"loss.name={loss}", "loss.ratio=true", "loss.samples=3", "loss.teacher_topk=5"]
+    args = PRE + [f"loss.name={loss}", "loss.ratio=true", "loss.samples=3", "loss.teacher_topk=5",
+                  f"teacher_dtype={dtype}"]
     if loss == "reverse_kl_pg":  # the command-line cache of the fixture
-        directory, args = cache_dir, PRE
+        directory, args = cache_dir, PRE + ["teacher_dtype=auto"]
     else:
         directory = str(tmp_path / "cache")
         asyncopd.precompute(config(student, teacher, args, cache_dir=directory))
@@ -156,6 +159,7 @@ def test_cache_round_trips_exactly(models, cache_dir, tmp_path, loss):
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (c, k)
         assert meta["teacher_fingerprint"] == teacher_cache.fingerprint(teacher) and meta["chunk_index"] == c
+        assert meta["teacher_dtype"] == str(asyncopd.teacher_dtype(cfg))
     whole, meta = teacher_cache.load_dir(directory)
     for k, v in teacher_cache.concat(online).items():
         assert torch.equal(whole[k], v), k

@@ -1,0 +1,128 @@
+"""The GPU code paths, forced on CPU where CPU can show what goes wrong: the learner's weight buffer handed to
+several rollout workers, its owner outliving the readers, publish order (copy, device sync, then the version),
+the training dtype of published weights, the CUDA_VISIBLE_DEVICES a child writes, and one teacher dtype for
+online scoring and offline precompute."""
+import json
+import os
+import threading
+
+import pytest
+import torch
+
+import asyncopd
+import estimators
+from test_pipeline import records, train
+
+
+def test_handoff_buffer_reaches_every_rollout_worker_and_outlives_them(tmp_path, tiny_models):
+    """weight_transport=handoff is the CUDA IPC path (learner rank 0 owns the buffer and sends each worker a
+    handle); on CPU the same code shares host memory. Two workers must both get a handle (one put feeds one get:
+    a single put left worker 1 waiting forever), and the learner must hold the buffer until both released it."""
+    out = train(tmp_path, tiny_models, "schedule=async", "max_staleness=2", "rollout_batch_size=2", "steps=4",
+                "weight_transport=handoff", "rollout_devices=[cpu,cpu]", "eval_size=0", "run_name=h", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = os.path.join(tmp_path, "h")
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4]
+    events = json.load(open(os.path.join(run, "trace.json")))["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
+    spans = [(names[e["pid"]], e["name"], e["ts"], e["ts"] + e["dur"]) for e in events if e["ph"] == "X"]
+    loads = [s for s in spans if s[1].startswith("load v")]
+    assert {s[0] for s in loads} == {"rollout0", "rollout1"}  # both workers read the published weights
+    assert {s[0] for s in loads if s[1] == "load v4"} == {"rollout0", "rollout1"}  # ... the final version too
+    hold = [s for s in spans if s[0] == "learner" and s[1] == "hold weights until released"]
+    assert len(hold) == 1 and all(s[3] <= hold[0][3] for s in loads)  # the owner outlived every read
+
+
+def test_visible_device_maps_through_the_parents_restriction():
+    assert asyncopd.visible_device("cuda:1", None) == "1"
+    assert asyncopd.visible_device("cuda:1", "4,5,6,7") == "5"  # logical 1 of the parent is physical 5
+    assert asyncopd.visible_device("cuda", "3") == "3"
+    assert asyncopd.visible_device("cuda:0", "GPU-aa, GPU-bb") == "GPU-aa"
+    with pytest.raises(ValueError, match="shows 2 GPUs"):
+        asyncopd.visible_device("cuda:2", "0,1")
+
+
+class _Recorder:
+    """A lock and a version counter that log the order of events (stand-ins for the multiprocessing ones)."""
+
+    def __init__(self, log):
+        self.log, self._value = log, 0
+
+    def acquire(self):
+        self.log.append("acquire")
+
+    def release(self):
+        self.log.append("release")
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, v):
+        self.log.append(f"version {v}")
+        self._value = v
+
+
+@pytest.fixture()
+def learner(tiny_models):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{asyncopd._free_port()}", rank=0, world_size=1)
+    cfg = asyncopd.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4,
+                          loss=estimators.LossOptions(name="reverse_kl_pg"))
+    student, opt, device = asyncopd.build_learner(cfg, 0, 1, cfg.student)
+    yield cfg, student
+    dist.destroy_process_group()
+
+
+def test_publish_copies_in_the_buffer_dtype_then_syncs_then_announces(learner, monkeypatch):
+    cfg, student = learner
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # values that bf16 rounds
+    log = []
+    recorder = _Recorder(log)
+    ctx = {"lock": recorder, "version": recorder}
+    monkeypatch.setattr(asyncopd, "sync_devices", lambda *d: log.append("sync"))
+    cfg.mixed_precision = True
+    buffer = asyncopd.weight_buffer(cfg.student, asyncopd.training_dtype(cfg))
+    asyncopd.publish_weights(ctx, student, buffer, 7, rank=0)
+    assert log == ["acquire", "sync", "version 7", "release"]
+    full = asyncopd.full_state_dict(student)
+    assert set(buffer) == set(full)  # HF names, every entry
+    for k, v in full.items():
+        assert buffer[k].dtype == torch.bfloat16 and torch.equal(buffer[k], v.to(torch.bfloat16)), k
+
+
+def test_handoff_owner_waits_for_every_release_but_not_forever_once_stopping():
+    ctx = {"released": type("V", (), {"value": 0})(), "stop": threading.Event()}
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (asyncopd.hold_until_released(ctx, 2), done.set()))
+    t.start()
+    ctx["released"].value = 1
+    assert not done.wait(0.3)  # one of two workers still holds a handle
+    ctx["released"].value = 2
+    assert done.wait(2)
+    ctx["released"].value, t0 = 0, __import__("time").time()
+    ctx["stop"].set()  # a crashed worker never releases: the stopping owner gives up after its grace period
+    asyncopd.hold_until_released(ctx, 2, grace_s=0.2)
+    assert __import__("time").time() - t0 < 2
+
+
+def test_transport_and_dtypes_are_resolved_before_start(tmp_path, tiny_models):
+    cfg = asyncopd.Config()
+    assert asyncopd.resolve_transport(cfg) == "shared" and asyncopd.training_dtype(cfg) == torch.float32
+    cfg = asyncopd.Config(rollout_devices=["cuda:0"], learner_devices=["cuda:1"], mixed_precision=True)
+    assert asyncopd.resolve_transport(cfg) == "handoff" and asyncopd.training_dtype(cfg) == torch.bfloat16
+    cfg.engine = "vllm"  # a vLLM child sees only its own GPU: host shared memory
+    assert asyncopd.resolve_transport(cfg) == "shared"
+    assert asyncopd.teacher_dtype(asyncopd.Config(teacher_device="cuda:4")) == torch.bfloat16
+    assert asyncopd.teacher_dtype(asyncopd.Config()) == torch.float32
+    assert asyncopd.teacher_dtype(asyncopd.Config(teacher_dtype="bfloat16")) == torch.bfloat16
+    student, teacher = tiny_models
+    base = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}"]
+    for extra, msg in [(["teacher_dtype=fp16"], "teacher_dtype='fp16'"),
+                       (["weight_transport=ipc"], "weight_transport='ipc'"),
+                       (["engine=vllm", "weight_transport=handoff"], "handoff needs engine=hf")]:
+        with pytest.raises(ValueError, match=msg):
+            asyncopd.validate(asyncopd.load_config(None, base + extra))
