@@ -2,12 +2,25 @@
 # asyncopd in one command. Creates .venv (if missing), installs requirements.txt, then
 #   bash run.sh [key=value ...]        asynchronous OPD on the embedded CPU default (configs/default.yaml)
 #   bash run.sh test [pytest args]     the test suite
+#   bash run.sh gpu-check [--steps N]  every GPU path on this box (.venv-gpu from requirements-gpu.txt, or GPU_PYTHON=...)
 #   bash run.sh CONFIG.yaml [k=v ...]  any other config
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || { echo "run.sh: no $PY on PATH: install Python 3.10+ (or set PYTHON=...)"; exit 1; }
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "run.sh: Python 3.10+ needed, $PY is $("$PY" -V 2>&1)"; exit 1; }
+if [ "${1:-}" = "gpu-check" ]; then  # every GPU path on this box (see gpu_check.py); its own environment
+  shift
+  if [ -n "${GPU_PYTHON:-}" ]; then exec "$GPU_PYTHON" gpu_check.py "$@"; fi  # an existing CUDA torch env
+  if [ ! -x .venv-gpu/bin/python ]; then "$PY" -m venv .venv-gpu; fi
+  if ! cmp -s requirements-gpu.txt .venv-gpu/.installed; then
+    echo "run.sh: installing requirements-gpu.txt (vLLM and its CUDA torch) into .venv-gpu (several GB)"
+    .venv-gpu/bin/python -m pip install -q --disable-pip-version-check -r requirements-gpu.txt
+    cp requirements-gpu.txt .venv-gpu/.installed
+  fi
+  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  exec .venv-gpu/bin/python gpu_check.py "$@"
+fi
 free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
 if [ ! -f .venv/.installed ] && [ "${free_kb:-0}" -lt 3000000 ]; then
   echo "run.sh: only $((free_kb / 1024)) MB free here; the environment needs about 3 GB: free some disk space"; exit 1

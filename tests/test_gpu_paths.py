@@ -126,3 +126,20 @@ def test_transport_and_dtypes_are_resolved_before_start(tmp_path, tiny_models):
                        (["engine=vllm", "weight_transport=handoff"], "handoff needs engine=hf")]:
         with pytest.raises(ValueError, match=msg):
             asyncopd.validate(asyncopd.load_config(None, base + extra))
+
+
+def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
+    """`bash run.sh gpu-check` cannot run here; its plan can: every run it would make is a valid config that
+    names only visible GPUs, covers every GPU path, and NCCL gets distinct GPUs."""
+    import gpu_check
+    for n in range(1, 9):
+        runs = gpu_check.plan(n, with_vllm=True)
+        assert len(runs) == 10 and {s for _, s, _ in runs} == {"sync", "async"}
+        for name, schedule, over in runs:
+            cfg = asyncopd.load_config(None, gpu_check.COMMON + over)
+            devices = [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices]
+            assert all(d.startswith("cuda:") and int(d.split(":")[1]) < n for d in devices), (n, name)
+            assert len(set(cfg.learner_devices)) == len(cfg.learner_devices) == min(n, 2)
+            shared = "shared-memory" in name or cfg.engine == "vllm"  # else auto = CUDA IPC for an hf rollout
+            assert asyncopd.resolve_transport(cfg) == ("shared" if shared else "handoff"), name
+            assert (cfg.engine == "vllm") == ("vllm" in name)
