@@ -546,14 +546,15 @@ def student_logps(student, cache, cfg, pad_id, device):
     return student(input_ids.to(device), attention_mask.to(device), rows.to(device), ids)
 
 
-def build_learner(cfg, rank, world, start_dir):
+def build_learner(cfg, rank, world, start_dir, dtype=torch.float32):
+    """FSDP2 student + AdamW on this rank; dtype = master weights (float32; tests use float64)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
     device = torch.device(cfg.learner_devices[rank])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=dtype).to(device)
     student = StudentForLoss(model, cfg)
     mesh = init_device_mesh(device.type, (world,))
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.mixed_precision \
