@@ -137,11 +137,13 @@ def test_learner_refuses_stale_tokens_and_nonfinite_loss(learner):
 
 
 def test_fsdp_world_size_2_matches_world_size_1_and_resume_matches(tmp_path, tiny_models):
-    """Sync runs are deterministic: 2 gloo ranks give the losses of 1 rank, and a run resumed
-    from its step-2 checkpoint gives the losses of the uninterrupted run."""
+    """Sync runs are deterministic: 2 gloo ranks (with token-budget micro-batches, activation checkpointing and
+    teacher sub-batches) give the losses of 1 rank, and a run resumed from its step-2 checkpoint gives the
+    losses of the uninterrupted run."""
     common = ["schedule=sync", "loss.name=forward_kl_topk", "steps=4", "save_every=2", "eval_size=0"]
     one = train(tmp_path, tiny_models, *common, "run_name=one")
-    two = train(tmp_path, tiny_models, *common, "run_name=two", "learner_devices=[cpu,cpu]")
+    two = train(tmp_path, tiny_models, *common, "run_name=two", "learner_devices=[cpu,cpu]", "micro_batch_tokens=24",
+                "activation_checkpointing=true", "teacher_batch_tokens=30")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     l1 = [r["loss"] for r in records(only_run(tmp_path, "one"))]
     l2 = [r["loss"] for r in records(only_run(tmp_path, "two"))]
