@@ -91,8 +91,8 @@ class Config:
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     mixed_precision: bool = False  # bf16 compute with fp32 master weights (GPU)
     activation_checkpointing: bool = False  # learner: recompute each decoder layer in backward (keeps only layer inputs)
-    micro_batch_tokens: int = 0  # learner: padded prompt+response tokens per forward/backward (0 = a rank's mini-batch at once)
-    teacher_batch_tokens: int = 0  # teacher: padded prompt+response tokens per scoring forward (0 = a whole unit at once)
+    micro_batch_tokens: int = 0  # learner: padded tokens per forward/backward (0 = off; a longer sequence runs alone)
+    teacher_batch_tokens: int = 0  # teacher: padded tokens per scoring forward (0 = a whole unit; longer sequences alone)
     dist_timeout_s: int = 600  # learner process-group timeout: a collective waiting longer than this fails the run
     gpu_memory_utilization: float = 0.8  # vLLM rollout: fraction of its GPU that vllm.LLM may take (weights, KV cache)
     loss: LossOptions = field(default_factory=LossOptions)  # the estimator (see estimators.py)

@@ -167,7 +167,8 @@ def test_state_dict_names_stay_hf_with_checkpointing(group, tiny_models, tmp_pat
     path = asyncopd.save_checkpoint(cfg, student, opt, 1, 2, cfg.student, str(tmp_path), 0)
     from safetensors.torch import load_file
     assert set(load_file(os.path.join(path, "model.safetensors"))) <= set(hf)
-    AutoModelForCausalLM.from_pretrained(path)  # loads without missing or unexpected keys warnings mattering
+    _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
     osd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)["optimizer"]
     assert not [k for k in osd["state"] if "_checkpoint_wrapped_module" in k]
     asyncopd.load_optimizer(student, opt, path, 0)  # and resumes into the wrapped model
