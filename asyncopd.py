@@ -738,6 +738,7 @@ def learner_role(ctx, cfg, rank, world, port, start_dir, start_step, start_versi
 
 
 def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir, pad_id):
+    import torch.distributed as dist
     student, opt, device = build_learner(cfg, rank, world, start_dir)
     if cfg.resume:
         load_optimizer(student, opt, cfg.resume, rank)
