@@ -93,6 +93,11 @@ class Config:
     mixed_precision: bool = False  # bf16 compute with fp32 master weights (GPU); the rollout then runs in bf16 too
     weight_transport: str = "auto"  # learner -> rollout weights: "shared" (host shared memory; cpu, vLLM), "handoff"
     #   (a buffer on learner rank 0's device handed to each rollout worker: CUDA IPC), "auto" (handoff iff hf on cuda)
+    activation_checkpointing: bool = False  # learner: recompute each decoder layer in backward (keeps only layer inputs)
+    micro_batch_tokens: int = 0  # learner: padded tokens per forward/backward (0 = off; a longer sequence runs alone)
+    teacher_batch_tokens: int = 0  # teacher: padded tokens per scoring forward (0 = a whole unit; longer sequences alone)
+    dist_timeout_s: int = 600  # learner process-group timeout: a collective waiting longer than this fails the run
+    gpu_memory_utilization: float = 0.8  # vLLM rollout: fraction of its GPU that vllm.LLM may take (weights, KV cache)
     loss: LossOptions = field(default_factory=LossOptions)  # the estimator (see estimators.py)
     # offline (Lightning OPD)
     cache_dir: str = ""  # offline: teacher-cache directory written by `precompute`
@@ -278,6 +283,13 @@ def validate(cfg):
     if resolve_transport(cfg) == "handoff" and cfg.engine != "hf":
         raise ValueError(f"weight_transport=handoff needs engine=hf: a {cfg.engine} rollout sees only its own GPU, "
                          "so it cannot open a buffer on the learner's; use weight_transport=shared")
+    for name in ("micro_batch_tokens", "teacher_batch_tokens"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}={getattr(cfg, name)} is negative: give a token budget, or 0 for no splitting")
+    if cfg.dist_timeout_s < 1:
+        raise ValueError(f"dist_timeout_s={cfg.dist_timeout_s}: must be >= 1 second")
+    if not 0 < cfg.gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization}: must be in (0, 1], e.g. 0.8")
     if not 0 < cfg.temperature <= 10 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"temperature={cfg.temperature} top_p={cfg.top_p}: need 0 < temperature and 0 < top_p <= 1")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
@@ -485,7 +497,7 @@ def score_unit(cfg, teacher, traj, unit, pad_id):
     with torch.no_grad():
         scored = teacher_cache.score(teacher, _to(traj, cfg.teacher_device), fields, cfg.loss.teacher_topk,
                                      cfg.loss.samples, generator=_seeded(cfg, unit, 2, cfg.teacher_device),
-                                     pad_token_id=pad_id)
+                                     pad_token_id=pad_id, batch_tokens=cfg.teacher_batch_tokens)
     return _to(scored, "cpu")
 
 
@@ -594,7 +606,8 @@ class StudentForLoss(torch.nn.Module):
         self.model, self.cfg = model, cfg
 
     def forward(self, input_ids, attention_mask, rows, ids):
-        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # use_cache=False: no KV cache to fill (a checkpointed layer's recompute would append to it a second time)
+        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
         out = estimators.student_logp(hidden, self.model.get_output_embeddings().weight, ids,
                                       self.cfg.temperature, self.cfg.loss.chunk_size)
@@ -608,18 +621,23 @@ def student_logps(student, cache, cfg, pad_id, device):
     return student(input_ids.to(device), attention_mask.to(device), rows.to(device), ids)
 
 
-def build_learner(cfg, rank, world, start_dir):
+def build_learner(cfg, rank, world, start_dir, dtype=torch.float32):
+    """FSDP2 student + AdamW on this rank; dtype = master weights (float32; tests use float64)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
     device = torch.device(cfg.learner_devices[rank])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(start_dir, dtype=dtype).to(device)
     student = StudentForLoss(model, cfg)
     mesh = init_device_mesh(device.type, (world,))
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.mixed_precision \
         else MixedPrecisionPolicy()
+    if cfg.activation_checkpointing:  # before fully_shard, so FSDP's all-gather hooks sit outside the recomputed region
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+        for i, layer in enumerate(model.model.layers):  # state-dict hooks strip "_checkpoint_wrapped_module." again
+            model.model.layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
     fully_shard(student, mesh=mesh, mp_policy=mp_policy)
@@ -665,69 +683,129 @@ def load_optimizer(student, opt, resume, rank):
         torch.set_rng_state(state["rng"])
 
 
-def train_on_batch(cfg, student, opt, cache, step, rank, world, device, pad_id):
-    """Mini-batch steps on one batch; returns the step's metrics. Mini-batch i holds sequences
-    i, i+m, ...; rank r trains every world-th of them. All ranks run the same number of
-    forward/backward passes, as FSDP's collectives require."""
-    m, bound = cfg.mini_batches, staleness_bound(cfg)
+def plan_batch(cfg, cache, step, world):
+    """Rank 0 splits one batch into a shard per learner rank; returns [shard for rank 0, 1, ...].
+
+    Mini-batch i holds sequences i, i+m, ...; rank r trains every world-th of them, in micro-batches of at most
+    micro_batch_tokens padded prompt+response tokens (teacher_cache.split_by_tokens; a sequence longer than the
+    budget runs alone, over it). FSDP's collectives need the same number of forward/backward passes on every
+    rank: a rank with fewer micro-batches repeats its last sequence with weight 0. Each shard carries only its
+    rank's sequences plus the few numbers every rank needs:
+      cache   the rank's sequences, micro-batch after micro-batch
+      plan    per mini-batch, [(first, end, live)]: one pass over sequences first..end-1 of cache (live=False: weight 0)
+      denom   per mini-batch, the loss's denominator over ALL ranks: unmasked tokens (token_mean) or sequences
+              with an unmasked token (seq_mean), so per-pass weights give exactly the unsplit gradient
+      count   per mini-batch, each pass's own part of denom (0 for a filler): its weight is count / denom
+      stats   batch-wide staleness and token counts (rank 0 logs them)
+    Raises before anything is sent if a token is over the staleness bound."""
+    m, bound, agg = cfg.mini_batches, staleness_bound(cfg), cfg.loss.aggregation
     n_seq = len(cache["cu_seqlens"]) - 1
-    minis = [teacher_cache.select_sequences(cache, list(range(i, n_seq, m))) for i in range(m)]
-    owns = [_to(teacher_cache.select_sequences(mini, list(range(rank, len(mini["cu_seqlens"]) - 1, world))), device)
-            for mini in minis]
+    seq_of_row = torch.repeat_interleave(torch.arange(n_seq), cache["cu_seqlens"].diff())
+    stale = m * step + seq_of_row % m - cache["policy_version"]  # row of mini-batch i is trained at version m*step + i
+    if int(stale.min()) < 0 or int(stale.max()) > bound:
+        raise RuntimeError(f"staleness bound violated at step {step}: token staleness in "
+                           f"[{int(stale.min())}, {int(stale.max())}] but schedule {cfg.schedule} allows [0, {bound}]")
+    tokens = torch.zeros(n_seq, dtype=torch.int64).index_add_(0, seq_of_row, cache["loss_mask"].long())  # per sequence
+    count = (tokens if agg == "token_mean" else (tokens > 0).long()).tolist()
+    orders, plans, denom = [[] for _ in range(world)], [[] for _ in range(world)], []
+    for i in range(m):
+        mini = list(range(i, n_seq, m))
+        denom.append(sum(count[j] for j in mini))
+        groups = [teacher_cache.split_by_tokens(cache, cfg.micro_batch_tokens, mini[r::world]) for r in range(world)]
+        passes = max(len(g) for g in groups)
+        for r, g in enumerate(groups):
+            plan = []
+            for seqs in g:
+                plan.append((len(orders[r]), len(orders[r]) + len(seqs), True))
+                orders[r] += seqs
+            plan += [(len(orders[r]) - 1, len(orders[r]), False)] * (passes - len(g))  # zero-weight filler passes
+            plans[r].append(plan)
+    stale = stale.float()
+    stats = dict(stale_min=float(stale.min()), stale_mean=float(stale.mean()), stale_max=float(stale.max()),
+                 stale_hist=torch.bincount(stale.long()).tolist(), tokens=int(cache["loss_mask"].sum()))
+    return [{"cache": teacher_cache.select_sequences(cache, orders[r]), "plan": plans[r], "denom": denom,
+             "count": [[sum(count[orders[r][j]] for j in range(a, b)) if live else 0 for a, b, live in p] for p in plans[r]],
+             "stats": stats} for r in range(world)]
+
+
+def train_on_batch(cfg, student, opt, batch, step, rank, world, device, pad_id):
+    """One optimizer step per mini-batch on this rank's shard (plan_batch; a whole batch is split here);
+    returns the step's metrics. Gradients accumulate over a mini-batch's micro-batches; every rank runs the
+    same passes, as FSDP's collectives require."""
+    shard = batch if "plan" in batch else plan_batch(cfg, batch, step, world)[rank]
+    cache, m = shard["cache"], len(shard["plan"])
+    micro = lambda a, b: _to(teacher_cache.select_sequences(cache, list(range(a, b))), device)  # noqa: E731
     if cfg.loss.decoupled:  # proximal policy = the student before the first optimizer step of the batch
+        prox = {}
         with torch.no_grad():
-            for own in owns:
-                s = student_logps(student, own, cfg, pad_id, device)
-                own["proximal_logp"] = s["token_ids"].float()
-                if "mc_ids" in s:
-                    own["mc_proximal_logp"] = s["mc_ids"].float()
-    stats = {"loss": 0.0, "rkl_token": 0.0, "grad_norm": 0.0, "tokens": 0}
-    stale_all = []
-    for i, (mini, own) in enumerate(zip(minis, owns)):
-        stale = m * step + i - mini["policy_version"]
-        if int(stale.min()) < 0 or int(stale.max()) > bound:
-            raise RuntimeError(f"staleness bound violated at step {step}: token staleness in "
-                               f"[{int(stale.min())}, {int(stale.max())}] but schedule {cfg.schedule} allows [0, {bound}]")
-        s = student_logps(student, own, cfg, pad_id, device)
-        per_token, metrics = estimators.ESTIMATORS[cfg.loss.name](s, own, cfg.loss)
-        local = estimators.aggregate(per_token, own["loss_mask"], own["cu_seqlens"], cfg.loss.aggregation)
-        # FSDP averages gradients over ranks: weight each rank by its share of the mini-batch
-        if cfg.loss.aggregation == "token_mean":
-            share = float(own["loss_mask"].sum()) / max(1.0, float(mini["loss_mask"].sum()))
-        else:
-            share = (len(own["cu_seqlens"]) - 1) / (len(mini["cu_seqlens"]) - 1)
-        loss = local * (share * world)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {float(loss.detach())} at step {step}, mini-batch {i}: "
-                               "lower lr or check the teacher cache")
-        loss.backward()
-        logged = torch.tensor([float(local.detach()) * share], device=device)
+            for plan in shard["plan"]:
+                for a, b, live in plan:
+                    s = student_logps(student, micro(a, b), cfg, pad_id, device)
+                    for k, v in s.items() if live else ():
+                        if k in estimators.PROXIMAL_FIELDS:
+                            out = prox.setdefault(k, torch.empty(cache[k].shape, dtype=torch.float32))
+                            out[int(cache["cu_seqlens"][a]):int(cache["cu_seqlens"][b])] = v.float().cpu()
+        cache = dict(cache, **{estimators.PROXIMAL_FIELDS[k]: v for k, v in prox.items()})
+    stats = {"loss": 0.0, "rkl_token": 0.0, "grad_norm": 0.0, "tokens": shard["stats"]["tokens"]}
+    for i, plan in enumerate(shard["plan"]):
+        logged = torch.zeros(3, dtype=torch.float64, device=device)  # loss, sum of (s - t) at y, unmasked tokens
+        sums, own = {}, max(1, sum(shard["count"][i]))
+        for (a, b, live), count in zip(plan, shard["count"][i]):
+            mb = micro(a, b)
+            s = student_logps(student, mb, cfg, pad_id, device)
+            per_token, metrics = estimators.ESTIMATORS[cfg.loss.name](s, mb, cfg.loss)
+            local = estimators.aggregate(per_token, mb["loss_mask"], mb["cu_seqlens"], cfg.loss.aggregation)
+            if not torch.isfinite(local):
+                raise RuntimeError(f"non-finite loss {float(local.detach())} at step {step}, mini-batch {i}: "
+                                   "lower lr or check the teacher cache")
+            # this pass's share of the mini-batch's loss; FSDP averages gradients over ranks, hence * world
+            weight = count / max(1, shard["denom"][i]) if live else 0.0
+            (local * (weight * world)).backward()
+            if not live:
+                continue
+            logged[0] += float(local.detach()) * weight
+            if "teacher_logp" in mb:  # sampled reverse-KL estimate at the generated tokens, current student
+                mask = mb["loss_mask"]
+                logged[1] += float(((s["token_ids"].detach() - mb["teacher_logp"]) * mask).sum())
+                logged[2] += float(mask.sum())
+            for k, v in metrics.items():  # this rank's estimator metrics, weighted by its passes' shares
+                sums[k] = sums.get(k, 0.0) + float(v) * count / own
         if world > 1:
             torch.distributed.all_reduce(logged)
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stats["loss"] += float(logged) / m
+        stats["loss"] += float(logged[0]) / m
+        stats["rkl_token"] += float(logged[1]) / max(1.0, float(logged[2])) / m
         stats["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) / m
-        stats["tokens"] += int(mini["loss_mask"].sum())
-        stale_all.append(stale)
-        if "teacher_logp" in own:  # sampled reverse-KL estimate at the generated tokens, current student
-            mask = own["loss_mask"]
-            rkl = ((s["token_ids"].detach() - own["teacher_logp"]) * mask).sum() / mask.sum().clamp(min=1)
-            stats["rkl_token"] += float(rkl) / m
-        for k, v in metrics.items():
-            stats[k] = stats.get(k, 0.0) + float(v) / m
-    stale = torch.cat(stale_all).float()
-    stats.update(stale_min=float(stale.min()), stale_mean=float(stale.mean()), stale_max=float(stale.max()),
-                 stale_hist=torch.bincount(stale.long()).tolist())  # tokens per staleness value
+        for k, v in sums.items():
+            stats[k] = stats.get(k, 0.0) + v / m
+    stats.update({k: v for k, v in shard["stats"].items() if k != "tokens"})
     return stats
 
 
+def _get_shard(ctx, cfg, rank):
+    """Ranks >= 1: their shard of the next batch from rank 0, or None (rank 0's stop marker). After a stop,
+    rank 0's marker (or last shard) still comes, within a step, so that all ranks checkpoint together;
+    none within dist_timeout_s means rank 0 is gone."""
+    stopped = None
+    while True:
+        try:
+            return ctx["shard_qs"][rank].get(timeout=0.1)
+        except queue.Empty:
+            if ctx["stop"].is_set():
+                stopped = stopped or time.time()
+                if time.time() - stopped > cfg.dist_timeout_s:
+                    raise RuntimeError(f"learner rank {rank}: no batch or stop marker from rank 0 within "
+                                       f"dist_timeout_s={cfg.dist_timeout_s} s of the stop: see rank 0's error") from None
+
+
 def learner_role(ctx, cfg, rank, world, port, start_dir, start_step, start_version, run_dir, pad_id):
+    import datetime
     import torch.distributed as dist
     device0 = cfg.learner_devices[rank]
     dist.init_process_group("nccl" if device0.startswith("cuda") else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
     try:
         _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir, pad_id)
     finally:
@@ -735,7 +813,6 @@ def learner_role(ctx, cfg, rank, world, port, start_dir, start_step, start_versi
 
 
 def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir, pad_id):
-    import torch.distributed as dist
     student, opt, device = build_learner(cfg, rank, world, start_dir)
     if cfg.resume:
         load_optimizer(student, opt, cfg.resume, rank)
@@ -751,7 +828,7 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
     step = start_step
     while step < cfg.steps:
         t0 = time.time()
-        payload = [None]
+        shard, metas = None, []
         if rank == 0:  # units may arrive out of order from several rollout workers: take them by index
             wanted = range(step * units_per_batch(cfg), (step + 1) * units_per_batch(cfg))
             while not all(u in pending for u in wanted) and not ctx["stop"].is_set():
@@ -759,14 +836,19 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
                 if item is not None:
                     pending[item[0]["unit"]] = item
             units = [pending.pop(u) for u in wanted if u in pending]
-            payload = [None if ctx["stop"].is_set() else ([m for m, _ in units], teacher_cache.concat([c for _, c in units]))]
-        if world > 1:  # one rank needs no copy of the batch
-            dist.broadcast_object_list(payload, src=0)
-        if payload[0] is None:  # stopping (signal): checkpoint the last finished step
+            shards = [None] * world  # None: the stop marker
+            if not ctx["stop"].is_set():
+                metas = [m for m, _ in units]
+                shards = plan_batch(cfg, teacher_cache.concat([c for _, c in units]), step, world)
+            for r in range(1, world):  # each rank gets only its shard, through shared memory, not a collective
+                ctx["shard_qs"][r].put(shards[r], timeout=cfg.dist_timeout_s)
+            shard = shards[0]
+        else:
+            shard = _get_shard(ctx, cfg, rank)  # polls: enters the step's collectives only once its data is here
+        if shard is None:  # stopping (signal): checkpoint the last finished step
             break
-        metas, cache = payload[0]
         t1 = time.time()
-        stats = train_on_batch(cfg, student, opt, cache, step, rank, world, device, pad_id)
+        stats = train_on_batch(cfg, student, opt, shard, step, rank, world, device, pad_id)
         t2 = time.time()
         if not offline:
             publish_weights(ctx, student, weights, cfg.mini_batches * (step + 1), rank)
@@ -904,6 +986,7 @@ def run(cfg):
     ctx = {"rollout_q": spawn.Queue(cfg.queue_size), "teacher_q": spawn.Queue(cfg.queue_size),
            "metrics_q": spawn.Queue(), "err_q": spawn.Queue(), "weights_q": spawn.Queue(), "stop": spawn.Event(),
            "learned": spawn.Event(),
+           "shard_qs": [None] + [spawn.Queue(2) for _ in cfg.learner_devices[1:]],  # rank 0 -> rank r's shard of each batch
            "lock": spawn.Lock(), "version": spawn.Value("q", start_version), "threads": cfg.threads,
            "released": spawn.Value("i", 0),  # rollout workers done with the weight buffer
            "weights": weight_buffer(start_dir, training_dtype(cfg)) if shared else None}

@@ -3,6 +3,7 @@
     python bench.py loss [--tokens 1024,2048,4096] [--vocab 151936] [--hidden 896] [--device cpu|cuda]
     python bench.py pipeline [--config configs/default.yaml] [--steps 24] [--max-staleness 2] [key=value ...]
     python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
+    python bench.py memory [CONFIG.yaml ...] [--tokens 256]
 
 loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at a
 Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax, then
@@ -10,6 +11,9 @@ gather), each point in a fresh subprocess; see loss_point(). On CPU, scale token
 linear fit's extrapolation to EXTRAPOLATE tokens.
 pipeline: the real pipeline (asyncopd.run) once per schedule on one config; see throughput().
 offline: online async OPD vs offline Lightning OPD (precompute included) and teacher A vs B; see cmd_offline().
+memory: modelled peak GPU memory of every role of each shipped GPU config against an 80 GB GPU (fits: <= 68 GB),
+from one real-size decoder layer per model measured on CPU in seconds (no downloads); see cmd_memory() and the
+*_terms() functions, one line per term. Exit status 1 if a config does not fit.
 """
 import argparse
 import json
@@ -231,6 +235,213 @@ def cmd_offline(args):
           "final accuracy of online A and offline A). Teacher B runs use allow_teacher_mismatch=true, same prompts and seeds.")
 
 
+# ----------------------------------------------------------------------------- memory (shipped GPU configs)
+GPU_BYTES, FIT = 80e9, 0.85  # an 80 GB GPU; a config fits if every device's modelled peak is <= 85% of it (68 GB)
+GPU_CONFIGS = ["configs/gpu1_smoke.yaml", "configs/qwen2.5_gsm8k_4gpu.yaml", "configs/qwen3_deepmath_8gpu.yaml",
+               "configs/qwen3_deepmath_8gpu_fkl.yaml"]
+# Real model dims, from each model's config.json on the Hugging Face Hub (Qwen/<name>; nothing is downloaded here).
+MODELS = {
+    "Qwen2.5-0.5B-Instruct": dict(arch="qwen2", hidden=896, inter=4864, layers=24, heads=14, kv=2, head_dim=64, tied=True),
+    "Qwen2.5-1.5B-Instruct": dict(arch="qwen2", hidden=1536, inter=8960, layers=28, heads=12, kv=2, head_dim=128, tied=True),
+    "Qwen3-1.7B-Base": dict(arch="qwen3", hidden=2048, inter=6144, layers=28, heads=16, kv=8, head_dim=128, tied=True),
+    "Qwen3-8B": dict(arch="qwen3", hidden=4096, inter=12288, layers=36, heads=32, kv=8, head_dim=128, tied=False),
+}
+VOCAB = 151936  # every model above (config.json vocab_size)
+# qwen3_deepmath_8gpu is being switched to engine: vllm (with its own MC draws) on another branch: size it as vLLM
+ROLLOUT_AS_VLLM = {"configs/qwen3_deepmath_8gpu.yaml"}
+OVERHEAD, SLACK = 2.5e9, 0.05  # per process: CUDA context + NCCL/cuBLAS workspaces; allocator fragmentation on tensors
+VLLM_BUDGET = "vLLM gpu_memory_utilization x GPU (weights, KV cache, activations, its CUDA context: all inside)"
+
+
+def hf_config(name):
+    from transformers import Qwen2Config, Qwen3Config
+    d = MODELS[name]
+    kind = Qwen3Config if d["arch"] == "qwen3" else Qwen2Config
+    conf = kind(vocab_size=VOCAB, hidden_size=d["hidden"], intermediate_size=d["inter"], num_hidden_layers=d["layers"],
+                num_attention_heads=d["heads"], num_key_value_heads=d["kv"], tie_word_embeddings=d["tied"],
+                **({"head_dim": d["head_dim"]} if d["arch"] == "qwen3" else {}))
+    conf._attn_implementation = "sdpa"
+    return conf
+
+
+def layer_activations(name, tokens=256):
+    """One real-size decoder layer in bf16 on CPU, batch 1 x `tokens`, no padding mask: bytes per token saved for
+    backward (torch.autograd.graph.saved_tensors_hooks, unique storages, parameters excluded), without and with
+    activation checkpointing (the learner's checkpoint_wrapper, non-reentrant: the hooks see what the checkpoint
+    keeps, its input; what the layer saves inside goes to the checkpoint's own hooks and is recomputed)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen3 import modeling_qwen3
+    conf = hf_config(name)
+    mod = modeling_qwen3 if MODELS[name]["arch"] == "qwen3" else modeling_qwen2
+    torch.manual_seed(0)
+    layer = getattr(mod, f"{mod.__name__.split('_')[-1].capitalize()}DecoderLayer")(conf, layer_idx=0).to(torch.bfloat16)
+    rope = getattr(mod, f"{mod.__name__.split('_')[-1].capitalize()}RotaryEmbedding")(conf)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    pos = torch.arange(tokens)[None]
+    out = {"params": sum(p.numel() for p in layer.parameters())}
+    for ckpt in (False, True):
+        x = torch.randn(1, tokens, conf.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        cos_sin = rope(x, pos)
+        run = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT) if ckpt else layer
+        seen = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                seen[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run(x, attention_mask=None, position_embeddings=cos_sin, position_ids=pos)
+        out["ckpt" if ckpt else "plain"] = sum(seen.values()) / tokens
+    return out
+
+
+def model_params(name):
+    """(total, per decoder layer) parameter counts of the real model, built on the meta device."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(name))
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    return sum(p.numel() for p in model.parameters()), layer
+
+
+def cache_bytes_per_token(cfg):
+    """Bytes per response token of the batch's cache fields (teacher_cache.py's table) for this estimator."""
+    fields = E.required_fields(cfg.loss) | {"behavior_logp", "teacher_logp", "policy_version"}
+    width = {"K": cfg.loss.teacher_topk, "Ks": cfg.loss.student_topk, "M": cfg.loss.samples, "Mt": cfg.loss.samples}
+    import teacher_cache
+    total = 0
+    for f in fields:
+        spec = teacher_cache.FIELD_SPECS[f]
+        if spec["rows"] == "N":
+            total += torch.empty(0, dtype=spec["dtype"]).element_size() * (width[spec["width"]] if spec["width"] else 1)
+    return total + 8  # + the prompt ids, ~1 prompt token per response token at most
+
+
+def learner_terms(cfg, m, act):
+    """Peak bytes on one learner rank (FSDP2, bf16 compute, fp32 master weights), term by term."""
+    d, W = MODELS[m["name"]], len(cfg.learner_devices)
+    P, PL, H, L, V = m["params"], m["layer_params"], d["hidden"], d["layers"], VOCAB
+    root = P - L * PL  # embeddings (+ untied lm_head) + final norm: FSDP2's root group, unsharded for fwd+bwd
+    S = cfg.max_prompt_len + cfg.max_new_tokens  # longest padded sequence
+    shard = cfg.batch_size // (cfg.mini_batches * W) * S  # a rank's mini-batch, padded, in one pass
+    T = max(min(cfg.micro_batch_tokens or shard, shard), S)  # padded tokens per pass; a longer sequence runs alone
+    K = {"reverse_kl_mc": cfg.loss.samples, "forward_kl_topk": cfg.loss.teacher_topk}.get(cfg.loss.name, 16) + 1
+    C = cfg.loss.chunk_size
+    a = act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 2  # + k, v repeated to all heads (SDPA with a mask)
+    if cfg.activation_checkpointing:  # layer inputs kept; one layer recomputed, plus as much again for its gradients
+        acts, mask = T * (L * act["ckpt"] + 2 * a), T * S * (1 + 2)
+    else:  # every layer's saved set, plus one layer's gradients
+        acts, mask = T * (L + 1) * a, T * S * (1 + 2 * L)
+    dtype = 2 if cfg.mixed_precision else 4
+    return {
+        "fp32 master params / W": 4 * P / W,
+        "fp32 grads / W": 4 * P / W,
+        "AdamW exp_avg + exp_avg_sq / W": 8 * P / W,
+        "unsharded params: root + 2 layers": dtype * (root + 2 * PL),
+        "unsharded grads: root + 1 layer (+fp32 reduce copy)": (dtype + 4) * (root + PL),
+        f"activations ({T} tokens/pass, ckpt={cfg.activation_checkpointing})": acts,
+        "4D padding mask + SDPA bias copies": mask,
+        "hidden/norm/rows/grad_h of the head": 20 * T * H,
+        f"lm_head path: fp32 W copy + fp32 grad + [{C}, V] fp32": 8 * V * H + 4 * C * V,
+        f"estimator: [N, {K}] fp32 tensors x12": 48 * T * K,
+        "micro-batch cache tensors": T * cache_bytes_per_token(cfg),
+    }, T
+
+
+def teacher_terms(cfg, m, act, phase):
+    """Peak bytes of the teacher process: bf16 weights + one token-budget sub-batch forward without grad
+    (at most one layer's intermediates alive: bounded by that layer's saved-for-backward set) + the unit's
+    gathered rows + the chunked log_softmax; or the greedy evaluation (HF engine, bf16 KV cache)."""
+    d = MODELS[m["name"]]
+    P, H, L, V, C = m["params"], d["hidden"], d["layers"], VOCAB, 1024  # score_unit: teacher_cache.score's chunk
+    S = cfg.max_prompt_len + cfg.max_new_tokens
+    a = act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 2
+    kv = 2 * d["kv"] * d["head_dim"] * 2 * L  # bf16 K and V, all layers, per token
+    if phase == "eval":
+        B = min(cfg.eval_size, 250)  # task.evaluate's batch
+        return {"bf16 weights": 2 * P, f"KV cache {B} x {S} tokens": B * S * kv,
+                f"prefill {B} x {cfg.max_prompt_len} tokens, one layer": B * cfg.max_prompt_len * (a + 4 * H),
+                "[B, V] sampling buffers": B * V * 32}, B * S
+    unit = cfg.rollout_batch_size * S
+    T = max(min(cfg.teacher_batch_tokens or unit, unit), S)
+    N = cfg.rollout_batch_size * cfg.max_new_tokens
+    return {"bf16 weights": 2 * P,
+            f"sub-batch forward ({T} tokens), one layer live": T * (a + 3 * 2 * H),
+            "4D padding mask + SDPA bias copy": T * S * 3,
+            "unit's gathered rows [N, H] bf16": N * 2 * H,
+            f"chunked log_softmax [{C}, V] bf16 + 2 fp32 (+exp)": C * V * 14,
+            "unit's cache fields in and out (x2 for validate)": 2 * N * cache_bytes_per_token(cfg)}, T
+
+
+def rollout_terms(cfg, m, act, vllm):
+    """vLLM: its gpu_memory_utilization share of the GPU (weights, KV cache, activations, all inside it) + MC draws
+    outside it ([rows, V] fp32 logits, log-softmax, float64 CDF and exp: one row per request of the unit).
+    HF engine: fp32 weights (from a directory) + fp32 KV cache + prefill of one layer + [B, V] buffers."""
+    d = MODELS[m["name"]]
+    S, V = cfg.max_prompt_len + cfg.max_new_tokens, VOCAB
+    mc = cfg.loss.samples if "mc_ids" in E.required_fields(cfg.loss) else 0
+    if vllm:
+        return {VLLM_BUDGET: cfg.gpu_memory_utilization * GPU_BYTES,
+                f"MC draws (M={mc}) workspace [{cfg.rollout_batch_size}, V]": cfg.rollout_batch_size * V * 24 if mc else 0}, 0
+    B = max(cfg.rollout_batch_size, min(cfg.eval_size, 250))  # a unit, or worker 0's evaluation batch
+    a = act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 4
+    return {"fp32 weights": 4 * m["params"],
+            f"fp32 KV cache {B} x {S} tokens": B * S * 2 * d["kv"] * d["head_dim"] * 4 * d["layers"],
+            f"prefill {B} x {cfg.max_prompt_len} tokens, one layer (fp32)": B * cfg.max_prompt_len * 2 * (a + 4 * d["hidden"]),
+            "[B, V] sampling buffers (logits, log-softmax, float64 CDF)": B * V * 32}, B * S
+
+
+def cmd_memory(args):
+    import asyncopd
+    torch.set_num_threads(args.threads)
+    measured = {}
+    print(f"saved activations per token, one real-size decoder layer, bf16, CPU, {args.tokens} tokens "
+          "(saved_tensors_hooks; ckpt: what the checkpoint keeps)")
+    for name in MODELS:
+        act = layer_activations(name, args.tokens)
+        total, layer = model_params(name)
+        measured[name] = dict(act=act, params=total, layer_params=layer, name=name)
+        print(f"  {name:<22} plain {act['plain'] / 1024:7.1f} KiB/token/layer   ckpt {act['ckpt'] / 1024:5.1f} KiB   "
+              f"x {MODELS[name]['layers']} layers; params {total / 1e9:.3f} B ({layer / 1e6:.1f} M per layer)")
+    ok = True
+    for path in args.configs:
+        cfg = asyncopd.load_config(path)
+        cfg.rollout_batch_size = cfg.rollout_batch_size or cfg.batch_size
+        s, t = (measured[os.path.basename(cfg.student)], measured[os.path.basename(cfg.teacher)])
+        vllm = cfg.engine == "vllm" or path in ROLLOUT_AS_VLLM
+        roles = [("learner rank", cfg.learner_devices, *learner_terms(cfg, s, s["act"])),
+                 ("teacher scoring", [cfg.teacher_device], *teacher_terms(cfg, t, t["act"], "score")),
+                 ("rollout worker" + (" (vLLM)" if vllm else " (HF)"), cfg.rollout_devices, *rollout_terms(cfg, s, s["act"], vllm))]
+        if cfg.eval_teacher and cfg.eval_size:
+            roles.append(("teacher evaluation", [cfg.teacher_device], *teacher_terms(cfg, t, t["act"], "eval")))
+        print(f"\n{path}: student {s['name']}, teacher {t['name']}, {cfg.loss.name}; peak GB per process "
+              f"(sum of the terms + {SLACK:.0%} fragmentation + {OVERHEAD / 1e9:.1f} GB CUDA context; vLLM: its budget)")
+        per_device = {}
+        for role, devices, terms, tokens in roles:
+            budget = terms.get(VLLM_BUDGET, 0.0)  # vLLM keeps itself within its budget; only what is outside gets slack
+            peak = budget + sum(v for k, v in terms.items() if k != VLLM_BUDGET) * (1 + SLACK) + (0 if budget else OVERHEAD)
+            print(f"  {role:<26} {peak / 1e9:6.1f} GB on {', '.join(devices)}")
+            for k, v in terms.items():
+                print(f"      {v / 1e9:7.2f}  {k}")
+            for dev in set(devices):  # evaluation and scoring are phases of one process: its larger one counts
+                key = (dev, role.split()[0])
+                per_device[key] = max(per_device.get(key, 0.0), peak)
+        devices = {}
+        for (dev, _), peak in per_device.items():
+            devices[dev] = devices.get(dev, 0.0) + peak  # roles sharing a GPU add up
+        for dev, peak in sorted(devices.items()):
+            fits = peak <= FIT * GPU_BYTES
+            ok &= fits
+            print(f"  {dev:<8} {peak / 1e9:6.1f} GB of {GPU_BYTES / 1e9:.0f} GB ({100 * peak / GPU_BYTES:.0f}%)  "
+                  f"{'fits' if fits else 'DOES NOT FIT'} (limit {FIT * GPU_BYTES / 1e9:.0f} GB)")
+    print("\nall configs fit" if ok else "\nsome config does not fit: lower micro_batch_tokens / teacher_batch_tokens / "
+          "gpu_memory_utilization or turn on activation_checkpointing")
+    return ok
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +469,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run, e.g. lr=0.0003")
     p.set_defaults(fn=cmd_offline)
+    p = sub.add_parser("memory", help="modelled peak GPU memory per role of each shipped GPU config, from measured layers")
+    p.add_argument("configs", nargs="*", default=GPU_CONFIGS)
+    p.add_argument("--tokens", type=int, default=256, help="sequence length of the measured layer forward")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(fn=lambda a: sys.exit(0 if cmd_memory(a) else 1))
     p = sub.add_parser("_loss_point", help=argparse.SUPPRESS)  # internal: one measurement, fresh process
     p.add_argument("spec")
     p.set_defaults(fn=lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))))

@@ -192,6 +192,23 @@ def select_sequences(cache, seq_idx):
     return out
 
 
+def split_by_tokens(cache, budget, seq_idx=None):
+    """Groups of sequence indices (from seq_idx, default all) whose right-padded prompt+response tokens,
+    len(group) * longest, stay within `budget`: longest first, greedy. A sequence longer than the budget
+    forms a group alone (it still runs, over budget). budget 0: one group, seq_idx in the given order."""
+    seq_idx = list(range(cache["cu_seqlens"].numel() - 1)) if seq_idx is None else [int(i) for i in seq_idx]
+    if budget <= 0 or not seq_idx:
+        return [seq_idx] if seq_idx else []
+    lens = (cache["prompt_cu_seqlens"].diff() + cache["cu_seqlens"].diff()).tolist()
+    groups = []
+    for i in sorted(seq_idx, key=lambda i: (-lens[i], i)):  # a group's first sequence is its longest
+        if groups and (len(groups[-1]) + 1) * lens[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def concat(caches):
     """One cache from several with the same fields and widths (sequences in the given order)."""
     if not caches:
@@ -213,10 +230,14 @@ def concat(caches):
 
 # ----------------------------------------------------------------------------- teacher scoring
 @torch.no_grad()
-def score(teacher_model, traj, fields, teacher_topk=0, teacher_mc=0, generator=None, chunk_size=1024, pad_token_id=0):
-    """One teacher forward over the padded batch; returns a new dict = traj + the requested fields. t = the
+def score(teacher_model, traj, fields, teacher_topk=0, teacher_mc=0, generator=None, chunk_size=1024, pad_token_id=0,
+          batch_tokens=0):
+    """Teacher forward over the padded batch; returns a new dict = traj + the requested fields. t = the
     teacher's log_softmax at temperature 1 in float32, `chunk_size` rows at a time (no [N, V] unless teacher_dense_logp
-    is asked for); teacher_mc_ids: `teacher_mc` i.i.d. draws with replacement from softmax(t), using `generator`."""
+    is asked for); teacher_mc_ids: `teacher_mc` i.i.d. draws with replacement from softmax(t), using `generator`.
+    batch_tokens > 0: the forward runs over sub-batches of at most that many padded tokens (split_by_tokens) whose
+    response rows are gathered into one [N, H] before the row chunks, so the output equals one forward's (the draws
+    too: the row chunks and the generator see the same rows in the same order)."""
     fields = set(fields)
     if fields - TEACHER_FIELDS:
         raise ValueError(f"score: {sorted(fields - TEACHER_FIELDS)} are not teacher fields; choose from {sorted(TEACHER_FIELDS)}")
@@ -232,11 +253,21 @@ def score(teacher_model, traj, fields, teacher_topk=0, teacher_mc=0, generator=N
         raise ValueError(f"score: teacher MC fields need teacher_mc >= 1, got {teacher_mc}")
     validate(traj, vocab_size=V, where="score input")
     device, out_device = teacher_model.lm_head.weight.device, traj["token_ids"].device
-    input_ids, attention_mask, rows = pad_batch(traj, pad_token_id)
-    hidden = teacher_model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)[0]
-    hidden = hidden.reshape(-1, hidden.shape[-1])[rows.to(device)]  # [N, H], row r = position P+r-1
+    groups = split_by_tokens(traj, batch_tokens) or [[]]  # B = 0: pad_batch refuses it below
+    hidden, cu = None, traj["cu_seqlens"]
+    for group in groups:
+        sub = select_sequences(traj, group) if len(groups) > 1 else traj
+        input_ids, attention_mask, rows = pad_batch(sub, pad_token_id)
+        h = teacher_model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)[0]
+        h = h.reshape(-1, h.shape[-1])[rows.to(device)]  # [n, H], row r = position P+r-1
+        if len(groups) == 1:
+            hidden = h
+            break
+        if hidden is None:
+            hidden = h.new_empty(int(cu[-1]), h.shape[-1])
+        hidden[torch.cat([torch.arange(int(cu[i]), int(cu[i + 1])) for i in group]).to(device)] = h  # back to traj's rows
     parts = {f: [] for f in fields}
-    for lo in range(0, max(rows.numel(), 1), chunk_size):  # N = 0 still runs one (empty) chunk: right shapes
+    for lo in range(0, max(hidden.shape[0], 1), chunk_size):  # N = 0 still runs one (empty) chunk: right shapes
         sl = slice(lo, lo + chunk_size)
         t = torch.log_softmax(teacher_model.lm_head(hidden[sl]).float(), dim=-1)  # [n, V] float32
         got = {"teacher_dense_logp": t, "teacher_logp": t.gather(1, traj["token_ids"][sl].to(device)[:, None])[:, 0]}

@@ -137,11 +137,13 @@ def test_learner_refuses_stale_tokens_and_nonfinite_loss(learner):
 
 
 def test_fsdp_world_size_2_matches_world_size_1_and_resume_matches(tmp_path, tiny_models):
-    """Sync runs are deterministic: 2 gloo ranks give the losses of 1 rank, and a run resumed
-    from its step-2 checkpoint gives the losses of the uninterrupted run."""
+    """Sync runs are deterministic: 2 gloo ranks (with token-budget micro-batches, activation checkpointing and
+    teacher sub-batches) give the losses of 1 rank, and a run resumed from its step-2 checkpoint gives the
+    losses of the uninterrupted run."""
     common = ["schedule=sync", "loss.name=forward_kl_topk", "steps=4", "save_every=2", "eval_size=0"]
     one = train(tmp_path, tiny_models, *common, "run_name=one")
-    two = train(tmp_path, tiny_models, *common, "run_name=two", "learner_devices=[cpu,cpu]")
+    two = train(tmp_path, tiny_models, *common, "run_name=two", "learner_devices=[cpu,cpu]", "micro_batch_tokens=24",
+                "activation_checkpointing=true", "teacher_batch_tokens=30")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     l1 = [r["loss"] for r in records(only_run(tmp_path, "one"))]
     l2 = [r["loss"] for r in records(only_run(tmp_path, "two"))]
@@ -163,12 +165,12 @@ def _alive(pid):
         return f.read().split()[2] != "Z"
 
 
-def _start(tmp_path, tiny_models, name):
+def _start(tmp_path, tiny_models, name, *extra):
     student, teacher = tiny_models
     shm_before = set(os.listdir("/dev/shm"))
     cmd = [sys.executable, os.path.join(ROOT, "asyncopd.py"), "train", f"student={student}", f"teacher={teacher}",
            f"out_dir={tmp_path}", *TINY, "steps=10000", "eval_size=0", f"run_name={name}", "schedule=async",
-           "max_new_tokens=24"]
+           "max_new_tokens=24", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     run = os.path.join(tmp_path, name)
     deadline = time.time() + 120
@@ -191,8 +193,11 @@ def test_killing_the_teacher_stops_the_run_cleanly(tmp_path, tiny_models):
     assert set(os.listdir("/dev/shm")) <= shm_before  # no shared-memory segment left behind
 
 
-def test_sigint_checkpoints_and_exits(tmp_path, tiny_models):
-    proc, run, pids, _ = _start(tmp_path, tiny_models, "sigint")
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigint_checkpoints_and_exits(tmp_path, tiny_models, world):
+    """World 2: rank 0's stop marker takes rank 1 out of its queue poll into the final checkpoint together."""
+    extra = ["learner_devices=[cpu,cpu]", "micro_batch_tokens=24", "dist_timeout_s=60"] if world == 2 else []
+    proc, run, pids, _ = _start(tmp_path, tiny_models, "sigint", *extra)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
