@@ -255,15 +255,13 @@ def trl_run(config, overrides, run_dir, steps, save_every, seed, threads):
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is local; never reach the hub
     torch.set_num_threads(threads)
     import asyncopd
-    import task
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
-    cfg = asyncopd.load_config(config, [*overrides, f"seed={seed}", f"steps={steps}"])
-    tok, train = AutoTokenizer.from_pretrained(cfg.student), task.load_prompts(cfg.data, "train")
+    cfg = asyncopd.load_config(config, [*overrides, f"seed={seed}", f"steps={steps}", "eval_size=0"])
+    tok, train, _ = asyncopd.validate(cfg)  # asyncopd's checks; its tokenizer and encoded prompts
     order = [i for u in range(steps * asyncopd.units_per_batch(cfg)) for i in asyncopd.unit_prompt_indices(cfg, len(train), u)]
-    ids = [task.encode_prompt(tok, r["prompt"], False) for r in train]
-    data = Dataset.from_dict({"ids": [ids[i] for i in order]})
+    data = Dataset.from_dict({"ids": [train[i]["ids"] for i in order]})
 
     def collate(rows):  # prompt ids only (GKD's own collator wants chat messages; the task has no template). No
         ids = torch.tensor([r["ids"] for r in rows])  # labels, so the loss is the token mean over the sampled
