@@ -3,7 +3,7 @@
     python bench.py loss [--tokens 1024,2048,4096] [--vocab 151936] [--hidden 896] [--device cpu|cuda]
     python bench.py pipeline [--config configs/default.yaml] [--steps 24] [--max-staleness 2] [key=value ...]
     python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
-    python bench.py peer [--systems asyncopd,...,trl-gkd] [--seeds 0,1,2] [--steps 2000] [key=value ...]
+    python bench.py peer [--systems asyncopd,...,trl-distill] [--seeds 0,1,2] [--steps 2000] [key=value ...]
 
 loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at a
 Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax, then
@@ -11,8 +11,8 @@ gather), each point in a fresh subprocess; see loss_point(). On CPU, scale token
 linear fit's extrapolation to EXTRAPOLATE tokens.
 pipeline: the real pipeline (asyncopd.run) once per schedule on one config; see throughput().
 offline: online async OPD vs offline Lightning OPD (precompute included) and teacher A vs B; see cmd_offline().
-peer: seconds from launch to 80/90/95% held-out accuracy, asyncopd configs vs TRL's GKDTrainer (optional:
-`pip install trl==1.16.0`), evaluation off the clock; see cmd_peer().
+peer: seconds from launch to 80/90/95% held-out accuracy, asyncopd configs vs TRL's GKDTrainer and
+DistillationTrainer (optional: `pip install trl==1.16.0`), evaluation off the clock; see cmd_peer().
 """
 import argparse
 import json
@@ -237,31 +237,31 @@ def cmd_offline(args):
 
 
 # ----------------------------------------------------------------------------- peer: asyncopd vs TRL
-# Systems of `bench.py peer`: asyncopd as key=value overrides of --config, or TRL's GKDTrainer (see trl_run).
+# Systems of `bench.py peer`: asyncopd as key=value overrides of --config, or a TRL trainer by name (see trl_run).
 PEER_SYSTEMS = {
     "asyncopd": [],                                   # the config as is (default: async, MC-64 reverse KL, A_theta)
     "asyncopd-sync": ["schedule=sync"],               # the same estimator, strict sync: nothing overlaps
     "asyncopd-dense": ["loss.name=reverse_kl_dense"],  # async, exact reverse KL over the vocabulary
-    "trl-gkd": None,                                  # TRL 1.16 GKDTrainer, lmbda=1, beta=1: exact reverse KL, sync, 1 process
+    "trl-gkd": "gkd",                                 # TRL 1.16 GKDTrainer, lmbda=1, beta=1: exact reverse KL, sync, 1 process
+    "trl-distill": "distill",                         # TRL 1.16 DistillationTrainer, beta=1: the same loss, TRL's stable API
 }
 THRESHOLDS = (0.80, 0.90, 0.95)
 
 
-def trl_run(config, overrides, run_dir, steps, save_every, seed, threads):
-    """TRL's GKDTrainer in this process with asyncopd's models, prompts (in the same order per step), batch,
-    lengths, temperature and optimizer (AdamW, constant lr, betas, weight decay, grad clip). lmbda=1: every batch
-    is sampled from the student; beta=1: TRL's generalized JSD is then F.kl_div(t, s) = KL(student || teacher)
-    over the whole vocabulary (trl 1.16 gkd_trainer.py). Writes metrics.jsonl step times and ckpt_NNNNN like asyncopd."""
+def trl_run(trainer, config, overrides, run_dir, steps, save_every, seed, threads):
+    """TRL's GKDTrainer or DistillationTrainer in this process with asyncopd's models, prompts (in the same order per
+    step), batch, lengths, temperature and optimizer (AdamW, constant lr, betas, weight decay, grad clip). Every batch
+    is sampled from the student (GKD: lmbda=1); beta=1: TRL's generalized JSD is then KL(student || teacher) over the
+    whole vocabulary (trl 1.16: F.kl_div(t, s) in gkd_trainer.py, a chunked kernel in distillation_trainer.py).
+    Writes metrics.jsonl step times and ckpt_NNNNN like asyncopd."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is local; never reach the hub
     torch.set_num_threads(threads)
     import asyncopd
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
     cfg = asyncopd.load_config(config, [*overrides, f"seed={seed}", f"steps={steps}", "eval_size=0"])
     tok, train, _ = asyncopd.validate(cfg)  # asyncopd's checks; its tokenizer and encoded prompts
     order = [i for u in range(steps * asyncopd.units_per_batch(cfg)) for i in asyncopd.unit_prompt_indices(cfg, len(train), u)]
-    data = Dataset.from_dict({"ids": [train[i]["ids"] for i in order]})
 
     def collate(rows):  # prompt ids only (GKD's own collator wants chat messages; the task has no template). No
         ids = torch.tensor([r["ids"] for r in rows])  # labels, so the loss is the token mean over the sampled
@@ -275,17 +275,23 @@ def trl_run(config, overrides, run_dir, steps, save_every, seed, threads):
             if state.global_step % save_every == 0 or state.global_step == steps:
                 model.save_pretrained(os.path.join(run_dir, f"ckpt_{state.global_step:05d}"))
 
-    # asyncopd's optimizer, not TRL's defaults (lr 2e-5 decaying linearly, bf16, activation checkpointing: settings
-    # for billion-parameter models that would handicap TRL here); float32 on the CPU like asyncopd's learner
-    args = GKDConfig(output_dir=run_dir, max_steps=steps, per_device_train_batch_size=cfg.batch_size, seed=seed,
-                     lmbda=1.0, beta=1.0, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                     learning_rate=cfg.lr, lr_scheduler_type="constant", adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1],
-                     weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, train_sampling_strategy="sequential",
-                     bf16=False, gradient_checkpointing=False, use_cpu=True, save_strategy="no", report_to="none",
-                     logging_steps=max(1, steps // 10), disable_tqdm=True)
+    # asyncopd's optimizer, not TRL's defaults (lr 2e-5 or 1e-6 decaying linearly, bf16, activation checkpointing:
+    # settings for billion-parameter models that would handicap TRL here); float32 on the CPU like asyncopd's learner
+    common = dict(output_dir=run_dir, max_steps=steps, per_device_train_batch_size=cfg.batch_size, seed=seed, beta=1.0,
+                  temperature=cfg.temperature, learning_rate=cfg.lr, lr_scheduler_type="constant", adam_beta1=cfg.betas[0],
+                  adam_beta2=cfg.betas[1], weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, bf16=False,
+                  gradient_checkpointing=False, use_cpu=True, save_strategy="no", report_to="none",
+                  logging_steps=max(1, steps // 10), disable_tqdm=True)
+    if trainer == "gkd":  # each run imports only its trainer: imports are on the clock
+        from trl.experimental.gkd import GKDConfig, GKDTrainer as Trainer
+        args = GKDConfig(**common, lmbda=1.0, max_new_tokens=cfg.max_new_tokens, train_sampling_strategy="sequential")
+        extra = dict(data_collator=collate, train_dataset=Dataset.from_dict({"ids": [train[i]["ids"] for i in order]}))
+    else:  # takes text prompts; counts the loss's tokens after sampling (huggingface/trl#6478)
+        from trl import DistillationConfig, DistillationTrainer as Trainer
+        args = DistillationConfig(**common, max_completion_length=cfg.max_new_tokens, shuffle_dataset=False)
+        extra = dict(train_dataset=Dataset.from_dict({"prompt": [train[i]["prompt"] for i in order]}))
     student, teacher = AutoModelForCausalLM.from_pretrained(cfg.student), AutoModelForCausalLM.from_pretrained(cfg.teacher)
-    GKDTrainer(model=student, teacher_model=teacher, args=args, data_collator=collate, train_dataset=data,
-               processing_class=tok, callbacks=[Saver()]).train()
+    Trainer(model=student, teacher_model=teacher, args=args, processing_class=tok, callbacks=[Saver()], **extra).train()
     log.close()
 
 
@@ -296,12 +302,12 @@ def cmd_peer(args):
     systems, seeds = args.systems.split(","), [int(x) for x in args.seeds.split(",")]
     if any(s not in PEER_SYSTEMS for s in systems):
         raise SystemExit(f"bench.py peer: unknown system in --systems {args.systems}; use some of {','.join(PEER_SYSTEMS)}")
-    if "trl-gkd" in systems:
+    if any(isinstance(PEER_SYSTEMS[s], str) for s in systems):
         try:
             import trl  # noqa: F401
         except ImportError:
-            raise SystemExit("bench.py peer: trl-gkd needs TRL: .venv/bin/python -m pip install trl==1.16.0 "
-                             "(or leave trl-gkd out of --systems)") from None
+            raise SystemExit("bench.py peer: the trl-* systems need TRL: .venv/bin/python -m pip install trl==1.16.0 "
+                             "(or leave them out of --systems)") from None
     import asyncopd
     import task
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -314,9 +320,9 @@ def cmd_peer(args):
         for name in systems:
             run_dir = os.path.join(out, f"{name}-{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts from scratch
-            if PEER_SYSTEMS[name] is None:
+            if isinstance(PEER_SYSTEMS[name], str):
                 os.makedirs(run_dir)
-                spec = dict(config=args.config, overrides=args.overrides, run_dir=run_dir, steps=args.steps,
+                spec = dict(trainer=PEER_SYSTEMS[name], config=args.config, overrides=args.overrides, run_dir=run_dir, steps=args.steps,
                             save_every=args.save_every, seed=seed, threads=args.trl_threads or args.cpus)
                 t0, _, _ = _asyncopd(["_trl", json.dumps(spec)], "bench.py", args.cpus)
             else:
@@ -392,7 +398,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run, e.g. lr=0.0003")
     p.set_defaults(fn=cmd_offline)
-    p = sub.add_parser("peer", help="asyncopd vs TRL GKDTrainer: seconds and steps to 80/90/95%% held-out accuracy")
+    p = sub.add_parser("peer", help="asyncopd vs TRL (GKD, Distillation): seconds and steps to 80/90/95%% held-out accuracy")
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--systems", default=",".join(PEER_SYSTEMS), help="comma-separated keys of PEER_SYSTEMS")
     p.add_argument("--seeds", default="0,1,2")
