@@ -163,8 +163,9 @@ def cmd_pipeline(args):
 # ----------------------------------------------------------------------------- offline (Lightning OPD)
 def _asyncopd(argv, script="asyncopd.py", cpus=0):
     """`python SCRIPT ARGV` in a fresh process, on the first `cpus` allowed cores if cpus > 0 (its children
-    inherit them): (launch time, wall seconds, stdout)."""
-    pin = (lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])) if cpus else None
+    inherit them; Linux only, elsewhere unpinned): (launch time, wall seconds, stdout)."""
+    cores = sorted(os.sched_getaffinity(0))[:cpus] if cpus and hasattr(os, "sched_setaffinity") else None
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     t0 = time.time()
     out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, preexec_fn=pin,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -322,8 +323,8 @@ def cmd_peer(args):
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts from scratch
             if isinstance(PEER_SYSTEMS[name], str):
                 os.makedirs(run_dir)
-                spec = dict(trainer=PEER_SYSTEMS[name], config=args.config, overrides=args.overrides, run_dir=run_dir, steps=args.steps,
-                            save_every=args.save_every, seed=seed, threads=args.trl_threads or args.cpus)
+                spec = dict(trainer=PEER_SYSTEMS[name], config=args.config, overrides=args.overrides, run_dir=run_dir,
+                            steps=args.steps, save_every=args.save_every, seed=seed, threads=args.trl_threads or args.cpus)
                 t0, _, _ = _asyncopd(["_trl", json.dumps(spec)], "bench.py", args.cpus)
             else:
                 t0, _, _ = _asyncopd(["train", args.config, *PEER_SYSTEMS[name], *args.overrides, f"steps={args.steps}",
