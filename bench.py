@@ -4,6 +4,7 @@
     python bench.py pipeline [--config configs/default.yaml] [--steps 24] [--max-staleness 2] [key=value ...]
     python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
     python bench.py memory [CONFIG.yaml ...] [--tokens 256]
+    python bench.py peer [--systems asyncopd,...,trl-distill] [--seeds 0,1,2] [--steps 2000] [key=value ...]
 
 loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at a
 Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax, then
@@ -14,6 +15,8 @@ offline: online async OPD vs offline Lightning OPD (precompute included) and tea
 memory: modelled peak GPU memory of every role of each shipped GPU config against an 80 GB GPU (fits: <= 68 GB),
 from one real-size decoder layer per model measured on CPU in seconds (no downloads); see cmd_memory() and the
 *_terms() functions, one line per term. Exit status 1 if a config does not fit.
+peer: seconds from launch to 80/90/95% held-out accuracy, asyncopd configs vs TRL's GKDTrainer and
+DistillationTrainer (optional: `pip install trl==1.16.0`), evaluation off the clock; see cmd_peer().
 """
 import argparse
 import json
@@ -162,13 +165,16 @@ def cmd_pipeline(args):
 
 
 # ----------------------------------------------------------------------------- offline (Lightning OPD)
-def _asyncopd(argv):
-    """`python asyncopd.py ARGV` in a fresh process: (launch time, wall seconds, stdout)."""
+def _asyncopd(argv, script="asyncopd.py", cpus=0):
+    """`python SCRIPT ARGV` in a fresh process, on the first `cpus` allowed cores if cpus > 0 (its children
+    inherit them; Linux only, elsewhere unpinned): (launch time, wall seconds, stdout)."""
+    cores = sorted(os.sched_getaffinity(0))[:cpus] if cpus and hasattr(os, "sched_setaffinity") else None
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     t0 = time.time()
-    out = subprocess.run([sys.executable, "asyncopd.py", *argv], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, preexec_fn=pin,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     if out.returncode:
-        raise RuntimeError(f"asyncopd.py {' '.join(argv)} failed: {out.stderr.strip()[-800:]}")
+        raise RuntimeError(f"{script} {' '.join(argv)} failed: {out.stderr.strip()[-800:]}")
     return t0, time.time() - t0, out.stdout.strip()
 
 
@@ -440,6 +446,139 @@ def cmd_memory(args):
     print("\nall configs fit" if ok else "\nsome config does not fit: lower micro_batch_tokens / teacher_batch_tokens / "
           "gpu_memory_utilization or turn on activation_checkpointing")
     return ok
+# ----------------------------------------------------------------------------- peer: asyncopd vs TRL
+# Systems of `bench.py peer`: asyncopd as key=value overrides of --config, or a TRL trainer by name (see trl_run).
+PEER_SYSTEMS = {
+    "asyncopd": [],                                   # the config as is (default: async, MC-64 reverse KL, A_theta)
+    "asyncopd-sync": ["schedule=sync"],               # the same estimator, strict sync: nothing overlaps
+    "asyncopd-dense": ["loss.name=reverse_kl_dense"],  # async, exact reverse KL over the vocabulary
+    "trl-gkd": "gkd",                                 # TRL 1.16 GKDTrainer, lmbda=1, beta=1: exact reverse KL, sync, 1 process
+    "trl-distill": "distill",                         # TRL 1.16 DistillationTrainer, beta=1: the same loss, TRL's stable API
+}
+THRESHOLDS = (0.80, 0.90, 0.95)
+
+
+def trl_run(trainer, config, overrides, run_dir, steps, save_every, seed, threads):
+    """TRL's GKDTrainer or DistillationTrainer in this process with asyncopd's models, prompts (in the same order per
+    step), batch, lengths, temperature and optimizer (AdamW, constant lr, betas, weight decay, grad clip). Every batch
+    is sampled from the student (GKD: lmbda=1); beta=1: TRL's generalized JSD is then KL(student || teacher) over the
+    whole vocabulary (trl 1.16: F.kl_div(t, s) in gkd_trainer.py, a chunked kernel in distillation_trainer.py).
+    Writes metrics.jsonl step times and ckpt_NNNNN like asyncopd."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # everything is local; never reach the hub
+    torch.set_num_threads(threads)
+    import asyncopd
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    cfg = asyncopd.load_config(config, [*overrides, f"seed={seed}", f"steps={steps}", "eval_size=0"])
+    tok, train, _ = asyncopd.validate(cfg)  # asyncopd's checks; its tokenizer and encoded prompts
+    order = [i for u in range(steps * asyncopd.units_per_batch(cfg)) for i in asyncopd.unit_prompt_indices(cfg, len(train), u)]
+
+    def collate(rows):  # prompt ids only (GKD's own collator wants chat messages; the task has no template). No
+        ids = torch.tensor([r["ids"] for r in rows])  # labels, so the loss is the token mean over the sampled
+        return {"prompts": ids, "prompt_attention_mask": torch.ones_like(ids)}  # responses, as asyncopd's
+
+    log = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+
+    class Saver(TrainerCallback):  # step end time, then a checkpoint every save_every steps (graded afterwards)
+        def on_step_end(self, _args, state, control, model=None, **kw):
+            log.write(json.dumps({"kind": "step", "step": state.global_step, "time": time.time()}) + "\n")
+            if state.global_step % save_every == 0 or state.global_step == steps:
+                model.save_pretrained(os.path.join(run_dir, f"ckpt_{state.global_step:05d}"))
+
+    # asyncopd's optimizer, not TRL's defaults (lr 2e-5 or 1e-6 decaying linearly, bf16, activation checkpointing:
+    # settings for billion-parameter models that would handicap TRL here); float32 on the CPU like asyncopd's learner
+    common = dict(output_dir=run_dir, max_steps=steps, per_device_train_batch_size=cfg.batch_size, seed=seed, beta=1.0,
+                  temperature=cfg.temperature, learning_rate=cfg.lr, lr_scheduler_type="constant", adam_beta1=cfg.betas[0],
+                  adam_beta2=cfg.betas[1], weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, bf16=False,
+                  gradient_checkpointing=False, use_cpu=True, save_strategy="no", report_to="none",
+                  logging_steps=max(1, steps // 10), disable_tqdm=True)
+    if trainer == "gkd":  # each run imports only its trainer: imports are on the clock
+        from trl.experimental.gkd import GKDConfig, GKDTrainer as Trainer
+        args = GKDConfig(**common, lmbda=1.0, max_new_tokens=cfg.max_new_tokens, train_sampling_strategy="sequential")
+        extra = dict(data_collator=collate, train_dataset=Dataset.from_dict({"ids": [train[i]["ids"] for i in order]}))
+    else:  # takes text prompts; counts the loss's tokens after sampling (huggingface/trl#6478)
+        from trl import DistillationConfig, DistillationTrainer as Trainer
+        args = DistillationConfig(**common, max_completion_length=cfg.max_new_tokens, shuffle_dataset=False)
+        extra = dict(train_dataset=Dataset.from_dict({"prompt": [train[i]["prompt"] for i in order]}))
+    student, teacher = AutoModelForCausalLM.from_pretrained(cfg.student), AutoModelForCausalLM.from_pretrained(cfg.teacher)
+    Trainer(model=student, teacher_model=teacher, args=args, processing_class=tok, callbacks=[Saver()], **extra).train()
+    log.close()
+
+
+def cmd_peer(args):
+    """Each system and seed runs alone in a fresh process on the same --cpus cores, checkpointing every
+    --save-every steps with no evaluation; then every checkpoint is graded (greedy, --eval-n held-out problems),
+    off the clock. Times are seconds from the launch of the process to the end of the checkpoint's step."""
+    systems, seeds = args.systems.split(","), [int(x) for x in args.seeds.split(",")]
+    if any(s not in PEER_SYSTEMS for s in systems):
+        raise SystemExit(f"bench.py peer: unknown system in --systems {args.systems}; use some of {','.join(PEER_SYSTEMS)}")
+    if any(isinstance(PEER_SYSTEMS[s], str) for s in systems):
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise SystemExit("bench.py peer: the trl-* systems need TRL: .venv/bin/python -m pip install trl==1.16.0 "
+                             "(or leave them out of --systems)") from None
+    import asyncopd
+    import task
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(args.cpus)
+    cfg, out = asyncopd.load_config(args.config, args.overrides), os.path.abspath(args.out)
+    tok, rows = AutoTokenizer.from_pretrained(cfg.student), task.load_prompts("addition", "test", args.eval_n)
+    grade = lambda d: task.evaluate(AutoModelForCausalLM.from_pretrained(d), tok, rows)  # noqa: E731
+    results = []
+    for seed in seeds:
+        for name in systems:
+            run_dir = os.path.join(out, f"{name}-{seed}")
+            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts from scratch
+            if isinstance(PEER_SYSTEMS[name], str):
+                os.makedirs(run_dir)
+                spec = dict(trainer=PEER_SYSTEMS[name], config=args.config, overrides=args.overrides, run_dir=run_dir,
+                            steps=args.steps, save_every=args.save_every, seed=seed, threads=args.trl_threads or args.cpus)
+                t0, _, _ = _asyncopd(["_trl", json.dumps(spec)], "bench.py", args.cpus)
+            else:
+                t0, _, _ = _asyncopd(["train", args.config, *PEER_SYSTEMS[name], *args.overrides, f"steps={args.steps}",
+                                      f"save_every={args.save_every}", "eval_size=0", "progress=false", f"seed={seed}",
+                                      f"out_dir={out}", f"run_name={name}-{seed}"], cpus=args.cpus)
+            with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+                times = {r["step"]: r["time"] - t0 for r in map(json.loads, f) if r["kind"] == "step"}
+            last = max(times)
+            points = [(k, times[k], grade(os.path.join(run_dir, f"ckpt_{k:05d}"))) for k in sorted(times)
+                      if k % args.save_every == 0 or k == last]
+            for k, _, _ in points:  # graded: the checkpoints are not needed any more
+                shutil.rmtree(os.path.join(run_dir, f"ckpt_{k:05d}"))
+            hits = {th: next(((k, t) for k, t, a in points if a >= th), None) for th in THRESHOLDS}
+            results.append(dict(system=name, seed=seed, start_s=times[1], step_s=(times[last] - times[1]) / max(1, last - 1),
+                                points=points, hits={f"{th:.2f}": hit for th, hit in hits.items()}))
+            print(f"{name}-{seed}: {last} steps, graded {len(points)} checkpoints", flush=True)
+    with open(os.path.join(out, "peer.json"), "w") as f:
+        json.dump(results, f)
+    print(f"\n{args.steps} steps x {cfg.batch_size} prompts, {args.cpus} cores each (TRL: {args.trl_threads or args.cpus} "
+          f"threads; asyncopd: {cfg.threads} per process), checkpoints every {args.save_every} "
+          f"steps graded on {args.eval_n} held-out problems (greedy), student before {100 * grade(cfg.student):.1f}%")
+    print(f"{'system':<15} {'seed':>4} {'start s':>7} {'s/step':>6} "
+          + " ".join(f"{f'{100 * th:.0f}%: s (step)':>16}" for th in THRESHOLDS) + f" {'final':>6}")
+    for r in results:
+        cells = [f"{h[1]:.1f} ({h[0]})" if h else "not reached" for h in r["hits"].values()]
+        print(f"{r['system']:<15} {r['seed']:>4} {r['start_s']:>7.1f} {r['step_s']:>6.3f} " + " ".join(f"{c:>16}" for c in cells)
+              + f" {100 * r['points'][-1][2]:>5.1f}%")
+    print("start s: launch to the end of step 1; s/step: after it. s (step): seconds from launch and learner step of the "
+          "first checkpoint at that held-out accuracy.")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        c = f"C{systems.index(r['system'])}"
+        ax.plot([t for _, t, _ in r["points"]], [a for _, _, a in r["points"]], c, marker=".",
+                label=r["system"] if r["seed"] == seeds[0] else None)
+    for th in THRESHOLDS:
+        ax.axhline(th, color="grey", lw=0.5, ls="--")
+    ax.set(xlabel="seconds since launch", ylabel=f"held-out accuracy (greedy, n={args.eval_n})", ylim=(0, 1),
+           title=f"accuracy vs seconds, {args.cpus} cores, seeds {args.seeds}")
+    ax.legend()
+    fig.savefig(os.path.join(out, "peer.png"), dpi=80)
+    print(f"plot: {out}/peer.png, points: {out}/peer.json")
+    return results
 
 
 def main(argv=None):
@@ -474,11 +613,26 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=256, help="sequence length of the measured layer forward")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(fn=lambda a: sys.exit(0 if cmd_memory(a) else 1))
+    p = sub.add_parser("peer", help="asyncopd vs TRL (GKD, Distillation): seconds and steps to 80/90/95%% held-out accuracy")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--systems", default=",".join(PEER_SYSTEMS), help="comma-separated keys of PEER_SYSTEMS")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint (and grade) every N learner steps")
+    p.add_argument("--eval-n", type=int, default=500, help="held-out problems per grade")
+    p.add_argument("--cpus", type=int, default=2, help="cores every run is pinned to (asyncopd: threads per process from the config)")
+    p.add_argument("--trl-threads", type=int, default=0, help="TRL's torch threads (0 = --cpus; 1 can be 4x faster on a busy machine)")
+    p.add_argument("--out", default="/tmp/asyncopd_bench_peer")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every system (TRL takes models, data, batch, lengths, optimizer)")
+    p.set_defaults(fn=cmd_peer)
+    p = sub.add_parser("_trl", help=argparse.SUPPRESS)  # internal: one TRL run, fresh process
+    p.add_argument("spec")
+    p.set_defaults(fn=lambda a: trl_run(**json.loads(a.spec)))
     p = sub.add_parser("_loss_point", help=argparse.SUPPRESS)  # internal: one measurement, fresh process
     p.add_argument("spec")
     p.set_defaults(fn=lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))))
     args = parser.parse_args(argv)
-    args.fn(args)
+    return args.fn(args)
 
 
 if __name__ == "__main__":
