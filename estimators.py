@@ -235,10 +235,14 @@ def _masked_mean(x, valid):
 
 
 def _field(cache, name, like, opts):
-    """cache[name] in like's dtype; a missing field is an error that names the estimator needing it."""
+    """cache[name] in like's dtype, 0 on masked rows; a missing field is an error that names the estimator needing it.
+
+    Masked rows may hold -inf (a teacher or behaviour policy giving a padding row no mass): aggregate() drops their
+    values, but a -inf inside the formula would still make the backward 0 * inf = NaN, so they never enter it."""
     if name not in cache:
         _fail(f"cache has no {name!r}, needed by {opts.name}: produce estimators.required_fields(opts) in rollout/teacher")
-    return cache[name].to(like.dtype)
+    x, keep = cache[name].to(like.dtype), cache["loss_mask"].bool()
+    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros_like(x))
 
 
 def _xlogratio(logp, logq):

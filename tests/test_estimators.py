@@ -315,7 +315,8 @@ def per_draw_gradients(z, cache, o):
 
 def exact_gradient(z, t, name):
     zz = z.clone().requires_grad_()
-    per_token, _ = E.ESTIMATORS[name]({"dense": torch.log_softmax(zz, -1)[None]}, {"teacher_dense_logp": t[None]}, opts(name))
+    cache = {"teacher_dense_logp": t[None], "loss_mask": torch.ones(1, dtype=torch.bool)}
+    per_token, _ = E.ESTIMATORS[name]({"dense": torch.log_softmax(zz, -1)[None]}, cache, opts(name))
     return grad_of(per_token.sum(), zz), per_token.detach()[0]
 
 
@@ -491,15 +492,16 @@ def drop_rows(cache, keep):
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_masked_rows_change_nothing(key, aggregation):
-    """Masked rows full of garbage (huge stale ratios, random teacher) give the same loss, the same
-    gradient on the kept rows, zero gradient on themselves, and the same metrics as removing them."""
+    """Masked rows full of garbage (huge stale ratios, teacher log-probs of -inf) give the same loss, the same
+    gradient on the kept rows, zero (not NaN) gradient on themselves, and the same metrics as removing them."""
     o = replace(CONFIGS[key], aggregation=aggregation)
     masked = (1, 3, 4, 5, 6, 7)  # part of sequence 0, all of sequence 1 (row 3), most of sequence 2 (rows 4..8)
     z, cache = make_case(8, masked=masked)
     with torch.no_grad():
         for f in ("behavior_logp", "mc_behavior_logp", "proximal_logp", "mc_proximal_logp"):
             cache[f][list(masked)] = -30.0  # ratios e^{20}: would dominate clip and M2PO statistics
-        cache["teacher_logp"][list(masked)] = 0.0
+        for f in [f for f in cache if "teacher" in f and f.endswith("_logp")]:
+            cache[f][list(masked)] = float("-inf")  # e.g. a padding row scored where the teacher gives 0 mass
     keep = cache["loss_mask"].clone()
     loss, metrics = estimator_loss(z, cache, o)
     z_kept = z.detach()[keep].clone().requires_grad_()
