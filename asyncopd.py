@@ -241,7 +241,7 @@ def validate(cfg):
     fields = estimators.required_fields(cfg.loss)
     if cfg.schedule != "offline":
         import rollout
-        rollout.engine_supports(cfg.engine, fields)
+        rollout.engine_supports(cfg.engine, fields, cfg.loss.samples, cfg.temperature, cfg.top_p, cfg.rollout_devices)
         t_conf = AutoConfig.from_pretrained(_model_dir(cfg.teacher, "teacher"))
         if t_conf.vocab_size != s_conf.vocab_size:
             raise ValueError(f"vocabulary size mismatch: student {s_conf.vocab_size} vs teacher {t_conf.vocab_size}: "
