@@ -3,6 +3,7 @@
     python bench.py loss [--tokens 1024,2048,4096] [--vocab 151936] [--hidden 896] [--device cpu|cuda]
     python bench.py pipeline [--config configs/default.yaml] [--steps 24] [--max-staleness 2] [key=value ...]
     python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
+    python bench.py mc-draw [--rows 1,8,32,128] [--vocab 151936] [--samples 64] [--device cpu|cuda]
 
 loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at a
 Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax, then
@@ -10,6 +11,8 @@ gather), each point in a fresh subprocess; see loss_point(). On CPU, scale token
 linear fit's extrapolation to EXTRAPOLATE tokens.
 pipeline: the real pipeline (asyncopd.run) once per schedule on one config; see throughput().
 offline: online async OPD vs offline Lightning OPD (precompute included) and teacher A vs B; see cmd_offline().
+mc-draw: time per decode step of vllm_engine.MCDrawProcessor.apply (M-1 draws per row inside vLLM); needs
+vllm importable (the test .venv has it: bash run.sh test once).
 """
 import argparse
 import json
@@ -231,6 +234,46 @@ def cmd_offline(args):
           "final accuracy of online A and offline A). Teacher B runs use allow_teacher_mismatch=true, same prompts and seeds.")
 
 
+# ----------------------------------------------------------------------------- MC draws inside vLLM
+def cmd_mc_draw(args):
+    import types
+
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+
+    import vllm_engine
+    torch.set_num_threads(args.threads)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    n = max(rows_list)
+    state = LogitsProcRequestState(device=torch.device(args.device), max_num_reqs=n, vocab_size=args.vocab,
+                                   all_token_ids=None, prompt_len=None, total_len=None,
+                                   prefill_len=types.SimpleNamespace(np=np.zeros(n, dtype=np.int32)))
+    proc = vllm_engine.MCDrawProcessor(types.SimpleNamespace(speculative_config=None, watermark_config=None), state)
+    for s in range(n):
+        extra = {vllm_engine.MC_KEY: {"request": s, "draws": args.samples - 1, "seed": s}}
+        proc.add_request(s, SamplingParams(temperature=0.8, extra_args=extra))
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    print(f"MCDrawProcessor.apply per decode step, V={args.vocab}, M={args.samples}, {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    for rows in rows_list:
+        idx = torch.arange(rows, device=args.device)
+        ctx = LogitsContext(expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=np.arange(rows),
+                            expanded_local_pos=torch.zeros_like(idx), input_ids=torch.zeros_like(idx),
+                            pos=torch.full((rows,), 100, device=args.device), seq_lens_upper_bound_np=np.full(rows, 101))
+        logits = torch.randn(rows, args.vocab, device=args.device) * 3
+        times = []
+        for _ in range(args.repeats + 1):  # the first call warms up
+            sync()
+            t0 = time.perf_counter()
+            proc.apply(logits, ctx)
+            sync()
+            times.append(time.perf_counter() - t0)
+            vllm_engine.DRAWS.clear()
+        ms = 1e3 * min(times[1:])
+        print(f"  rows {rows:4d}: {ms:9.2f} ms/step  {ms / rows:7.3f} ms/row")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +301,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run, e.g. lr=0.0003")
     p.set_defaults(fn=cmd_offline)
+    p = sub.add_parser("mc-draw", help="cost of the vLLM MC-draw logits processor per decode step")
+    p.add_argument("--rows", default="1,8,32,128", help="logits rows (requests) per step")
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--samples", type=int, default=64, help="M (M-1 draws per row)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(fn=cmd_mc_draw)
     p = sub.add_parser("_loss_point", help=argparse.SUPPRESS)  # internal: one measurement, fresh process
     p.add_argument("spec")
     p.set_defaults(fn=lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))))
