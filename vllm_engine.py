@@ -234,6 +234,8 @@ def load_weights(llm, state_dict):
     """In place (HF names; vLLM fuses qkv/gate_up itself); the in-process engine core receives these tensors.
     Then drop the prefix cache, which holds KV computed with the old weights."""
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+    if torch.cuda.is_available():  # the copies are asynchronous; the caller's lock then frees the source buffer
+        torch.cuda.synchronize()
     llm.reset_prefix_cache()
 
 
@@ -245,6 +247,10 @@ class VLLMEngine:
 
         if not isinstance(model, str):
             raise ValueError("engine 'vllm' needs a model directory, not a built model: save it with save_pretrained")
+        fixed = sorted({"tensor_parallel_size", "speculative_config", "logits_processors", "logprobs_mode"} & set(llm_kwargs))
+        if fixed:
+            raise ValueError(f"engine 'vllm' sets {fixed} itself (one GPU, no speculative decoding, processed "
+                             "log-probs, the MC-draw processor): drop them")
         self.max_logprobs = llm_kwargs.pop("max_logprobs", 64)
         self.llm = vllm.LLM(model=model, dtype=dtype or "auto", logprobs_mode="processed_logprobs",
                             max_logprobs=self.max_logprobs, tensor_parallel_size=1,
