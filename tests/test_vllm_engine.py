@@ -225,3 +225,26 @@ def test_make_engine_pins_in_process_v2_runner(monkeypatch):
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
     with pytest.raises(ValueError, match="temperature"):
         rollout.make_engine("/x", kind="vllm", device="cuda", temperature=0.005, eos_token_id=EOS)
+
+
+def test_vllm_api_names_the_adapter_uses():
+    """What the GPU-only path calls, by name and keyword, in the installed vllm (a rename fails here)."""
+    import dataclasses
+    import inspect
+
+    import vllm.envs
+    from vllm import LLM
+    from vllm.config.model import PROCESSED_LOGPROBS_MODES
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    assert {"VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_V2_MODEL_RUNNER"} <= set(vllm.envs.environment_variables)
+    assert {"model", "dtype", "tensor_parallel_size", "logits_processors", "seed"} <= set(inspect.signature(LLM.__init__).parameters)
+    assert {"logprobs_mode", "max_logprobs"} <= {f.name for f in dataclasses.fields(EngineArgs)}
+    assert "processed_logprobs" in PROCESSED_LOGPROBS_MODES
+    assert {"prompts", "sampling_params", "use_tqdm"} <= set(inspect.signature(LLM.generate).parameters)
+    assert {"method", "kwargs"} <= set(inspect.signature(LLM.collective_rpc).parameters)
+    assert callable(LLM.reset_prefix_cache) and callable(EngineCore.collective_rpc) and callable(Worker.reload_weights)
+    assert "weights_iterator" in inspect.signature(GPUModelRunner.reload_weights).parameters
