@@ -32,6 +32,10 @@ VLLM_USE_V2_MODEL_RUNNER=1. Facts used, read in the vllm 0.33.0 source (paths in
   Async-scheduling rows past a stop are never read. Prefix-cache hits still compute the last prompt
   token (its row is the first sampled one).
 - Slots are recycled (v1/worker/gpu/states.py free_indices): add_request rewrites all slot state.
+
+Draws are a function of (request seed, position, logits) only, so they do not depend on batching. They
+stay on the GPU until generate() returns; draw() works in float64 chunks of ROW_CHUNK_ELEMENTS, memory
+that vLLM's KV-cache sizing does not see: keep some headroom (gpu_memory_utilization below its 0.92).
 """
 import itertools
 
