@@ -306,7 +306,7 @@ def validate(cfg):
     fields = estimators.required_fields(cfg.loss)
     if cfg.schedule != "offline":
         import rollout
-        rollout.engine_supports(cfg.engine, fields)
+        rollout.engine_supports(cfg.engine, fields, cfg.loss.samples, cfg.temperature, cfg.top_p, cfg.rollout_devices)
         t_conf = AutoConfig.from_pretrained(_model_dir(cfg.teacher, "teacher"))
         if t_conf.vocab_size != s_conf.vocab_size:
             raise ValueError(f"vocabulary size mismatch: student {s_conf.vocab_size} vs teacher {t_conf.vocab_size}: "
@@ -380,6 +380,9 @@ def precompute(cfg):
     import rollout
     if not cfg.cache_dir:
         raise ValueError("precompute needs cache_dir=PATH (where the chunks go)")
+    if cfg.engine == "vllm" and cfg.rollout_devices[0] not in ("cuda", "cuda:0"):
+        raise ValueError(f"precompute with engine=vllm runs vLLM in this process, which takes the first visible GPU, "
+                         f"not {cfg.rollout_devices[0]}: set rollout_devices=[cuda:0] or CUDA_VISIBLE_DEVICES")
     torch.set_num_threads(cfg.threads)
     schedule, cfg.schedule = cfg.schedule, "sync"  # validate the teacher side like an online run
     tok, train, _ = validate(cfg)
@@ -510,9 +513,10 @@ def rollout_role(ctx, cfg, worker, tok, train, evals, start_dir, start_step, sta
     if cfg.engine == "vllm":  # vLLM takes the first visible GPU: show it only this one, before CUDA starts
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
         device = "cuda:0"
+    vllm_options = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.engine == "vllm" else {}
     engine = rollout.make_engine(start_dir, kind=cfg.engine, device=device, temperature=cfg.temperature,
                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, dtype=training_dtype(cfg),
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **vllm_options)
     engine.policy_version = start_version
     weights, version = ctx["weights"], ctx["version"]
     if weights is None:  # handoff: learner rank 0 sends each worker its own handle to the buffer

@@ -5,6 +5,7 @@
     python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
     python bench.py memory [CONFIG.yaml ...] [--tokens 256]
     python bench.py peer [--systems asyncopd,...,trl-distill] [--seeds 0,1,2] [--steps 2000] [key=value ...]
+    python bench.py mc-draw [--rows 1,8,32,128] [--vocab 151936] [--samples 64] [--device cpu|cuda]
 
 loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at a
 Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax, then
@@ -17,6 +18,8 @@ from one real-size decoder layer per model measured on CPU in seconds (no downlo
 *_terms() functions, one line per term. Exit status 1 if a config does not fit.
 peer: seconds from launch to 80/90/95% held-out accuracy, asyncopd configs vs TRL's GKDTrainer and
 DistillationTrainer (optional: `pip install trl==1.16.0`), evaluation off the clock; see cmd_peer().
+mc-draw: time per decode step of vllm_engine.MCDrawProcessor.apply (M-1 draws per row inside vLLM); needs
+vllm importable (the test .venv has it: bash run.sh test once).
 """
 import argparse
 import json
@@ -253,8 +256,6 @@ MODELS = {
     "Qwen3-8B": dict(arch="qwen3", hidden=4096, inter=12288, layers=36, heads=32, kv=8, head_dim=128, tied=False),
 }
 VOCAB = 151936  # every model above (config.json vocab_size)
-# qwen3_deepmath_8gpu is being switched to engine: vllm (with its own MC draws) on another branch: size it as vLLM
-ROLLOUT_AS_VLLM = {"configs/qwen3_deepmath_8gpu.yaml"}
 OVERHEAD, SLACK = 2.5e9, 0.05  # per process: CUDA context + NCCL/cuBLAS workspaces; allocator fragmentation on tensors
 VLLM_BUDGET = "vLLM gpu_memory_utilization x GPU (weights, KV cache, activations, its CUDA context: all inside)"
 
@@ -383,15 +384,18 @@ def teacher_terms(cfg, m, act, phase):
 
 
 def rollout_terms(cfg, m, act, vllm):
-    """vLLM: its gpu_memory_utilization share of the GPU (weights, KV cache, activations, all inside it) + MC draws
-    outside it ([rows, V] fp32 logits, log-softmax, float64 CDF and exp: one row per request of the unit).
+    """vLLM: its gpu_memory_utilization share of the GPU (weights, KV cache, activations, all inside it) + the MC
+    draws outside it (vllm_engine.draw: fp32 z/T [rows, V], then float64 log-softmax, exp and CDF per chunk of
+    ROW_CHUNK_ELEMENTS; one row per request of the unit) + the recorded draws of a unit until generate() returns.
     HF engine: fp32 weights (from a directory) + fp32 KV cache + prefill of one layer + [B, V] buffers."""
     d = MODELS[m["name"]]
     S, V = cfg.max_prompt_len + cfg.max_new_tokens, VOCAB
     mc = cfg.loss.samples if "mc_ids" in E.required_fields(cfg.loss) else 0
     if vllm:
         return {VLLM_BUDGET: cfg.gpu_memory_utilization * GPU_BYTES,
-                f"MC draws (M={mc}) workspace [{cfg.rollout_batch_size}, V]": cfg.rollout_batch_size * V * 24 if mc else 0}, 0
+                f"MC draws (M={mc}): workspace [{cfg.rollout_batch_size}, V]":
+                    (4 * cfg.rollout_batch_size * V + 24 * min(cfg.rollout_batch_size * V, 2**24)) if mc else 0,
+                f"MC draws (M={mc}): a unit's recorded ids + b": cfg.rollout_batch_size * S * (mc - 1) * 12 if mc else 0}, 0
     B = max(cfg.rollout_batch_size, min(cfg.eval_size, 250))  # a unit, or worker 0's evaluation batch
     a = act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 4
     return {"fp32 weights": 4 * m["params"],
@@ -417,7 +421,7 @@ def cmd_memory(args):
         cfg = asyncopd.load_config(path)
         cfg.rollout_batch_size = cfg.rollout_batch_size or cfg.batch_size
         s, t = (measured[os.path.basename(cfg.student)], measured[os.path.basename(cfg.teacher)])
-        vllm = cfg.engine == "vllm" or path in ROLLOUT_AS_VLLM
+        vllm = cfg.engine == "vllm"
         roles = [("learner rank", cfg.learner_devices, *learner_terms(cfg, s, s["act"])),
                  ("teacher scoring", [cfg.teacher_device], *teacher_terms(cfg, t, t["act"], "score")),
                  ("rollout worker" + (" (vLLM)" if vllm else " (HF)"), cfg.rollout_devices, *rollout_terms(cfg, s, s["act"], vllm))]
@@ -579,6 +583,44 @@ def cmd_peer(args):
     fig.savefig(os.path.join(out, "peer.png"), dpi=80)
     print(f"plot: {out}/peer.png, points: {out}/peer.json")
     return results
+# ----------------------------------------------------------------------------- MC draws inside vLLM
+def cmd_mc_draw(args):
+    import types
+
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+
+    import vllm_engine
+    torch.set_num_threads(args.threads)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    n = max(rows_list)
+    state = LogitsProcRequestState(device=torch.device(args.device), max_num_reqs=n, vocab_size=args.vocab,
+                                   all_token_ids=None, prompt_len=None, total_len=None,
+                                   prefill_len=types.SimpleNamespace(np=np.zeros(n, dtype=np.int32)))
+    proc = vllm_engine.MCDrawProcessor(types.SimpleNamespace(speculative_config=None, watermark_config=None), state)
+    for s in range(n):
+        extra = {vllm_engine.MC_KEY: {"request": s, "draws": args.samples - 1, "seed": s}}
+        proc.add_request(s, SamplingParams(temperature=0.8, extra_args=extra))
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    print(f"MCDrawProcessor.apply per decode step, V={args.vocab}, M={args.samples}, {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    for rows in rows_list:
+        idx = torch.arange(rows, device=args.device)
+        ctx = LogitsContext(expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=np.arange(rows),
+                            expanded_local_pos=torch.zeros_like(idx), input_ids=torch.zeros_like(idx),
+                            pos=torch.full((rows,), 100, device=args.device), seq_lens_upper_bound_np=np.full(rows, 101))
+        logits = torch.randn(rows, args.vocab, device=args.device) * 3
+        times = []
+        for _ in range(args.repeats + 1):  # the first call warms up
+            sync()
+            t0 = time.perf_counter()
+            proc.apply(logits, ctx)
+            sync()
+            times.append(time.perf_counter() - t0)
+            vllm_engine.DRAWS.clear()
+        ms = 1e3 * min(times[1:])
+        print(f"  rows {rows:4d}: {ms:9.2f} ms/step  {ms / rows:7.3f} ms/row")
 
 
 def main(argv=None):
@@ -628,6 +670,14 @@ def main(argv=None):
     p = sub.add_parser("_trl", help=argparse.SUPPRESS)  # internal: one TRL run, fresh process
     p.add_argument("spec")
     p.set_defaults(fn=lambda a: trl_run(**json.loads(a.spec)))
+    p = sub.add_parser("mc-draw", help="cost of the vLLM MC-draw logits processor per decode step")
+    p.add_argument("--rows", default="1,8,32,128", help="logits rows (requests) per step")
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--samples", type=int, default=64, help="M (M-1 draws per row)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(fn=cmd_mc_draw)
     p = sub.add_parser("_loss_point", help=argparse.SUPPRESS)  # internal: one measurement, fresh process
     p.add_argument("spec")
     p.set_defaults(fn=lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))))

@@ -14,21 +14,42 @@ Row r of every per-token field describes response token y_r, the model output at
 P + r - 1 (teacher_cache.py's shift convention). The trajectory (CPU tensors) holds the behaviour-side
 fields of teacher_cache.py's contract; student_topk_* if student_topk > 0, mc_* if mc_samples > 0
 (column 0 = the generated token, columns 1..M-1 i.i.d. draws from pi_b, duplicates kept).
+
+The vLLM engine (vllm_engine.py, GPU only, imported lazily) draws the MC columns inside vLLM with a
+logits processor; engine_supports() checks its settings before any process starts.
 """
 import torch
 
 ENGINES = ("hf", "vllm")
+VLLM_VERSION = "0.33.0"  # vllm_engine.py is written against exactly this release
 
 
-def engine_supports(kind, fields, mc_samples=None):
-    """Raise ValueError (naming the fix) if engine `kind` cannot produce the cache `fields` the
-    estimator needs. Called at config validation; mc_samples <= 1 (the generated token) is fine."""
+def engine_supports(kind, fields, mc_samples=None, temperature=None, top_p=1.0, devices=()):
+    """Raise ValueError (naming the fix) if engine `kind` cannot produce the cache `fields` the estimator
+    needs with these settings. Called at config validation, before any process starts; does not import vllm."""
     if kind not in ENGINES:
         raise ValueError(f"unknown rollout engine {kind!r}: use one of {', '.join(ENGINES)}")
-    wants_mc = "mc_ids" in fields or "mc_behavior_logp" in fields
-    if kind == "vllm" and wants_mc and (mc_samples is None or mc_samples > 1):
-        raise ValueError("engine 'vllm' cannot draw extra Monte Carlo samples from the behaviour distribution "
-                         "through its public API: use engine=hf or a non-MC estimator")
+    if kind != "vllm":
+        return
+    import importlib.metadata
+    try:
+        version = importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(f"engine 'vllm' needs vllm=={VLLM_VERSION}, which is not installed: "
+                         "pip install -r requirements-gpu.txt, or use engine=hf") from None
+    if version != VLLM_VERSION:
+        raise ValueError(f"engine 'vllm' is written for vllm {VLLM_VERSION}, found {version}: "
+                         "pip install -r requirements-gpu.txt")
+    for d in devices:
+        if not str(d).startswith("cuda"):
+            raise ValueError(f"engine 'vllm' runs on a GPU, got device={d!r}: use engine=hf on cpu")
+    if temperature is not None and not 0.01 <= temperature <= 2:
+        # vLLM rejects > 2 and silently raises < 0.01: b would not be the learner's distribution
+        raise ValueError(f"engine 'vllm' needs 0.01 <= temperature <= 2, got {temperature}: change it or use engine=hf")
+    wants_mc = ("mc_ids" in fields or "mc_behavior_logp" in fields) and (mc_samples is None or mc_samples > 1)
+    if wants_mc and top_p < 1:
+        raise ValueError(f"engine 'vllm' draws MC samples before top-p truncation, top_p={top_p}: "
+                         "use top_p=1 or engine=hf")
 
 
 def make_engine(model, kind="hf", device="cpu", temperature=1.0, top_p=1.0, max_new_tokens=64,
@@ -46,11 +67,18 @@ def make_engine(model, kind="hf", device="cpu", temperature=1.0, top_p=1.0, max_
     if eos_token_id is None:
         raise ValueError("eos_token_id is required: pass tokenizer.eos_token_id")
     pad_token_id = eos_token_id if pad_token_id is None else pad_token_id  # pads are masked; any id works
-    if kind == "hf":
-        if vllm_kwargs:
-            raise ValueError(f"engine 'hf' takes no extra options, got {sorted(vllm_kwargs)}: drop them or use engine=vllm")
-        return HFEngine(model, device, temperature, top_p, max_new_tokens, eos_token_id, pad_token_id, dtype)
-    return VLLMEngine(model, device, temperature, top_p, max_new_tokens, eos_token_id, dtype, **vllm_kwargs)
+    if kind == "vllm":
+        engine_supports(kind, (), temperature=temperature, devices=(device,))
+        import os
+        # before vllm is imported: engine core in this process (weights and MC draws pass as objects),
+        # Model Runner V2 (the logits-processor interface vllm_engine.MCDrawProcessor implements)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+        from vllm_engine import VLLMEngine
+        return VLLMEngine(model, device, temperature, top_p, max_new_tokens, eos_token_id, dtype, **vllm_kwargs)
+    if vllm_kwargs:
+        raise ValueError(f"engine 'hf' takes no extra options, got {sorted(vllm_kwargs)}: drop them or use engine=vllm")
+    return HFEngine(model, device, temperature, top_p, max_new_tokens, eos_token_id, pad_token_id, dtype)
 
 
 # ----------------------------------------------------------------------------- sampling math
@@ -170,81 +198,4 @@ class HFEngine:
             raise ValueError(f"load_weights: state_dict does not match the rollout model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}): send the full state_dict of the same architecture")
         self.model.load_state_dict(state_dict, strict=True)
-        self.policy_version = int(version)
-
-
-# ----------------------------------------------------------------------------- vLLM engine
-class VLLMEngine:
-    """vLLM 0.33.0 adapter (GPU only, public API only). NOT exercised by the tests, which run on CPU
-    without vLLM (a stub checks the plumbing). Facts used (../shared/reference/vllm-api.md):
-
-    - LLM(logprobs_mode="processed_logprobs"): log-probs after temperature and top-p, i.e. under exactly
-      the sampled distribution; SamplingParams(top_k=0, logprobs=K_s, stop_token_ids, seed); the sampled
-      token is always in the per-position logprob dict; generate() keeps the input order (section 1).
-    - collective_rpc("reload_weights", kwargs={"weights_iterator": ...}), then reset_prefix_cache(),
-      else prefix caching serves stale KV (sections 2.3, 3).
-    - no public way to draw extra samples from the processed distribution: mc_samples > 1 is refused
-      (section 4). vLLM takes the first visible GPU and spawns its own engine-core process: the rollout
-      child sets CUDA_VISIBLE_DEVICES first and is non-daemonic (section 3)."""
-
-    def __init__(self, model, device, temperature, top_p, max_new_tokens, eos_token_id, dtype, **llm_kwargs):
-        if not isinstance(model, str):
-            raise ValueError("engine 'vllm' needs a model directory, not a built model: save it with save_pretrained")
-        if temperature < 0.01:  # vLLM silently raises such temperatures to 0.01; b would not match the learner's
-            raise ValueError(f"engine 'vllm' needs temperature >= 0.01, got {temperature}: raise it or use engine=hf")
-        if not str(device).startswith("cuda"):
-            raise ValueError(f"engine 'vllm' runs on a GPU, got device={device!r}: use engine=hf on cpu")
-        try:
-            import vllm
-        except ImportError as e:
-            raise ValueError("engine 'vllm' needs vllm==0.33.0, which is not installed: "
-                             "pip install -r requirements-gpu.txt, or use engine=hf") from e
-        if vllm.__version__ != "0.33.0":
-            raise ValueError(f"engine 'vllm' is written for vllm 0.33.0, found {vllm.__version__}: "
-                             "pip install -r requirements-gpu.txt")
-        self.max_logprobs = llm_kwargs.pop("max_logprobs", 64)
-        self.llm = vllm.LLM(model=model, dtype=dtype or "auto", logprobs_mode="processed_logprobs",
-                            max_logprobs=self.max_logprobs, **llm_kwargs)
-        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.eos_token_id = eos_token_id
-        self.policy_version = 0
-
-    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None, greedy=False):
-        from vllm import SamplingParams, TokensPrompt
-
-        _check_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
-        engine_supports("vllm", {"mc_ids"}, mc_samples)  # mc_samples <= 1 passes
-        if student_topk > self.max_logprobs:
-            raise ValueError(f"student_topk={student_topk} > max_logprobs={self.max_logprobs}: "
-                             f"pass max_logprobs={student_topk} to make_engine")
-        # one seed per request: a shared seed would give identical samples for repeated prompts
-        seeds = ([None] * len(prompts) if generator is None else
-                 torch.randint(2**31 - 1, (len(prompts),), generator=generator, device=generator.device).tolist())
-        params = [SamplingParams(n=1, temperature=0.0 if greedy else self.temperature, top_p=self.top_p, top_k=0, min_p=0.0,
-                                 max_tokens=self.max_new_tokens, logprobs=student_topk,
-                                 stop_token_ids=[self.eos_token_id], detokenize=False, seed=s) for s in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        completions = [out.outputs[0] for out in outputs]
-        finished = [c.finish_reason == "stop" for c in completions]
-        for c, stopped in zip(completions, finished):
-            if stopped and c.token_ids[-1] != self.eos_token_id:
-                raise ValueError(f"vllm stopped on token {c.token_ids[-1]}, not eos_token_id={self.eos_token_id} "
-                                 "(the model's generation_config adds EOS ids): pass the id it uses as eos_token_id")
-        rows = [(y, lp) for c in completions for y, lp in zip(c.token_ids, c.logprobs)]  # lp: {id: Logprob}
-        per_token = {"token_ids": torch.tensor([y for y, _ in rows]),
-                     "behavior_logp": torch.tensor([lp[y].logprob for y, lp in rows])}
-        if student_topk:  # the K_s most probable per position, sorted; y only if it is among them
-            best = [sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:student_topk] for _, lp in rows]
-            per_token.update(student_topk_ids=torch.tensor([[i for i, _ in top] for top in best]),
-                             student_topk_behavior_logp=torch.tensor([[v.logprob for _, v in top] for top in best]))
-        if mc_samples:  # M == 1: the generated token is the only draw
-            per_token.update(mc_ids=per_token["token_ids"][:, None].clone(),
-                             mc_behavior_logp=per_token["behavior_logp"][:, None].clone())
-        lengths = [len(c.token_ids) for c in completions]
-        return _pack(prompts, prompt_index, lengths, finished, policy_version, per_token)
-
-    def load_weights(self, state_dict, version):
-        """Reload in place (HF names; vLLM fuses qkv/gate_up itself), then drop the prefix cache."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
-        self.llm.reset_prefix_cache()
         self.policy_version = int(version)

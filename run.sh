@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # asyncopd in one command. Creates .venv (if missing), installs requirements.txt, then
 #   bash run.sh [key=value ...]        asynchronous OPD on the embedded CPU default (configs/default.yaml)
-#   bash run.sh test [pytest args]     the test suite
+#   bash run.sh test [pytest args]     the test suite (first installs requirements-test.txt: vllm, no GPU deps)
 #   bash run.sh gpu-check [--steps N]  every GPU path on this box (.venv-gpu from requirements-gpu.txt, or GPU_PYTHON=...)
 #   bash run.sh CONFIG.yaml [k=v ...]  any other config
 set -euo pipefail
@@ -31,8 +31,15 @@ if ! cmp -s requirements.txt .venv/.installed; then
   # this machine's pip config names local mirrors that may not exist; hide only those warnings (pipefail keeps pip's status)
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
   cp requirements.txt .venv/.installed
+  rm -f .venv/.installed-test  # a torch/transformers reinstall may need the test extras again
+fi
+if [ "${1:-}" = "test" ] && ! cmp -s requirements-test.txt .venv/.installed-test; then
+  echo "run.sh: installing requirements-test.txt into .venv (vllm without its GPU dependencies, for the tests)"
+  # --no-deps: vllm would otherwise pull its own torch and CUDA stack over the CPU torch
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-test.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
+  cp requirements-test.txt .venv/.installed-test
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ "${1:-}" = "test" ]; then shift; exec .venv/bin/python -m pytest -q tests "$@"; fi
+if [ "${1:-}" = "test" ]; then shift; exec .venv/bin/python -m pytest -q "${@:-tests}"; fi  # no args: every test
 if [ "${1:-}" != "" ] && [[ "$1" == *.yaml ]]; then cfg=$1; shift; else cfg=configs/default.yaml; fi
 exec .venv/bin/python asyncopd.py train "$cfg" "$@"

@@ -3,7 +3,6 @@
 The reference for every behaviour log-prob is a plain right-padded float64 forward over
 prompt + response, read at absolute position P + r - 1 (the shift convention)."""
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -234,74 +233,28 @@ def test_bad_input_errors(model):
         eng.generate([[3], [4]], [0], 0, 0, 0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
-def test_vllm_without_vllm_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="requirements-gpu.txt"):
-        rollout.make_engine(str(tmp_path), kind="vllm", device="cuda", eos_token_id=EOS)
-    with pytest.raises(ValueError, match="GPU"):
-        rollout.make_engine(str(tmp_path), kind="vllm", device="cpu", eos_token_id=EOS)
-
-
-def test_engine_supports():
-    rollout.engine_supports("hf", {"token_ids", "mc_ids", "mc_behavior_logp", "student_topk_ids"})
-    rollout.engine_supports("vllm", {"token_ids", "behavior_logp", "student_topk_ids", "teacher_topk_ids"})
-    with pytest.raises(ValueError, match="engine=hf"):
-        rollout.engine_supports("vllm", {"token_ids", "mc_ids", "mc_behavior_logp"})
-    rollout.engine_supports("vllm", {"mc_ids"}, mc_samples=1)  # the generated token alone is fine
+def test_engine_supports(monkeypatch):
+    """Settings checks run in the parent before any process starts, without importing vllm."""
+    import importlib.metadata
+    rollout.engine_supports("hf", {"token_ids", "mc_ids", "mc_behavior_logp", "student_topk_ids"}, 16, 5.0, 0.5, ["cpu"])
+    ok = dict(mc_samples=16, temperature=1.0, top_p=1.0, devices=["cuda:0"])
+    rollout.engine_supports("vllm", {"token_ids", "mc_ids", "mc_behavior_logp"}, **ok)
+    for bad, match in ((dict(devices=["cuda:0", "cpu"]), "GPU"), (dict(temperature=0.005), "temperature"),
+                       (dict(temperature=2.5), "temperature"), (dict(top_p=0.9), "top_p=1")):
+        with pytest.raises(ValueError, match=match):
+            rollout.engine_supports("vllm", {"mc_ids"}, **{**ok, **bad})
+    rollout.engine_supports("vllm", {"token_ids"}, **{**ok, "top_p": 0.9})  # no MC: top-p is fine
+    rollout.engine_supports("vllm", {"mc_ids"}, **{**ok, "top_p": 0.9, "mc_samples": 1})  # generated token only
     with pytest.raises(ValueError, match="unknown rollout engine"):
         rollout.engine_supports("tgi", {"token_ids"})
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.32.0")
+    with pytest.raises(ValueError, match="0.33.0"):
+        rollout.engine_supports("vllm", {"token_ids"}, **ok)
 
-
-def test_vllm_adapter_plumbing_against_a_stub(monkeypatch, tmp_path):
-    """The adapter's own bookkeeping (not vLLM itself, which needs a GPU) against a stub `vllm`
-    module that returns the output structure documented in vllm-api.md section 1: per position a
-    dict {id: Logprob} holding the top-k and the sampled token."""
-    import sys
-    import types
-    calls = []
-    dist = torch.log_softmax(torch.linspace(3, -3, V), 0)  # token j has the j-th largest logprob
-
-    def lp_dict(y, k):
-        return {j: types.SimpleNamespace(logprob=float(dist[j]), rank=j + 1) for j in [y, *range(k)]}
-
-    class LLM:
-        def __init__(self, **kw):
-            calls.append(("LLM", kw))
-
-        def generate(self, prompts, params, use_tqdm):
-            outs = []
-            for p, sp in zip(prompts, params):
-                ids = [10, 2, EOS] if len(p["prompt_token_ids"]) % 2 else [10, 11, 12, 13][:sp.max_tokens]
-                c = types.SimpleNamespace(token_ids=ids, logprobs=[lp_dict(y, sp.logprobs) for y in ids],
-                                          finish_reason="stop" if ids[-1] == EOS else "length")
-                outs.append(types.SimpleNamespace(outputs=[c]))
-            calls.append(("seeds", [sp.seed for sp in params]))
-            return outs
-
-        def collective_rpc(self, method, kwargs):
-            calls.append((method, sorted(dict(kwargs["weights_iterator"]))))
-
-        def reset_prefix_cache(self):
-            calls.append(("reset_prefix_cache",))
-
-    stub = types.SimpleNamespace(__version__="0.33.0", LLM=LLM, TokensPrompt=dict,
-                                 SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
-    monkeypatch.setitem(sys.modules, "vllm", stub)
-    eng = rollout.make_engine(str(tmp_path), kind="vllm", device="cuda", temperature=0.7, max_new_tokens=4,
-                              eos_token_id=EOS, max_logprobs=8)
-    assert calls[0][1]["logprobs_mode"] == "processed_logprobs" and calls[0][1]["max_logprobs"] == 8
-    traj = eng.generate([[3], [4, 5], [6, 7, 8]], [7, 8, 9], 0, student_topk=3, mc_samples=1, generator=gen(0))
-    check_packing(traj, [[3], [4, 5], [6, 7, 8]], [7, 8, 9], 0, 4)
-    assert traj["cu_seqlens"].tolist() == [0, 3, 7, 10] and traj["finished"].tolist() == [True, False, True]
-    assert traj["token_ids"].tolist() == [10, 2, EOS, 10, 11, 12, 13, 10, 2, EOS]
-    torch.testing.assert_close(traj["behavior_logp"], dist[traj["token_ids"]])
-    assert traj["student_topk_ids"].tolist() == [[0, 1, 2]] * 10  # sorted, the sampled id dropped when outside
-    assert torch.equal(traj["mc_ids"][:, 0], traj["token_ids"])
-    assert len(set(calls[-1][1])) == 3  # one distinct seed per request
-    with pytest.raises(ValueError, match="engine=hf"):
-        eng.generate([[3]], [0], 0, 0, mc_samples=4)
-    with pytest.raises(ValueError, match="max_logprobs"):
-        eng.generate([[3]], [0], 0, student_topk=9)
-    eng.load_weights({"a.weight": torch.zeros(2), "b.weight": torch.ones(2)}, 5)
-    assert calls[-2] == ("reload_weights", ["a.weight", "b.weight"]) and calls[-1] == ("reset_prefix_cache",)
-    assert eng.policy_version == 5
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(ValueError, match="requirements-gpu.txt"):
+        rollout.engine_supports("vllm", {"token_ids"}, **ok)
+    with pytest.raises(ValueError, match="requirements-gpu.txt"):
+        rollout.make_engine("/nonexistent", kind="vllm", device="cuda", eos_token_id=EOS)
