@@ -143,3 +143,24 @@ def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
             shared = "shared-memory" in name or cfg.engine == "vllm"  # else auto = CUDA IPC for an hf rollout
             assert asyncopd.resolve_transport(cfg) == ("shared" if shared else "handoff"), name
             assert (cfg.engine == "vllm") == ("vllm" in name)
+
+
+def test_vllm_settings_refused_before_any_process_starts(tmp_path, tiny_models):
+    """What vLLM would reject (or silently change) inside the rollout child is refused by validate(), in the
+    parent, in one line: a cpu device, a temperature outside [0.01, 2], MC draws under top-p truncation."""
+    import sys
+    import subprocess
+    from conftest import ROOT
+    student, teacher = tiny_models
+    base = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}", "engine=vllm"]
+    with pytest.raises(ValueError, match="runs on a GPU"):
+        asyncopd.validate(asyncopd.load_config(None, base))
+    import rollout
+    for kw, msg in [(dict(temperature=3.0), "0.01 <= temperature <= 2"), (dict(temperature=0.005), "0.01 <= temperature"),
+                    (dict(top_p=0.9), "top_p=0.9")]:
+        with pytest.raises(ValueError, match=msg):
+            rollout.engine_supports("vllm", {"mc_ids"}, **{"mc_samples": 8, "devices": ["cuda:0"], **kw})
+    out = subprocess.run([sys.executable, "asyncopd.py", "train", *base, "progress=false"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "engine 'vllm' runs on a GPU" in out.stderr
+    assert not os.listdir(tmp_path)  # no run folder: nothing started
