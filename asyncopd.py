@@ -164,6 +164,12 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
+UNBOUNDED = 2**62  # offline: no staleness bound (any step count stays below it)
+# Seeds of the per-unit random streams: distinct primes keep the (seed, epoch) and (seed, unit, role) streams apart
+PROMPT_ORDER_PRIME, UNIT_PRIME, ROLE_PRIME = 7919, 1_000_003, 31
+ROLLOUT_STREAM, TEACHER_STREAM = 1, 2  # which role draws from a unit's stream
+
+
 def staleness_bound(cfg):
     """Largest token staleness the schedule allows (optimizer steps)."""
     m = cfg.mini_batches
@@ -172,7 +178,7 @@ def staleness_bound(cfg):
     if cfg.schedule == "step_off":
         return m * (cfg.step_off + 1) - 1
     if cfg.schedule == "offline":  # fixed rollouts: staleness grows by design (A_theta recomputes t - s)
-        return 1 << 62
+        return UNBOUNDED
     return cfg.max_staleness
 
 
@@ -432,15 +438,15 @@ def unit_prompt_indices(cfg, n_prompts, unit):
     for pos in range(unit * r, (unit + 1) * r):
         epoch, i = divmod(pos, n_prompts)
         if epoch != perm_epoch:
-            perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed * PROMPT_ORDER_PRIME + epoch))
             perm_epoch = epoch
         out.append(int(perm[i]))
     return out
 
 
-def _seeded(cfg, unit, salt, device="cpu"):
+def _seeded(cfg, unit, stream, device="cpu"):
     """Per-unit generator: a unit's samples do not depend on timing, resumption or schedule."""
-    return torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + unit) * 31 + salt)
+    return torch.Generator(device).manual_seed((cfg.seed * UNIT_PRIME + unit) * ROLE_PRIME + stream)
 
 
 def _busy(ctx, role, name, t0, t1):
@@ -490,7 +496,7 @@ def rollout_unit(cfg, engine, rows, idx, unit, device):
     fields = estimators.required_fields(cfg.loss)
     return engine.generate([rows[i]["ids"] for i in idx], idx, engine.policy_version,
                            cfg.loss.student_topk if "student_topk_ids" in fields else 0,
-                           cfg.loss.samples if "mc_ids" in fields else 0, _seeded(cfg, unit, 1, device))
+                           cfg.loss.samples if "mc_ids" in fields else 0, _seeded(cfg, unit, ROLLOUT_STREAM, device))
 
 
 def score_unit(cfg, teacher, traj, unit, pad_id):
@@ -499,7 +505,7 @@ def score_unit(cfg, teacher, traj, unit, pad_id):
     fields = (estimators.required_fields(cfg.loss) & teacher_cache.TEACHER_FIELDS) | {"teacher_logp"}
     with torch.no_grad():
         scored = teacher_cache.score(teacher, _to(traj, cfg.teacher_device), fields, cfg.loss.teacher_topk,
-                                     cfg.loss.samples, generator=_seeded(cfg, unit, 2, cfg.teacher_device),
+                                     cfg.loss.samples, generator=_seeded(cfg, unit, TEACHER_STREAM, cfg.teacher_device),
                                      pad_token_id=pad_id, batch_tokens=cfg.teacher_batch_tokens)
     return _to(scored, "cpu")
 
@@ -1168,7 +1174,29 @@ def summary_table(cfg, s):
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
+def config_help():
+    """Every config key with its default and the comment written next to it in Config / LossOptions."""
+    import inspect
+    import re
+    lines = ["usage: python asyncopd.py [train|precompute] [CONFIG.yaml] [key=value ...]   (loss keys: loss.KEY=VALUE)",
+             "", "config keys (default  # meaning):"]
+    for cls, prefix in ((Config, ""), (LossOptions, "loss.")):
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s{4}(\w+): \w+ = (.*?)\s+#\s(.*)$", line)
+            if m and m.group(1) != "loss":
+                default = getattr(cls(), m.group(1))
+                lines.append(f"  {prefix + m.group(1):<26} {default!r:<18} # {m.group(3)}")
+            elif re.match(r"\s{4}#\s{3}", line):  # a comment continued on the next line
+                lines[-1] += " " + line.strip()[1:].strip()
+            elif re.match(r"\s{4}#\s\S", line):  # a section of keys
+                lines.append(f" {line.strip()[2:]}:")
+    return "\n".join(lines)
+
+
 def main(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help())
+        return 0
     cmd = argv[0] if argv and argv[0] in ("train", "precompute") else "train"
     args = argv[1:] if argv and argv[0] == cmd else argv
     path = args[0] if args and "=" not in args[0] else None

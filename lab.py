@@ -1,4 +1,4 @@
-"""Staleness lab: the AsyncOPD claims (papers.md 1.2-1.7) at toy scale on a CPU, with plots.
+"""Staleness lab: the AsyncOPD claims (arXiv 2606.24143) at toy scale on a CPU, with plots.
 
     python lab.py all|direction|surrogates|cache|throughput [--quick] [--out results]
 

@@ -242,3 +242,16 @@ def test_bad_input_is_refused_before_start(tmp_path, tiny_models):
     out = train(tmp_path, tiny_models, "schedule=asynch", timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "schedule='asynch'" in out.stderr
     assert not os.path.isdir(tmp_path / "runs")
+
+
+def test_help_lists_every_config_key_with_its_default_and_comment():
+    import dataclasses
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "asyncopd.py"), "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage:")
+    keys = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ")}
+    expected = [f.name for f in dataclasses.fields(asyncopd.Config) if f.name != "loss"]
+    expected += ["loss." + f.name for f in dataclasses.fields(estimators.LossOptions)]
+    assert sorted(keys) == sorted(expected)
+    assert all("# " in line for line in keys.values())  # every key explained
+    assert "'async'" in keys["schedule"] and "16" in keys["loss.samples"]  # defaults shown
