@@ -366,7 +366,7 @@ def check_offline_cache(cfg, student_dir, tok, fields):
     if meta["num_sequences"] != meta.get("prompts"):
         raise ValueError(f"cache {cfg.cache_dir} holds {meta['num_sequences']} of the {meta.get('prompts')} sequences "
                          "of its precompute: rerun the precompute to finish it")
-    missing = sorted(fields - set(cache) - set(estimators.PROXIMAL_FIELDS.values()))
+    missing = sorted(fields - set(cache) - set(estimators.needs(cfg.loss).proximal.values()))
     if missing:
         raise ValueError(f"cache {cfg.cache_dir} lacks {missing} needed by {cfg.loss.name}: precompute with this loss")
     sft = sft_teacher(student_dir)
@@ -493,16 +493,15 @@ def _to(cache, device):
 
 def rollout_unit(cfg, engine, rows, idx, unit, device):
     """Generate one unit with the behaviour-side fields the estimator needs (seeded per unit)."""
-    fields = estimators.required_fields(cfg.loss)
-    return engine.generate([rows[i]["ids"] for i in idx], idx, engine.policy_version,
-                           cfg.loss.student_topk if "student_topk_ids" in fields else 0,
-                           cfg.loss.samples if "mc_ids" in fields else 0, _seeded(cfg, unit, ROLLOUT_STREAM, device))
+    need = estimators.needs(cfg.loss)
+    return engine.generate([rows[i]["ids"] for i in idx], idx, engine.policy_version, need.student_topk,
+                           need.mc_samples, _seeded(cfg, unit, ROLLOUT_STREAM, device))
 
 
 def score_unit(cfg, teacher, traj, unit, pad_id):
     """Teacher-side fields of one unit; t at the generated token is always scored (4 bytes/token) so
     every run logs a reverse-KL estimate."""
-    fields = (estimators.required_fields(cfg.loss) & teacher_cache.TEACHER_FIELDS) | {"teacher_logp"}
+    fields = estimators.needs(cfg.loss).teacher | {"teacher_logp"}
     with torch.no_grad():
         scored = teacher_cache.score(teacher, _to(traj, cfg.teacher_device), fields, cfg.loss.teacher_topk,
                                      cfg.loss.samples, generator=_seeded(cfg, unit, TEACHER_STREAM, cfg.teacher_device),
@@ -626,8 +625,7 @@ class StudentForLoss(torch.nn.Module):
 
 def student_logps(student, cache, cfg, pad_id, device):
     input_ids, attention_mask, rows = teacher_cache.pad_batch(cache, pad_token_id=pad_id)
-    names = set(estimators.student_id_fields(cfg.loss)) | {"token_ids"}
-    ids = {n: (cache[n].to(device) if n != "dense" else None) for n in names}
+    ids = _to(estimators.student_ids(cache, cfg.loss) | {"token_ids": cache["token_ids"]}, device)  # token_ids: logged KL
     return student(input_ids.to(device), attention_mask.to(device), rows.to(device), ids)
 
 
@@ -746,16 +744,16 @@ def train_on_batch(cfg, student, opt, batch, step, rank, world, device, pad_id):
     cache, m = shard["cache"], len(shard["plan"])
     micro = lambda a, b: _to(teacher_cache.select_sequences(cache, list(range(a, b))), device)  # noqa: E731
     if cfg.loss.decoupled:  # proximal policy = the student before the first optimizer step of the batch
-        prox = {}
+        prox, proximal = {}, estimators.needs(cfg.loss).proximal  # {id field: proximal field}
         with torch.no_grad():
             for plan in shard["plan"]:
                 for a, b, live in plan:
                     s = student_logps(student, micro(a, b), cfg, pad_id, device)
                     for k, v in s.items() if live else ():
-                        if k in estimators.PROXIMAL_FIELDS:
+                        if k in proximal:
                             out = prox.setdefault(k, torch.empty(cache[k].shape, dtype=torch.float32))
                             out[int(cache["cu_seqlens"][a]):int(cache["cu_seqlens"][b])] = v.float().cpu()
-        cache = dict(cache, **{estimators.PROXIMAL_FIELDS[k]: v for k, v in prox.items()})
+        cache = dict(cache, **{proximal[k]: v for k, v in prox.items()})
     stats = {"loss": 0.0, "rkl_token": 0.0, "grad_norm": 0.0, "tokens": shard["stats"]["tokens"]}
     for i, plan in enumerate(shard["plan"]):
         logged = torch.zeros(3, dtype=torch.float64, device=device)  # loss, sum of (s - t) at y, unmasked tokens

@@ -390,7 +390,7 @@ def rollout_terms(cfg, m, act, vllm):
     HF engine: fp32 weights (from a directory) + fp32 KV cache + prefill of one layer + [B, V] buffers."""
     d = MODELS[m["name"]]
     S, V = cfg.max_prompt_len + cfg.max_new_tokens, VOCAB
-    mc = cfg.loss.samples if "mc_ids" in E.required_fields(cfg.loss) else 0
+    mc = E.needs(cfg.loss).mc_samples
     if vllm:
         return {VLLM_BUDGET: cfg.gpu_memory_utilization * GPU_BYTES,
                 f"MC draws (M={mc}): workspace [{cfg.rollout_batch_size}, V]":

@@ -7,7 +7,8 @@ that generated it (first response token and EOS included).
 
 Every estimator has one signature, fn(s, cache, opts) -> (per_token_loss [N], metrics), where s maps an id field of
 the cache to the current student's log-probs at those ids (see student_logp); aggregate() turns per_token_loss into
-the scalar that is back-propagated.
+the scalar that is back-propagated. FIELDS declares, per estimator, the cache fields it reads and the role that writes
+each; needs(opts) derives from it what the rollout, the teacher and the learner compute.
 
 | estimator          | cache fields (+ token_ids, loss_mask, cu_seqlens)          | bias (vs its KL at the current student)                  | variance          | staleness (b != s) |
 |--------------------|-------------------------------------------------------------|----------------------------------------------------------|-------------------|--------------------|
@@ -32,7 +33,6 @@ import torch
 
 PG_ESTIMATORS = ("reverse_kl_pg", "reverse_kl_mc")
 FINITE_SUPPORT_ESTIMATORS = ("forward_kl_topk", "reverse_kl_support", "jsd")
-PROXIMAL_FIELDS = {"token_ids": "proximal_logp", "mc_ids": "mc_proximal_logp"}  # learner-added (decoupled)
 MAX_DENSE_VOCAB = 65536  # a dense [N, V] student log-softmax is for tests and small vocabularies only
 
 
@@ -105,36 +105,78 @@ def validate_options(opts):
         _fail("jsd with support='dense' is already normalised: set renormalize/tail_bucket False")
 
 
-# (student id field, teacher log-prob field) per estimator, or per opts.support for reverse_kl_support and jsd
-_FIELDS = {"forward_kl_topk": ("teacher_topk_ids", "teacher_topk_logp"),
-           "forward_kl_dense": ("dense", "teacher_dense_logp"),  # "dense": the whole vocabulary
-           "forward_kl_mc": ("teacher_mc_ids", "teacher_mc_logp"),
-           "reverse_kl_dense": ("dense", "teacher_dense_logp"),
-           "reverse_kl_pg": ("token_ids", "teacher_logp"),
-           "reverse_kl_mc": ("mc_ids", "mc_teacher_logp"),
-           "student_topk": ("student_topk_ids", "student_topk_teacher_logp"),
-           "teacher_topk": ("teacher_topk_ids", "teacher_topk_logp"),
-           "dense": ("dense", "teacher_dense_logp")}
+# ----------------------------------------------------------------------------- cache fields
+@dataclass(frozen=True)
+class Fields:
+    """The cache fields one estimator reads, by the role that writes them (names as in teacher_cache.FIELD_SPECS)."""
+    ids: tuple  # where the learner gathers the current student's log-probs ("dense": the whole vocabulary)
+    rollout: tuple = ()  # written by rollout.generate (besides CORE)
+    teacher: tuple = ()  # written by teacher_cache.score
+    behavior: tuple = ()  # written by rollout.generate; read only if _reads_behavior(opts)
+    proximal: tuple = ()  # written by the learner (student before the step), one per ids field; read only if decoupled
 
 
-def _fields(opts):
-    return _FIELDS[opts.support if opts.name in ("reverse_kl_support", "jsd") else opts.name]
+CORE = ("token_ids", "loss_mask", "cu_seqlens")  # in every cache, written by the rollout
+_TEACHER_TOPK = Fields(ids=("teacher_topk_ids",), teacher=("teacher_topk_ids", "teacher_topk_logp"))
+_STUDENT_TOPK = Fields(ids=("student_topk_ids",), rollout=("student_topk_ids",), teacher=("student_topk_teacher_logp",))
+_DENSE = Fields(ids=("dense",), teacher=("teacher_dense_logp",))
+FIELDS = {  # estimator -> its Fields, or {opts.support: Fields} where the support option picks them
+    "forward_kl_topk": _TEACHER_TOPK,
+    "forward_kl_dense": _DENSE,
+    "forward_kl_mc": Fields(ids=("teacher_mc_ids",), teacher=("teacher_mc_ids", "teacher_mc_logp")),
+    "reverse_kl_dense": _DENSE,
+    "reverse_kl_support": {"student_topk": _STUDENT_TOPK, "teacher_topk": _TEACHER_TOPK},
+    "reverse_kl_pg": Fields(ids=("token_ids",), rollout=("token_ids",), teacher=("teacher_logp",),
+                            behavior=("behavior_logp",), proximal=("proximal_logp",)),
+    "reverse_kl_mc": Fields(ids=("mc_ids",), rollout=("mc_ids",), teacher=("mc_teacher_logp",),
+                            behavior=("mc_behavior_logp",), proximal=("mc_proximal_logp",)),
+    "jsd": {"student_topk": _STUDENT_TOPK, "teacher_topk": _TEACHER_TOPK, "dense": _DENSE},
+}
+
+
+def fields_of(opts):
+    f = FIELDS[opts.name]
+    return f[opts.support] if isinstance(f, dict) else f
+
+
+def _reads_behavior(opts):
+    return opts.ratio or opts.advantage == "old"  # b is the ratio's denominator and A_old's baseline
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What each role computes for one LossOptions (built by needs)."""
+    rollout: frozenset  # the rollout fields read
+    student_topk: int  # rollout.generate's student_topk: K_s if a student_topk_* field is read, else 0
+    mc_samples: int  # rollout.generate's mc_samples: M if an mc_* field of the rollout is read, else 0
+    teacher: frozenset  # teacher_cache.score's fields
+    student_ids: tuple  # the learner's id fields for student_logp
+    proximal: dict  # decoupled: {id field: the field where the learner puts the student's log-probs at those ids}
+
+    @property
+    def fields(self):
+        return frozenset(CORE) | self.rollout | self.teacher | set(self.proximal.values())
+
+
+def needs(opts):
+    """Per role, what to compute for opts: its FIELDS declaration with the options applied."""
+    f = fields_of(opts)
+    rollout = frozenset(f.rollout + (f.behavior if _reads_behavior(opts) else ()))
+    # rollout.generate writes student_topk_* only if student_topk > 0, mc_* only if mc_samples > 0
+    return Needs(rollout=rollout, teacher=frozenset(f.teacher), student_ids=f.ids,
+                 student_topk=opts.student_topk if rollout & {"student_topk_ids", "student_topk_behavior_logp"} else 0,
+                 mc_samples=opts.samples if rollout & {"mc_ids", "mc_behavior_logp"} else 0,
+                 proximal=dict(zip(f.ids, f.proximal)) if opts.decoupled else {})
 
 
 def required_fields(opts):
-    """Names of the cache fields the estimator reads (rollout, teacher and learner-added ones)."""
-    fields = {"token_ids", "loss_mask", "cu_seqlens", *_fields(opts)} - {"dense"}
-    pre = "mc_" if opts.name == "reverse_kl_mc" else ""
-    if opts.name in PG_ESTIMATORS and (opts.ratio or opts.advantage == "old"):
-        fields.add(f"{pre}behavior_logp")
-    if opts.name in PG_ESTIMATORS and opts.decoupled:
-        fields.add(f"{pre}proximal_logp")
-    return fields
+    """Every cache field the estimator reads (rollout, teacher and learner-added ones)."""
+    return needs(opts).fields
 
 
-def student_id_fields(opts):
-    """Id fields (and "dense") at which student_logp must give the current student's log-probs."""
-    return [_fields(opts)[0]]
+def student_ids(cache, opts):
+    """{id field: its ids in cache} for student_logp ("dense": None); a missing field is a one-line error."""
+    return {f: None if f == "dense" else _need(cache, f, opts) for f in needs(opts).student_ids}
 
 
 # ----------------------------------------------------------------------------- student log-probs
@@ -234,14 +276,18 @@ def _masked_mean(x, valid):
     return float(x[valid].double().mean()) if bool(valid.any()) else 0.0
 
 
+def _need(cache, name, opts):
+    if name not in cache:
+        _fail(f"cache has no {name!r}, needed by {opts.name}: compute what estimators.needs(opts) lists for each role")
+    return cache[name]
+
+
 def _field(cache, name, like, opts):
     """cache[name] in like's dtype, 0 on masked rows; a missing field is an error that names the estimator needing it.
 
     Masked rows may hold -inf (a teacher or behaviour policy giving a padding row no mass): aggregate() drops their
     values, but a -inf inside the formula would still make the backward 0 * inf = NaN, so they never enter it."""
-    if name not in cache:
-        _fail(f"cache has no {name!r}, needed by {opts.name}: produce estimators.required_fields(opts) in rollout/teacher")
-    x, keep = cache[name].to(like.dtype), cache["loss_mask"].bool()
+    x, keep = _need(cache, name, opts).to(like.dtype), cache["loss_mask"].bool()
     return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros_like(x))
 
 
@@ -258,26 +304,23 @@ def _log_tail(logp):
 
 
 def _support_logps(s, cache, opts):
-    """Student and teacher log-probs on the finite support opts reads (forward_kl_topk, reverse_kl_support, jsd).
+    """Student and teacher log-probs on the finite support opts reads (forward_kl_topk, reverse_kl_support, jsd), and
+    metrics: their mass there as read (before renormalisation), mean over response tokens.
 
-    Bare: as read, the mass outside the support dropped. renormalize: e^{s_k} / sum e^s and e^{t_k} / sum e^t.
-    tail_bucket: one extra category for the mass outside the support on both sides (student tail = 1 - sum_k e^{s_k}),
-    so the KL is the exact KL of the coarsened distributions.
+    The support is the declaration's one id field, t the teacher field beside it. Bare: as read, the mass outside the
+    support dropped. renormalize: e^{s_k} / sum e^s and e^{t_k} / sum e^t. tail_bucket: one extra category for the
+    mass outside the support on both sides (student tail = 1 - sum_k e^{s_k}), so the KL is the exact KL of the
+    coarsened distributions.
     """
-    ids_field, logp_field = _fields(opts)
-    s_k, t_k = s[ids_field], _field(cache, logp_field, s[ids_field], opts)
+    f = fields_of(opts)
+    (ids,), (t_name,) = f.ids, [name for name in f.teacher if name not in f.ids]
+    s_k, t_k, valid = s[ids], _field(cache, t_name, s[ids], opts), cache["loss_mask"].bool()
+    metrics = {"student_mass": _masked_mean(s_k.exp().sum(-1), valid), "teacher_mass": _masked_mean(t_k.exp().sum(-1), valid)}
     if opts.renormalize:
-        return s_k - torch.logsumexp(s_k, -1, keepdim=True), t_k - torch.logsumexp(t_k, -1, keepdim=True)
+        return s_k - torch.logsumexp(s_k, -1, keepdim=True), t_k - torch.logsumexp(t_k, -1, keepdim=True), metrics
     if opts.tail_bucket:
-        return torch.cat([s_k, _log_tail(s_k)], -1), torch.cat([t_k, _log_tail(t_k)], -1)
-    return s_k, t_k
-
-
-def _support_metrics(s, cache, opts):
-    """Student and teacher mass on the support as read (before renormalisation), mean over response tokens."""
-    ids_field, logp_field = _fields(opts)
-    s_k, t_k, valid = s[ids_field], _field(cache, logp_field, s[ids_field], opts), cache["loss_mask"].bool()
-    return {"student_mass": _masked_mean(s_k.exp().sum(-1), valid), "teacher_mass": _masked_mean(t_k.exp().sum(-1), valid)}
+        return torch.cat([s_k, _log_tail(s_k)], -1), torch.cat([t_k, _log_tail(t_k)], -1), metrics
+    return s_k, t_k, metrics
 
 
 # ----------------------------------------------------------------------------- forward KL (teacher-weighted)
@@ -288,8 +331,8 @@ def forward_kl_topk(s, cache, opts):
     pulls student mass onto the top-K (gradient not 0 at p_theta = q); tail_bucket (see _support_logps): the exact KL
     of the coarsened distributions. Bias: truncation only. Variance: none. Staleness: none (teacher weights).
     """
-    s_k, t_k = _support_logps(s, cache, opts)
-    return _xlogratio(t_k, s_k).sum(-1), _support_metrics(s, cache, opts)
+    s_k, t_k, metrics = _support_logps(s, cache, opts)
+    return _xlogratio(t_k, s_k).sum(-1), metrics
 
 
 def forward_kl_dense(s, cache, opts):
@@ -329,8 +372,8 @@ def reverse_kl_support(s, cache, opts):
     S, so it can be negative when bare (see _support_logps). Variance: none. Staleness: S was fixed by the rollout
     student; where the current student moves mass off S, no reweighting recovers the missing teacher scores.
     """
-    s_k, t_k = _support_logps(s, cache, opts)
-    return _xlogratio(s_k, t_k).sum(-1), _support_metrics(s, cache, opts)
+    s_k, t_k, metrics = _support_logps(s, cache, opts)
+    return _xlogratio(s_k, t_k).sum(-1), metrics
 
 
 def _m2po_bounds(log_ratio, adv, valid, opts):
@@ -358,13 +401,15 @@ def _m2po_bounds(log_ratio, adv, valid, opts):
     return (lo, hi), metrics | {"m2po_tau": tau, "m2po_eps_low": lo, "m2po_eps_high": hi}
 
 
-def _policy_gradient(s_y, cache, prefix, opts):
-    """reverse_kl_pg's per-sample loss -r * A on [N] ids (prefix "") or [N, M] ids (prefix "mc_": the mc_* fields)."""
-    valid = cache["loss_mask"].bool()
+def _policy_gradient(s, cache, opts):
+    """reverse_kl_pg's per-sample loss -r * A at the declared ids: [N] (token_ids) or [N, M] (mc_ids)."""
+    f = fields_of(opts)
+    (ids,), (t_name,), (b_name,), (prox_name,) = f.ids, f.teacher, f.behavior, f.proximal
+    s_y, valid = s[ids], cache["loss_mask"].bool()
     valid = valid[:, None] if s_y.dim() == 2 else valid  # broadcasts against [N] or [N, M]
-    t_y = _field(cache, f"{prefix}teacher_logp", s_y, opts)
-    b_y = _field(cache, f"{prefix}behavior_logp", s_y, opts) if opts.ratio or opts.advantage == "old" else None
-    prox_y = _field(cache, f"{prefix}proximal_logp", s_y, opts) if opts.decoupled else None
+    t_y = _field(cache, t_name, s_y, opts)
+    b_y = _field(cache, b_name, s_y, opts) if _reads_behavior(opts) else None
+    prox_y = _field(cache, prox_name, s_y, opts) if opts.decoupled else None
     adv = (t_y - s_y).detach() if opts.advantage == "theta" else t_y - b_y
     base = prox_y if opts.decoupled else (b_y if opts.ratio else s_y.detach())
     log_ratio = (s_y - base).clamp(-20.0, 20.0)
@@ -405,7 +450,7 @@ def reverse_kl_pg(s, cache, opts):
                   that r (if clip_eps > 0), times w = p_prox / p_b, with w := 0 where w > behave_cap.
       m2po_budget M2PO: PPO clip, bounds from the 2nd moment of b - s over the call's unmasked entries (_m2po_bounds).
     """
-    return _policy_gradient(s["token_ids"], cache, "", opts)
+    return _policy_gradient(s, cache, opts)
 
 
 def reverse_kl_mc(s, cache, opts):
@@ -415,7 +460,7 @@ def reverse_kl_mc(s, cache, opts):
     mc_ids, mc_teacher_logp, mc_behavior_logp (+ mc_proximal_logp). Options as in reverse_kl_pg (M2PO over all
     unmasked [N, M] entries). With A_theta and the ratio: unbiased for grad KL(p_theta || q), variance ~1/M of pg's.
     """
-    per_sample, metrics = _policy_gradient(s["mc_ids"], cache, "mc_", opts)
+    per_sample, metrics = _policy_gradient(s, cache, opts)
     return per_sample.mean(-1), metrics
 
 
@@ -431,7 +476,7 @@ def jsd(s, cache, opts):
     term stays >= 0. Needs the fields of opts.support. Bias/variance/staleness: as the support it runs on. In float32,
     prefer the exact endpoints to beta within ~1e-3 of them (the division by beta cancels digits).
     """
-    logq, logp = _support_logps(s, cache, opts)
+    logq, logp, _ = _support_logps(s, cache, opts)
     beta = float(opts.beta)
     if beta == 0.0:
         return (_xlogratio(logp, logq) - logp.exp() + logq.exp()).sum(-1), {}

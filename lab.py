@@ -70,17 +70,17 @@ def opd_run(lab, loss, staleness, seed, steps, keep=()):
     cfg = asyncopd.Config(student=args.student, teacher=args.teacher, schedule="async", max_staleness=staleness,
                           batch_size=p["batch"], rollout_batch_size=p["batch"], lr=p["lr"], loss=loss, seed=seed)
     student, opt, device = asyncopd.build_learner(cfg, 0, 1, cfg.student)
-    engine, fields = engine_for(lab, cfg.student), estimators.required_fields(loss)
-    topk, mc = loss.student_topk if "student_topk_ids" in fields else 0, loss.samples if "mc_ids" in fields else 0
+    engine, need = engine_for(lab, cfg.student), estimators.needs(loss)
     publish = lambda: {k: v.clone() for k, v in asyncopd.full_state_dict(student).items()}  # noqa: E731 (params move on)
     weights, kept = {0: publish()}, {}
     for j in range(steps):
         v = max(0, j - staleness)
         engine.load_weights(weights[v], v)
         idx = asyncopd.unit_prompt_indices(cfg, len(lab["train"]), j)
-        traj = engine.generate([lab["train"][i]["ids"] for i in idx], idx, v, topk, mc, gen(seed * 100003 + 2 * j))
+        traj = engine.generate([lab["train"][i]["ids"] for i in idx], idx, v, need.student_topk, need.mc_samples,
+                               gen(seed * 100003 + 2 * j))
         with torch.no_grad():
-            batch = teacher_cache.score(lab["teacher"], traj, fields & teacher_cache.TEACHER_FIELDS, loss.teacher_topk,
+            batch = teacher_cache.score(lab["teacher"], traj, need.teacher, loss.teacher_topk,
                                         loss.samples, gen(seed * 100003 + 2 * j + 1), pad_token_id=lab["pad"])
         asyncopd.train_on_batch(cfg, student, opt, batch, j, 0, 1, device, lab["pad"])
         weights[j + 1] = publish()
@@ -169,7 +169,7 @@ def grads(name, z, b, t, ids=None):
         cache |= {"student_topk_ids": ids, "student_topk_teacher_logp": t.gather(1, ids), "mc_ids": ids,
                   "mc_behavior_logp": b.gather(1, ids), "mc_teacher_logp": t.gather(1, ids)}
     s_all = torch.log_softmax(z, -1)
-    s = {f: (s_all if f == "dense" else s_all.gather(1, cache[f])) for f in estimators.student_id_fields(o)}
+    s = {f: (s_all if ids is None else s_all.gather(1, ids)) for f, ids in estimators.student_ids(cache, o).items()}
     estimators.ESTIMATORS[name](s, cache, o)[0].sum().backward()
     return z.grad
 

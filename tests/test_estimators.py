@@ -94,8 +94,8 @@ def make_case(seed, lengths=LENGTHS, V=60, K=8, Ks=6, M=5, Mt=7, stale=0.7, mask
 def student_inputs(z, cache, o):
     """The s dict an estimator gets: current-student log-probs at its id fields (naive full log-softmax)."""
     s = torch.log_softmax(z, -1)
-    return {f: s if f == "dense" else s.gather(1, cache[f].view(len(s), -1)).view(cache[f].shape)
-            for f in E.student_id_fields(o)}
+    return {f: s if ids is None else s.gather(1, ids.view(len(s), -1)).view(ids.shape)
+            for f, ids in E.student_ids(cache, o).items()}
 
 
 def estimator_loss(z, cache, o):
@@ -154,9 +154,8 @@ def reference(o, z, cache):
     else:  # reverse_kl_pg / reverse_kl_mc, per sample then mean over samples
         mc = o.name == "reverse_kl_mc"
         ids = cache["mc_ids"] if mc else cache["token_ids"][:, None]
-        pre = "mc_" if mc else ""
-        b = cache[f"{pre}behavior_logp"].view(ids.shape)
-        prox = cache[f"{pre}proximal_logp"].view(ids.shape)
+        b = cache["mc_behavior_logp" if mc else "behavior_logp"].view(ids.shape)
+        prox = cache["mc_proximal_logp" if mc else "proximal_logp"].view(ids.shape)
         s_y, t_y = torch.log(q.gather(1, ids)), torch.log(P.gather(1, ids))
         A = (t_y - s_y).detach() if o.advantage == "theta" else t_y - b
         r = torch.exp(s_y - (prox if o.decoupled else b)) if o.ratio else torch.exp(s_y - s_y.detach())
@@ -420,8 +419,7 @@ def learner_loss(student, cache, o):
     input_ids, attention_mask, rows = teacher_cache.pad_batch(cache)
     hidden = student.model(input_ids=input_ids, attention_mask=attention_mask)[0]
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
-    fields = E.student_id_fields(o)
-    s = E.student_logp(h, student.lm_head.weight, {f: cache.get(f) for f in fields}, chunk_size=4)
+    s = E.student_logp(h, student.lm_head.weight, E.student_ids(cache, o), chunk_size=4)
     per_token, metrics = E.ESTIMATORS[o.name](s, cache, o)
     return E.aggregate(per_token, cache["loss_mask"], cache["cu_seqlens"], o.aggregation).item(), metrics
 
@@ -470,7 +468,7 @@ def test_first_and_last_response_tokens_are_trained(key, aligned_batch):
     hidden = hidden.clone().requires_grad_()  # [B, S, H]: the gradient says which positions are trained
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
     o = CONFIGS[key]
-    s = E.student_logp(h, student.lm_head.weight, {f: cache.get(f) for f in E.student_id_fields(o)}, chunk_size=4)
+    s = E.student_logp(h, student.lm_head.weight, E.student_ids(cache, o), chunk_size=4)
     loss = E.compute_loss(s, cache, o)[0]
     trained = grad_of(loss, hidden).norm(dim=-1) > 0  # [B, S]
     expected = torch.zeros_like(trained)
@@ -659,7 +657,7 @@ def test_chunked_gather_through_an_estimator_equals_naive():
     weight = (3 * torch.randn(V, H, generator=g, dtype=torch.float64)).requires_grad_()
     _, cache = make_case(0, lengths=(4, 5), V=V, masked=(3,))
     for o in (CONFIGS["mc_clip"], CONFIGS["fwd_topk_tail"]):
-        fields = {f: cache[f] for f in E.student_id_fields(o)}
+        fields = E.student_ids(cache, o)
         losses = [E.compute_loss(s, cache, o)[0] for s in (E.student_logp(hidden, weight, fields, chunk_size=2),
                                                            naive_logp(hidden, weight, fields))]
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
@@ -730,25 +728,68 @@ def test_validate_options_names_the_problem(bad, match):
         E.validate_options(E.LossOptions(**bad))
 
 
+def declared(o):
+    """{field: the role that writes it} for the fields o's declaration says the estimator reads (besides CORE)."""
+    need = E.needs(o)
+    return {f: "rollout" for f in need.rollout} | {f: "teacher" for f in need.teacher} | \
+        {f: "learner" for f in need.proximal.values()}
+
+
 @pytest.mark.parametrize("key", list(CONFIGS))
-def test_required_fields_are_enough(key):
-    """Each estimator runs on a cache holding only required_fields(opts), all named as in teacher_cache."""
+def test_declared_fields_are_exactly_what_the_estimator_reads(key):
+    """On a cache of only required_fields(o) the estimator gives the full cache's loss; without any one declared field
+    it raises the one-line 'cache has no' error naming it. So a declaration cannot drift from its estimator's code."""
     o = CONFIGS[key]
     z, cache = make_case(10)
-    need = E.required_fields(o)
-    assert need <= set(teacher_cache.FIELD_SPECS) | {"cu_seqlens"}
-    ids = {f: cache[f] for f in E.student_id_fields(o) if f != "dense"}
-    assert set(ids) <= need
-    small = {k: v for k, v in cache.items() if k in need | set(ids)}
-    loss, _ = estimator_loss(z, small, o)
-    torch.testing.assert_close(loss, estimator_loss(z, cache, o)[0])
+    small = {k: v for k, v in cache.items() if k in E.required_fields(o)}
+    assert E.required_fields(o) == set(small) == set(E.CORE) | set(declared(o))
+    torch.testing.assert_close(estimator_loss(z, small, o)[0], estimator_loss(z, cache, o)[0])
+    for name in declared(o):
+        with pytest.raises(ValueError, match=f"^cache has no '{name}', needed by {o.name}: [^\n]*$"):
+            estimator_loss(z, {k: v for k, v in small.items() if k != name}, o)
 
 
-def test_missing_field_is_a_clear_error():
-    z, cache = make_case(0)
-    del cache["mc_behavior_logp"]
-    with pytest.raises(ValueError, match="mc_behavior_logp"):
-        estimator_loss(z, cache, CONFIGS["mc_theta"])
+def test_declarations_follow_the_cache_contract():
+    """Every declared name is a teacher_cache field; the teacher role declares only fields score() can add
+    (TEACHER_FIELDS), the rollout and learner roles none of them; a teacher field scored at rollout ids (GATHERED)
+    comes with those ids; every id field is written by a role of the same declaration; the learner's proximal
+    log-probs sit at id fields."""
+    assert set(E.FIELDS) == set(E.ESTIMATORS) and set(E.CORE) <= set(teacher_cache.FIELD_SPECS)
+    records = [f for entry in E.FIELDS.values() for f in (entry.values() if isinstance(entry, dict) else [entry])]
+    for f in records:
+        for role, names in (("rollout", f.rollout + f.behavior), ("teacher", f.teacher), ("learner", f.proximal)):
+            assert set(names) <= set(teacher_cache.FIELD_SPECS), (f, role)
+            assert all((name in teacher_cache.TEACHER_FIELDS) == (role == "teacher") for name in names), (f, role)
+        assert all(teacher_cache.GATHERED[name] in f.rollout for name in set(f.teacher) & set(teacher_cache.GATHERED)), f
+        assert set(f.ids) - {"dense"} <= set(f.rollout + f.teacher), f
+        assert len(f.proximal) in (0, len(f.ids)), f
+
+
+@pytest.fixture(scope="module")
+def roles():
+    import rollout
+    engine = rollout.make_engine(tiny_qwen(0), kind="hf", eos_token_id=EOS, pad_token_id=0, max_new_tokens=4)
+    return engine, tiny_qwen(1)
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_each_role_computes_what_needs_says(key, roles):
+    """rollout.generate given needs' student_topk / mc_samples writes the declared rollout fields, score() exactly the
+    declared teacher fields, the learner adds the proximal ones: the estimator runs on what the roles produced."""
+    o, (engine, teacher) = CONFIGS[key], roles
+    need = E.needs(o)
+    traj = engine.generate(PROMPTS, list(range(len(PROMPTS))), 0, need.student_topk, need.mc_samples,
+                           torch.Generator().manual_seed(0))
+    assert set(E.CORE) | need.rollout <= set(traj)
+    batch = teacher_cache.score(teacher, traj, need.teacher, o.teacher_topk, o.samples, torch.Generator().manual_seed(1))
+    assert set(batch) - set(traj) == need.teacher
+    input_ids, attention_mask, rows = teacher_cache.pad_batch(batch)
+    with torch.no_grad():
+        h = engine.model.model(input_ids=input_ids, attention_mask=attention_mask)[0].reshape(-1, 32)[rows]
+        s = E.student_logp(h, engine.model.lm_head.weight, E.student_ids(batch, o))
+    batch |= {field: s[ids] for ids, field in need.proximal.items()}  # as train_on_batch: the student before the step
+    assert E.required_fields(o) <= set(batch)
+    assert torch.isfinite(E.compute_loss(s, batch, o)[0])
 
 
 def test_default_options_are_the_recommended_surrogate():

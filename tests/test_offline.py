@@ -123,14 +123,13 @@ def online_scores(cfg, chunk_prompts, n_chunks):
     engine = rollout.make_engine(cfg.student, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     teacher = asyncopd.load_teacher(cfg)  # as the teacher role loads it
-    fields = estimators.required_fields(cfg.loss)
+    need = estimators.needs(cfg.loss)
     out = []
     for c in range(n_chunks):
         idx = list(range(c * chunk_prompts, (c + 1) * chunk_prompts))
         traj = engine.generate([task.encode_prompt(tok, prompts[i]["prompt"], False) for i in idx], idx, 0,
-                               cfg.loss.student_topk if "student_topk_ids" in fields else 0,
-                               cfg.loss.samples if "mc_ids" in fields else 0, asyncopd._seeded(cfg, c, 1))
-        teacher_fields = (fields & teacher_cache.TEACHER_FIELDS) | {"teacher_logp"}  # as teacher_role
+                               need.student_topk, need.mc_samples, asyncopd._seeded(cfg, c, 1))
+        teacher_fields = need.teacher | {"teacher_logp"}  # as teacher_role
         out.append(teacher_cache.score(teacher, traj, teacher_fields, cfg.loss.teacher_topk,
                                        cfg.loss.samples, generator=asyncopd._seeded(cfg, c, 2),
                                        pad_token_id=tok.pad_token_id))

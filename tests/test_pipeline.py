@@ -96,8 +96,7 @@ def learner(tiny_models):
 def scored_batch(cfg, engine, teacher, version, seed=0):
     traj = engine.generate([[3, 4, 5, 6], [7, 8], [9, 10, 11], [5]], [0, 1, 2, 3], version, 0, cfg.loss.samples,
                            torch.Generator().manual_seed(seed))
-    fields = estimators.required_fields(cfg.loss) & teacher_cache.TEACHER_FIELDS
-    return teacher_cache.score(teacher, traj, fields, 0, cfg.loss.samples, generator=torch.Generator().manual_seed(1))
+    return teacher_cache.score(teacher, traj, estimators.needs(cfg.loss).teacher, 0, cfg.loss.samples, generator=torch.Generator().manual_seed(1))
 
 
 def test_weight_sync_behaviour_equals_learner_logp(learner):
