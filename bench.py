@@ -329,6 +329,7 @@ def cache_bytes_per_token(cfg):
 
 def learner_terms(cfg, m, act):
     """Peak bytes on one learner rank (FSDP2, bf16 compute, fp32 master weights), term by term."""
+    import asyncopd
     d, W = MODELS[m["name"]], len(cfg.learner_devices)
     P, PL, H, L, V = m["params"], m["layer_params"], d["hidden"], d["layers"], VOCAB
     root = P - L * PL  # embeddings (+ untied lm_head) + final norm: FSDP2's root group, unsharded for fwd+bwd
@@ -342,7 +343,8 @@ def learner_terms(cfg, m, act):
         acts, mask = T * (L * act["ckpt"] + 2 * a), T * S * (1 + 2)
     else:  # every layer's saved set, plus one layer's gradients
         acts, mask = T * (L + 1) * a, T * S * (1 + 2 * L)
-    dtype = 2 if cfg.mixed_precision else 4
+    dtype = 2 if cfg.mixed_precision else 4  # the training dtype: compute, published weights
+    transport = asyncopd.resolve_transport(cfg)
     return {
         "fp32 master params / W": 4 * P / W,
         "fp32 grads / W": 4 * P / W,
@@ -355,6 +357,8 @@ def learner_terms(cfg, m, act):
         f"lm_head path: fp32 W copy + fp32 grad + [{C}, V] fp32": 8 * V * H + 4 * C * V,
         f"estimator: [N, {K}] fp32 tensors x12": 48 * T * K,
         "micro-batch cache tensors": T * cache_bytes_per_token(cfg),
+        "publish: one full fp32 parameter (the embedding) gathered": 4 * V * H,
+        "rank 0, weight_transport=handoff: the rollout's weight buffer": dtype * P * (transport == "handoff"),
     }, T
 
 
@@ -387,7 +391,8 @@ def rollout_terms(cfg, m, act, vllm):
     """vLLM: its gpu_memory_utilization share of the GPU (weights, KV cache, activations, all inside it) + the MC
     draws outside it (vllm_engine.draw: fp32 z/T [rows, V], then float64 log-softmax, exp and CDF per chunk of
     ROW_CHUNK_ELEMENTS; one row per request of the unit) + the recorded draws of a unit until generate() returns.
-    HF engine: fp32 weights (from a directory) + fp32 KV cache + prefill of one layer + [B, V] buffers."""
+    HF engine, in the training dtype (bf16 with mixed_precision): weights + KV cache + prefill of one layer + fp32
+    [B, V] buffers."""
     d = MODELS[m["name"]]
     S, V = cfg.max_prompt_len + cfg.max_new_tokens, VOCAB
     mc = E.needs(cfg.loss).mc_samples
@@ -397,10 +402,11 @@ def rollout_terms(cfg, m, act, vllm):
                     (4 * cfg.rollout_batch_size * V + 24 * min(cfg.rollout_batch_size * V, 2**24)) if mc else 0,
                 f"MC draws (M={mc}): a unit's recorded ids + b": cfg.rollout_batch_size * S * (mc - 1) * 12 if mc else 0}, 0
     B = max(cfg.rollout_batch_size, min(cfg.eval_size, 250))  # a unit, or worker 0's evaluation batch
-    a = act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 4
-    return {"fp32 weights": 4 * m["params"],
-            f"fp32 KV cache {B} x {S} tokens": B * S * 2 * d["kv"] * d["head_dim"] * 4 * d["layers"],
-            f"prefill {B} x {cfg.max_prompt_len} tokens, one layer (fp32)": B * cfg.max_prompt_len * 2 * (a + 4 * d["hidden"]),
+    w = 2 if cfg.mixed_precision else 4  # bytes per value in the training dtype
+    a = (act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 2) * w // 2  # measured in bf16
+    return {f"weights ({w} bytes)": w * m["params"],
+            f"KV cache {B} x {S} tokens": B * S * 2 * d["kv"] * d["head_dim"] * w * d["layers"],
+            f"prefill {B} x {cfg.max_prompt_len} tokens, one layer": B * cfg.max_prompt_len * (a + 2 * w * d["hidden"]),
             "[B, V] sampling buffers (logits, log-softmax, float64 CDF)": B * V * 32}, B * S
 
 
