@@ -423,7 +423,7 @@ def precompute(cfg):
         idx = list(range(c * cfg.chunk_prompts, min(n, (c + 1) * cfg.chunk_prompts)))
         traj = rollout_unit(cfg, engine, train, idx, c, cfg.rollout_devices[0])
         scored = score_unit(cfg, teacher, traj, c, tok.pad_token_id)  # exactly what the teacher role sends online
-        teacher_cache.write_chunk(cfg.cache_dir, c, scored, meta)
+        teacher_cache.write_chunk(cfg.cache_dir, c, scored, meta, first_sequence=idx[0])
     cache, meta = teacher_cache.load_dir(cfg.cache_dir)
     return (f"cache {cfg.cache_dir}: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens in {meta['num_chunks']} "
             f"chunks, {teacher_cache.bytes_per_token(cache):.0f} bytes/token ({len(chunks) - len(done)} chunks computed "
