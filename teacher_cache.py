@@ -329,7 +329,7 @@ def checksum(cache, meta):
     for name in sorted(cache):
         t = cache[name].detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy: hashes the (memory-mapped) bytes in place
     return h.hexdigest()
 
 
