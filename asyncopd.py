@@ -672,6 +672,8 @@ def save_checkpoint(cfg, student, opt, step, version, start_dir, run_dir, rank):
     if rank != 0:
         return None
     path = os.path.join(run_dir, f"ckpt_{step:05d}")
+    if cfg.resume and os.path.realpath(path) == os.path.realpath(cfg.resume):  # stopped at once, resumed in place
+        return path  # never rewrite the checkpoint the run started from (the rollout may be reading it)
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

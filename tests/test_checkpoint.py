@@ -46,6 +46,11 @@ def test_checkpoint_is_renamed_into_place_and_damage_is_refused(learner, tmp_pat
     files = json.load(open(os.path.join(path, "manifest.json")))["files"]
     assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "config.json"} <= set(files)
     asyncopd.check_checkpoint(dataclasses.replace(cfg, resume=path, steps=4))  # intact: accepted
+    inode = os.stat(os.path.join(path, "model.safetensors")).st_ino
+    save(dataclasses.replace(cfg, resume=path), student, opt, 2, tmp_path)  # resumed into the same folder, stopped at once
+    assert os.stat(os.path.join(path, "model.safetensors")).st_ino == inode  # the start checkpoint was not rewritten
+    save(cfg, student, opt, 2, tmp_path)  # another run under this run_name: replaced whole, by a rename
+    assert os.stat(os.path.join(path, "model.safetensors")).st_ino != inode and os.listdir(tmp_path) == ["ckpt_00002"]
 
     def crash(*a, **k):
         raise OSError("disk full")
