@@ -27,6 +27,7 @@ Run:  python asyncopd.py train configs/default.yaml [key=value ...]
 """
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -300,6 +301,7 @@ def validate(cfg):
         raise ValueError(f"temperature={cfg.temperature} top_p={cfg.top_p}: need 0 < temperature and 0 < top_p <= 1")
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
         raise ValueError(f"resume={cfg.resume}: no trainer_state.json there; give a checkpoint folder of a run")
+    check_checkpoint(cfg)
     estimators.validate_options(cfg.loss)
     for d in (*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices):
         _check_device(d, "device")
@@ -423,7 +425,7 @@ def precompute(cfg):
         idx = list(range(c * cfg.chunk_prompts, min(n, (c + 1) * cfg.chunk_prompts)))
         traj = rollout_unit(cfg, engine, train, idx, c, cfg.rollout_devices[0])
         scored = score_unit(cfg, teacher, traj, c, tok.pad_token_id)  # exactly what the teacher role sends online
-        teacher_cache.write_chunk(cfg.cache_dir, c, scored, meta)
+        teacher_cache.write_chunk(cfg.cache_dir, c, scored, meta, first_sequence=idx[0])
     cache, meta = teacher_cache.load_dir(cfg.cache_dir)
     return (f"cache {cfg.cache_dir}: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens in {meta['num_chunks']} "
             f"chunks, {teacher_cache.bytes_per_token(cache):.0f} bytes/token ({len(chunks) - len(done)} chunks computed "
@@ -661,6 +663,8 @@ def full_state_dict(student):
 
 
 def save_checkpoint(cfg, student, opt, step, version, start_dir, run_dir, rank):
+    """All ranks call (collectives); rank 0 writes run_dir/ckpt_NNNNN into a temp folder, with a manifest.json
+    (sha256 of every file) written last, then renames it: a crash never leaves a folder that looks finished."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     sd = full_state_dict(student)
@@ -668,18 +672,92 @@ def save_checkpoint(cfg, student, opt, step, version, start_dir, run_dir, rank):
     if rank != 0:
         return None
     path = os.path.join(run_dir, f"ckpt_{step:05d}")
-    os.makedirs(path, exist_ok=True)
+    if cfg.resume and os.path.realpath(path) == os.path.realpath(cfg.resume):  # stopped at once, resumed in place
+        return path  # never rewrite the checkpoint the run started from (the rollout may be reading it)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     for name in os.listdir(start_dir):  # config, tokenizer, generation config
         if os.path.isfile(os.path.join(start_dir, name)) and not name.endswith((".safetensors", ".pt")) \
-                and name != "trainer_state.json":
-            shutil.copy(os.path.join(start_dir, name), path)
+                and name not in ("trainer_state.json", "manifest.json"):
+            shutil.copy(os.path.join(start_dir, name), tmp)
     if student.model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    torch.save({"optimizer": osd, "rng": torch.get_rng_state()}, os.path.join(path, "optimizer.pt"))
-    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    torch.save({"optimizer": osd, "rng": torch.get_rng_state()}, os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump({"step": step, "version": version, "config": dataclasses.asdict(cfg)}, f, indent=1)
+    write_manifest(tmp)
+    if os.path.isdir(path):  # a folder of an earlier run under this run_name: swap it out, then delete it
+        os.replace(path, f"{tmp}.old")
+    os.replace(tmp, path)
+    shutil.rmtree(f"{tmp}.old", ignore_errors=True)
+    _fsync(run_dir)  # the rename itself is durable
     return path
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder):
+    """folder/manifest.json = sha256 of every file in it, after fsyncing each (the manifest is written last)."""
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        if name != "manifest.json":
+            _fsync(os.path.join(folder, name))
+            files[name] = _sha256(os.path.join(folder, name))
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_checkpoint(cfg):
+    """resume=DIR, before any process starts: every file matches the manifest, and trainer_state.json fits this
+    config (version = step * mini_batches, the same unit numbering, steps beyond the checkpoint). One-line errors."""
+    if not cfg.resume:
+        return
+    try:
+        with open(os.path.join(cfg.resume, "manifest.json")) as f:
+            files = dict(json.load(f)["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"resume={cfg.resume}: no readable manifest.json ({type(e).__name__}), so the checkpoint is "
+                         "unfinished or damaged: resume from another ckpt_* folder") from None
+    for name in sorted(set(files) | {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}):
+        path = os.path.join(cfg.resume, name)  # hashing reads every byte: a few seconds per GB
+        problem = "missing" if not os.path.isfile(path) else "not in manifest.json" if name not in files \
+            else "damaged (sha256 differs from manifest.json)" if _sha256(path) != files[name] else None
+        if problem:
+            raise ValueError(f"resume: {path} is {problem}: resume from another ckpt_* folder")
+    with open(os.path.join(cfg.resume, "trainer_state.json")) as f:
+        state = json.load(f)
+    state = state if isinstance(state, dict) else {}
+    step, version, saved = state.get("step"), state.get("version"), state.get("config")
+    saved = saved if isinstance(saved, dict) else {}
+    if not isinstance(step, int) or not isinstance(version, int) or step < 0:
+        raise ValueError(f"resume: {cfg.resume}/trainer_state.json has step={step!r} version={version!r}: not a checkpoint of asyncopd")
+    for key in ("schedule", "mini_batches", "batch_size", "rollout_batch_size"):  # they decide unit and version numbers
+        if saved.get(key) != getattr(cfg, key):
+            raise ValueError(f"resume: the checkpoint ran {key}={saved.get(key)!r}, this run {key}={getattr(cfg, key)!r}: resume "
+                             f"with {key}={saved.get(key)!r}, or start a new run from it with student={cfg.resume}")
+    if version != step * cfg.mini_batches:
+        raise ValueError(f"resume: {cfg.resume}/trainer_state.json has version {version} but step {step} * mini_batches "
+                         f"{cfg.mini_batches} = {step * cfg.mini_batches}: the file was edited; resume from another ckpt_* folder")
+    if cfg.steps <= step:
+        raise ValueError(f"resume: steps={cfg.steps} is not above the checkpoint's step {step}: raise steps to continue")
 
 
 def load_optimizer(student, opt, resume, rank):
@@ -833,7 +911,7 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
     offline = transport == "none"
     source = offline_batches(cfg, start_step) if offline else None
     t_start, tokens_total, pending = time.time(), 0, {}
-    step = start_step
+    step, saved = start_step, None
     while step < cfg.steps:
         t0 = time.time()
         shard, metas = None, []
@@ -871,8 +949,10 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
             _busy(ctx, "learner", f"train s{step}", t1, t2)
             _busy(ctx, "learner", "publish", t2, t3)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint(cfg, student, opt, step, cfg.mini_batches * step, start_dir, run_dir, rank)
-    path = save_checkpoint(cfg, student, opt, step, cfg.mini_batches * step, start_dir, run_dir, rank)
+            path = save_checkpoint(cfg, student, opt, step, cfg.mini_batches * step, start_dir, run_dir, rank)
+            saved = step
+    if saved != step:  # stopped right after a periodic save: keep that checkpoint as the last one
+        path = save_checkpoint(cfg, student, opt, step, cfg.mini_batches * step, start_dir, run_dir, rank)
     if rank == 0:
         ctx["metrics_q"].put(("checkpoint", {"path": path, "step": step}))
     if transport == "handoff" and rank == 0:

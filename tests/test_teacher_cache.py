@@ -1,6 +1,8 @@
 """Tests for teacher_cache.py: the shift, teacher scoring against float64 references, validation,
 slicing, the disk format and the multiprocessing round-trip. CPU, tiny random Qwen2, no downloads."""
 import copy
+import json
+import shutil
 import os
 import sys
 
@@ -301,8 +303,8 @@ def test_chunk_dir_load_equals_concat_and_ignores_tmp_files(tmp_path):
     c = scored_like(make_traj())
     parts = [tc.select_sequences(c, [0]), tc.select_sequences(c, [1, 2]), tc.select_sequences(c, [3])]
     assert tc.finished_chunks(tmp_path / "none") == set()
-    for i, p in enumerate(parts):
-        tc.write_chunk(tmp_path, i, p, META)
+    for i, (p, first) in enumerate(zip(parts, [0, 1, 3])):
+        tc.write_chunk(tmp_path, i, p, META, first)
     (tmp_path / "chunk_00003.safetensors.tmp-999").write_bytes(b"half a chunk")  # an interrupted write
     assert tc.finished_chunks(tmp_path) == {0, 1, 2}
     back, meta = tc.load_dir(tmp_path)
@@ -313,13 +315,13 @@ def test_chunk_dir_load_equals_concat_and_ignores_tmp_files(tmp_path):
 
 def test_chunk_dir_refuses_mismatched_meta_and_gaps(tmp_path):
     c = scored_like(make_traj())
-    tc.write_chunk(tmp_path, 0, tc.select_sequences(c, [0, 1]), META)
-    tc.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), dict(META, teacher_fingerprint="cccc"))
+    tc.write_chunk(tmp_path, 0, tc.select_sequences(c, [0, 1]), META, 0)
+    tc.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), dict(META, teacher_fingerprint="cccc"), 2)
     with pytest.raises(ValueError, match="chunk_00001.safetensors: meta 'teacher_fingerprint' = 'cccc' but .*chunk_00000.safetensors has 'aaaa'"):
         tc.load_dir(tmp_path)
-    tc.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), META)
+    tc.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), META, 2)
     tc.load_dir(tmp_path)  # rewriting the chunk with the right meta fixes it
-    tc.write_chunk(tmp_path, 3, tc.select_sequences(c, [0]), META)
+    tc.write_chunk(tmp_path, 3, tc.select_sequences(c, [0]), META, 4)
     with pytest.raises(ValueError, match=r"chunks \[2\] are missing"):
         tc.load_dir(tmp_path)
     with pytest.raises(ValueError, match="no chunk_"):
@@ -394,3 +396,70 @@ def test_tokenizer_fingerprint_agrees_between_dir_and_object(tmp_path):
     assert tc.tokenizer_fingerprint(_word_tokenizer(["<unk>", "a", "c", "b"])) != fp
     with pytest.raises(ValueError, match="no tokenizer.json"):
         tc.tokenizer_fingerprint(tmp_path)
+
+
+def _flip_bit(path, tensor, row, byte, bit):
+    """Flip one bit of element `row` of a 1-D float32 tensor inside a safetensors file (byte 3 = sign/exponent)."""
+    import json as _json
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    start = 8 + n + _json.loads(data[8:8 + n])[tensor]["data_offsets"][0]
+    data[start + 4 * row + byte] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_logprob_exponent_is_refused_with_its_path(tmp_path):
+    """A flipped exponent bit leaves a finite, negative log-prob that validate() accepts: only the checksum sees it."""
+    from safetensors.torch import load_file
+    c = scored_like(make_traj())
+    path = tmp_path / "cache.safetensors"
+    tc.save(c, path, META)
+    _flip_bit(path, "teacher_logp", 2, 3, 0)  # exponent bit 1: t times 4 or 1/4
+    raw = load_file(path)
+    assert raw["teacher_logp"][2] != c["teacher_logp"][2]
+    tc.validate(raw, vocab_size=V)  # still a plausible cache
+    with pytest.raises(ValueError, match=f"{path}: sha256 mismatch"):
+        tc.load(path)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in c.items()}, path, metadata={"asyncopd": json.dumps(dict(META, format_version=1))})
+    with pytest.raises(ValueError, match="format_version 1, this code reads 2: delete the cache and rerun `python asyncopd.py precompute`"):
+        tc.load(path)
+
+
+def test_copied_swapped_or_duplicated_chunks_are_refused_with_the_path(tmp_path):
+    c = scored_like(make_traj())
+    for i, seqs in enumerate([[0], [1, 2], [3]]):
+        tc.write_chunk(tmp_path / "good", i, tc.select_sequences(c, seqs), META, seqs[0])
+    chunk = [tmp_path / "good" / f"chunk_{i:05d}.safetensors" for i in range(3)]
+
+    def refused(edit):
+        d = tmp_path / edit.__name__
+        shutil.copytree(tmp_path / "good", d)
+        edit(d)
+        with pytest.raises(ValueError) as e:
+            tc.load_dir(d)
+        return str(e.value)
+
+    def copied(d):  # chunk 2 copied over chunk 1
+        shutil.copy(chunk[2], d / chunk[1].name)
+
+    def swapped(d):
+        os.replace(d / chunk[0].name, d / "x")
+        os.replace(d / chunk[1].name, d / chunk[0].name)
+        os.replace(d / "x", d / chunk[1].name)
+
+    def duplicated(d):  # chunk 1 again, as chunk 3
+        shutil.copy(chunk[1], d / "chunk_00003.safetensors")
+
+    def first_sequence_edited(d):  # the index lives in the checksummed meta: editing it breaks the sha256
+        cache, meta = tc.load(chunk[1])
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in cache.items()}, d / chunk[1].name,
+                  metadata={"asyncopd": json.dumps(dict(meta, first_sequence=7))})
+
+    assert f"{tmp_path}/copied/chunk_00001.safetensors: holds chunk 2 (sequences from 3) where chunk 1 (sequences from 1)" \
+        in refused(copied)
+    assert f"{tmp_path}/swapped/chunk_00000.safetensors: holds chunk 1" in refused(swapped)
+    assert f"{tmp_path}/duplicated/chunk_00003.safetensors: holds chunk 1" in refused(duplicated)
+    assert f"{tmp_path}/first_sequence_edited/chunk_00001.safetensors: sha256 mismatch" in refused(first_sequence_edited)
+    tc.load_dir(tmp_path / "good")
