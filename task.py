@@ -173,7 +173,8 @@ def encode_prompt(tokenizer, text: str, chat_template: bool, known: set | None =
         else:
             lost.append(ch)
     if lost or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
-        raise ValueError(f"prompt {raw[:40]!r} has characters {''.join(lost)!r} outside the tokenizer's vocabulary: "
+        chars = f" {''.join(lost)!r}" if lost else ""  # none alone: only in context (the chat template's)
+        raise ValueError(f"prompt {raw[:40]!r} has characters{chars} outside the tokenizer's vocabulary: "
                          "remove them, or use a tokenizer that covers this data set")
     if not ids:
         raise ValueError(f"prompt {raw[:40]!r} encodes to no tokens: give it some text")
