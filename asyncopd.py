@@ -107,7 +107,7 @@ class Config:
     allow_teacher_mismatch: bool = False  # offline: train on a cache from another teacher (ablation)
     # outputs
     out_dir: str = "runs"  # a folder per run is created inside
-    run_name: str = ""  # "" = timestamp
+    run_name: str = ""  # a new folder name inside out_dir ("" = timestamp)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: str = ""  # checkpoint folder to continue from
     seed: int = 0  # seeds prompts order, sampling and teacher draws
@@ -115,7 +115,6 @@ class Config:
 
 
 # Per-key ranges, checked first by validate(): (keys, predicate, the fix). Every float must also be finite.
-_devices = lambda v: len(v) > 0 and all(isinstance(d, str) for d in v)  # noqa: E731
 RANGES = [
     ("steps batch_size mini_batches eval_every max_prompt_len max_new_tokens threads precompute_prompts chunk_prompts",
      lambda v: v >= 1, "must be >= 1"),
@@ -125,10 +124,11 @@ RANGES = [
     ("weight_decay grad_clip", lambda v: v >= 0, "must be >= 0"),
     ("betas", lambda v: len(v) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in v),
      "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
-    ("rollout_devices learner_devices", _devices, "must be a non-empty list of devices, e.g. [cpu] or [cuda:0, cuda:1]"),
+    ("rollout_devices learner_devices", lambda v: len(v) > 0 and all(isinstance(d, str) for d in v),
+     "must be a non-empty list of devices, e.g. [cpu] or [cuda:0, cuda:1]"),
     ("seed", lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),
     ("out_dir data", lambda v: v != "", "is empty: give a path"),
-    ("run_name", lambda v: v == "" or (os.path.basename(v) == v and v not in (".", "..") and "\\" not in v),
+    ("run_name", lambda v: v == "" or (os.path.basename(v) == v and v not in (".", "..") and not {"\\", "\0"} & set(v)),
      "must be a plain folder name (no path separator, not . or ..): the run folder stays inside out_dir"),
 ]
 

@@ -136,6 +136,7 @@ CASES = [
     ("run_name-path", None, ["run_name=a/b"], "must be a plain folder name"),
     ("run_name-dotdot", None, ["run_name=.."], "must be a plain folder name"),
     ("run_name-absolute", None, ["run_name=/tmp/x"], "must be a plain folder name"),
+    ("run_name-nul", None, [r'run_name="a\0b"'], "must be a plain folder name"),
     ("run_name-reused", None, ["run_name=taken"], "choose another run_name, or delete that folder"),
     # prompt data: unreadable rows named by file and row, text the tokenizer cannot represent
     ("data-empty-key", None, ["data="], "data='' is empty"),
