@@ -306,6 +306,15 @@ def _model_dir(path, what):
     return path
 
 
+def _load(auto, path, what):
+    """auto.from_pretrained(path), or one line naming the folder (a corrupt config.json or tokenizer.json)."""
+    try:
+        return auto.from_pretrained(path)
+    except Exception as e:  # transformers and tokenizers raise many kinds
+        raise ValueError(f"{what} {path}: cannot load its {auto.__name__[4:].lower()} ({' '.join(str(e).split())[:200]}): "
+                         "fix or replace its files") from None
+
+
 def _writable(path, key):
     """`path` is a folder, or can be made one, that this user can write: tried by a probe folder in its nearest
     existing ancestor (os.access says yes to root on a read-only mount)."""
@@ -376,17 +385,16 @@ def validate(cfg, run=True):
         raise ValueError(f"learner_devices={cfg.learner_devices} mixes cpu and cuda: use one kind")
 
     student_dir = _model_dir(cfg.resume or cfg.student, "student")
-    s_conf = AutoConfig.from_pretrained(student_dir)
-    tok = AutoTokenizer.from_pretrained(student_dir)
+    s_conf, tok = _load(AutoConfig, student_dir, "student"), _load(AutoTokenizer, student_dir, "student")
     fields = estimators.required_fields(cfg.loss)
     if cfg.schedule != "offline":
         import rollout
         rollout.engine_supports(cfg.engine, fields, cfg.loss.samples, cfg.temperature, cfg.top_p, cfg.rollout_devices)
-        t_conf = AutoConfig.from_pretrained(_model_dir(cfg.teacher, "teacher"))
+        t_conf = _load(AutoConfig, _model_dir(cfg.teacher, "teacher"), "teacher")
         if t_conf.vocab_size != s_conf.vocab_size:
             raise ValueError(f"vocabulary size mismatch: student {s_conf.vocab_size} vs teacher {t_conf.vocab_size}: "
                              "use a teacher with the student's tokenizer and embedding size")
-        t_tok = AutoTokenizer.from_pretrained(cfg.teacher)
+        t_tok = _load(AutoTokenizer, cfg.teacher, "teacher")
         if teacher_cache.tokenizer_fingerprint(t_tok) != teacher_cache.tokenizer_fingerprint(tok):
             raise ValueError(f"tokenizer mismatch: student {student_dir} ({len(tok)} tokens) vs teacher {cfg.teacher} "
                              f"({len(t_tok)} tokens): OPD needs one tokenizer")
@@ -1290,8 +1298,8 @@ def main(argv):
         print(f"asyncopd: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # e.g. a disk that fills up during precompute: finished chunks stay, a rerun resumes
-        print(f"asyncopd: error: {e.strerror or e} ({e.filename or 'no file named'}): free space or fix the "
-              "permissions, then rerun", file=sys.stderr)
+        print(f"asyncopd: error: {' '.join(str(e).split())}: free space or fix the file system, then rerun",
+              file=sys.stderr)
         return 1
     print(summary_table(cfg, s))
     if s.get("interrupted"):

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -61,6 +62,10 @@ def env(tmp_path_factory, tiny_models):
     student, teacher = tiny_models
     paths.update(d=str(d), student=student, teacher=teacher, runs=str(d / "runs"),
                  astudent=make_model_dir(d / "astudent", tok, 32, 1, 0), ateacher=make_model_dir(d / "ateacher", tok, 32, 1, 1))
+    for name, file in (("badconfig", "config.json"), ("badtokenizer", "tokenizer.json")):  # corrupt model files
+        shutil.copytree(student, d / name)
+        (d / name / file).write_text("{not json")
+        paths[name] = str(d / name)
     # a read-only place: root writes through chmod, so it needs a path no one can create
     paths["readonly"] = "/proc/asyncopd-runs" if os.geteuid() == 0 else str(d / "ro" / "runs")
     if os.geteuid() != 0:
@@ -127,6 +132,9 @@ CASES = [
     ("schedule-typo", None, ["schedule=asynch"], "schedule='asynch'"),
     ("engine-vllm-on-cpu", None, ["engine=vllm"], "vllm"),
     ("resume-not-a-checkpoint", None, ["resume=<d>"], "no trainer_state.json there"),
+    ("student-corrupt-config", None, ["student=<badconfig>"], "student <d>/badconfig: cannot load its config ("),
+    ("student-corrupt-tokenizer", None, ["student=<badtokenizer>"], "student <d>/badtokenizer: cannot load its tokenizer ("),
+    ("teacher-corrupt-config", None, ["teacher=<badconfig>"], "teacher <d>/badconfig: cannot load its config ("),
     # where the run goes
     ("out_dir-file", None, ["out_dir=<afile>"], "afile is a file, not a folder"),
     ("out_dir-under-file", None, ["out_dir=<afile>/runs"], "afile is a file, not a folder"),
@@ -175,7 +183,7 @@ def test_hostile_input_is_refused_in_one_line(env, case, config, args, says):
     with pytest.raises(ValueError) as e:
         asyncopd.validate(asyncopd.load_config(config and fill(env, config), overrides(env, args)))
     message = str(e.value)
-    assert all(part in message for part in says.split(" ... ")) and "\n" not in message, message
+    assert all(fill(env, part) in message for part in says.split(" ... ")) and "\n" not in message, message
     assert sorted(os.listdir(env["runs"])) == before and not multiprocessing.active_children()
 
 
