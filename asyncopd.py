@@ -36,6 +36,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -107,11 +108,30 @@ class Config:
     allow_teacher_mismatch: bool = False  # offline: train on a cache from another teacher (ablation)
     # outputs
     out_dir: str = "runs"  # a folder per run is created inside
-    run_name: str = ""  # "" = timestamp
+    run_name: str = ""  # a new folder name inside out_dir ("" = timestamp)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: str = ""  # checkpoint folder to continue from
     seed: int = 0  # seeds prompts order, sampling and teacher draws
     progress: bool = True  # tqdm bar on the console
+
+
+# Per-key ranges, checked first by validate(): (keys, predicate, the fix). Every float must also be finite.
+RANGES = [
+    ("steps batch_size mini_batches eval_every max_prompt_len max_new_tokens threads precompute_prompts chunk_prompts",
+     lambda v: v >= 1, "must be >= 1"),
+    ("eval_size queue_size save_every rollout_batch_size step_off max_staleness micro_batch_tokens teacher_batch_tokens",
+     lambda v: v >= 0, "is negative: must be >= 0 (see --help for what 0 means)"),
+    ("lr", lambda v: v > 0, "must be > 0, e.g. 1e-3"),
+    ("weight_decay grad_clip", lambda v: v >= 0, "must be >= 0"),
+    ("betas", lambda v: len(v) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in v),
+     "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    ("rollout_devices learner_devices", lambda v: len(v) > 0 and all(isinstance(d, str) for d in v),
+     "must be a non-empty list of devices, e.g. [cpu] or [cuda:0, cuda:1]"),
+    ("seed", lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),
+    ("out_dir data", lambda v: v != "", "is empty: give a path"),
+    ("run_name", lambda v: v == "" or (os.path.basename(v) == v and v not in (".", "..") and not {"\\", "\0"} & set(v)),
+     "must be a plain folder name (no path separator, not . or ..): the run folder stays inside out_dir"),
+]
 
 
 def _coerce(value, default, key):
@@ -132,7 +152,7 @@ def _coerce(value, default, key):
 def _apply(obj, updates, prefix=""):
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
-        head, _, rest = key.partition(".")
+        head, _, rest = str(key).partition(".")
         if head not in names:
             close = difflib.get_close_matches(head, names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
@@ -149,19 +169,46 @@ def _apply(obj, updates, prefix=""):
             setattr(obj, head, _coerce(value, current, prefix + head))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice (PyYAML silently keeps the last one)."""
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key in (k for k, _ in node.value if isinstance(k, yaml.ScalarNode)):
+            if key.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key.value!r}", key.start_mark)
+            seen.add(key.value)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text, where):
+    """Parsed YAML, or one ValueError line naming where (and the line) instead of PyYAML's multi-line report."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        opened = f" ({e.context} at line {ctx.line + 1})" if ctx and e.context else ""
+        raise ValueError(f"{where}{at}: {getattr(e, 'problem', None) or e}{opened}: fix the YAML".replace("\n", " ")) from None
+
+
 def load_config(path=None, overrides=()):
     """Defaults <- YAML file <- key=value overrides (dotted keys reach the loss section)."""
     cfg = Config()
     if path:
         if not os.path.isfile(path):
             raise ValueError(f"config file {path} not found: give an existing YAML file")
-        with open(path) as f:
-            _apply(cfg, yaml.safe_load(f) or {})
+        with open(path, encoding="utf-8", errors="replace") as f:
+            updates = _yaml(f.read(), f"config file {path}")
+        if updates is None:  # an empty file is more likely a mistake than a wish for the defaults
+            raise ValueError(f"config file {path} is empty: write key: value lines, or leave the file out for the defaults")
+        if not isinstance(updates, dict):
+            raise ValueError(f"config file {path} is a YAML {type(updates).__name__}, not a mapping: write key: value lines")
+        _apply(cfg, updates)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value: write e.g. steps=10")
-        _apply(cfg, {key: yaml.safe_load(value) if value else ""})
+        _apply(cfg, {key: _yaml(value, f"override {item}") if value else ""})
     return cfg
 
 
@@ -260,23 +307,57 @@ def _model_dir(path, what):
     return path
 
 
-def validate(cfg):
-    """Everything that can be wrong with the input, checked before any process starts.
+def _load(auto, path, what):
+    """auto.from_pretrained(path), or one line naming the folder (a corrupt config.json or tokenizer.json)."""
+    try:
+        return auto.from_pretrained(path)
+    except Exception as e:  # transformers and tokenizers raise many kinds
+        raise ValueError(f"{what} {path}: cannot load its {auto.__name__[4:].lower()} ({' '.join(str(e).split())[:200]}): "
+                         "fix or replace its files") from None
+
+
+def _writable(path, key):
+    """`path` is a folder, or can be made one, that this user can write: tried by a probe folder in its nearest
+    existing ancestor (os.access says yes to root on a read-only mount)."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{key}={path}: {parent} is a file, not a folder: give a folder path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".asyncopd-probe-", dir=parent))
+    except OSError as e:
+        raise ValueError(f"{key}={path}: cannot write in {parent} ({e.strerror}): give a writable folder") from None
+
+
+def validate(cfg, run=True):
+    """Everything that can be wrong with the input, checked before any process starts (run=False: no run folder,
+    as for precompute).
 
     Returns (tokenizer, train prompts, eval prompts) so the checks are not done twice."""
     from transformers import AutoConfig, AutoTokenizer
 
+    for keys, ok, fix in RANGES:
+        for key in keys.split():
+            if not ok(getattr(cfg, key)):
+                raise ValueError(f"{key}={getattr(cfg, key)!r} {fix}")
+    for opts, prefix in ((cfg, ""), (cfg.loss, "loss.")):
+        for f in dataclasses.fields(opts):
+            if isinstance(getattr(opts, f.name), float) and not math.isfinite(getattr(opts, f.name)):
+                raise ValueError(f"{prefix}{f.name}={getattr(opts, f.name)}: must be a finite number")
+    if run:
+        _writable(cfg.out_dir, "out_dir")
+        if cfg.run_name and os.path.exists(os.path.join(cfg.out_dir, cfg.run_name)):  # would mix two runs' metrics
+            raise ValueError(f"run_name={cfg.run_name}: {os.path.join(cfg.out_dir, cfg.run_name)} exists (resume writes a "
+                             "new run folder too): choose another run_name, or delete that folder")
     if cfg.schedule not in ("sync", "step_off", "async", "offline"):
         raise ValueError(f"schedule={cfg.schedule!r}: use sync, step_off, async or offline")
-    for name in ("max_staleness", "step_off"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name}={getattr(cfg, name)} is negative: staleness bounds are >= 0")
     if cfg.rollout_batch_size == 0:
         cfg.rollout_batch_size = cfg.batch_size
     if cfg.queue_size == 0:
         cfg.queue_size = 2 * max(1, cfg.batch_size // cfg.rollout_batch_size)
     world = len(cfg.learner_devices)
-    if world < 1 or cfg.batch_size % cfg.rollout_batch_size:
+    if cfg.batch_size % cfg.rollout_batch_size:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of rollout_batch_size={cfg.rollout_batch_size}")
     if cfg.batch_size % (cfg.mini_batches * world):
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by mini_batches*learner ranks={cfg.mini_batches * world}")
@@ -290,9 +371,6 @@ def validate(cfg):
     if resolve_transport(cfg) == "handoff" and cfg.engine != "hf":
         raise ValueError(f"weight_transport=handoff needs engine=hf: a {cfg.engine} rollout sees only its own GPU, "
                          "so it cannot open a buffer on the learner's; use weight_transport=shared")
-    for name in ("micro_batch_tokens", "teacher_batch_tokens"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name}={getattr(cfg, name)} is negative: give a token budget, or 0 for no splitting")
     if cfg.dist_timeout_s < 1:
         raise ValueError(f"dist_timeout_s={cfg.dist_timeout_s}: must be >= 1 second")
     if not 0 < cfg.gpu_memory_utilization <= 1:
@@ -309,17 +387,16 @@ def validate(cfg):
         raise ValueError(f"learner_devices={cfg.learner_devices} mixes cpu and cuda: use one kind")
 
     student_dir = _model_dir(cfg.resume or cfg.student, "student")
-    s_conf = AutoConfig.from_pretrained(student_dir)
-    tok = AutoTokenizer.from_pretrained(student_dir)
+    s_conf, tok = _load(AutoConfig, student_dir, "student"), _load(AutoTokenizer, student_dir, "student")
     fields = estimators.required_fields(cfg.loss)
     if cfg.schedule != "offline":
         import rollout
         rollout.engine_supports(cfg.engine, fields, cfg.loss.samples, cfg.temperature, cfg.top_p, cfg.rollout_devices)
-        t_conf = AutoConfig.from_pretrained(_model_dir(cfg.teacher, "teacher"))
+        t_conf = _load(AutoConfig, _model_dir(cfg.teacher, "teacher"), "teacher")
         if t_conf.vocab_size != s_conf.vocab_size:
             raise ValueError(f"vocabulary size mismatch: student {s_conf.vocab_size} vs teacher {t_conf.vocab_size}: "
                              "use a teacher with the student's tokenizer and embedding size")
-        t_tok = AutoTokenizer.from_pretrained(cfg.teacher)
+        t_tok = _load(AutoTokenizer, cfg.teacher, "teacher")
         if teacher_cache.tokenizer_fingerprint(t_tok) != teacher_cache.tokenizer_fingerprint(tok):
             raise ValueError(f"tokenizer mismatch: student {student_dir} ({len(tok)} tokens) vs teacher {cfg.teacher} "
                              f"({len(t_tok)} tokens): OPD needs one tokenizer")
@@ -331,12 +408,13 @@ def validate(cfg):
 
     train = task.load_prompts(cfg.data, "train", None)
     evals = task.load_prompts(cfg.eval_data or cfg.data, "test", cfg.eval_size) if cfg.eval_size else []
+    known = set()  # characters the tokenizer is known to represent
     for rows, where in ((train, cfg.data), (evals, cfg.eval_data or cfg.data)):
         for i, row in enumerate(rows):
-            row["ids"] = task.encode_prompt(tok, row["prompt"], cfg.chat_template)
-            if len(row["ids"]) > cfg.max_prompt_len:
-                raise ValueError(f"prompt {i} of {where} has {len(row['ids'])} tokens > max_prompt_len={cfg.max_prompt_len}: "
-                                 "raise max_prompt_len or filter the dataset")
+            try:
+                row["ids"] = task.encode_prompt(tok, row["prompt"], cfg.chat_template, known, cfg.max_prompt_len)
+            except ValueError as e:
+                raise ValueError(f"{where} row {i + 1}: {e}") from None
     if len(train) < cfg.rollout_batch_size:
         raise ValueError(f"{cfg.data} has {len(train)} prompts, fewer than one rollout unit ({cfg.rollout_batch_size})")
     return tok, train, evals
@@ -388,12 +466,13 @@ def precompute(cfg):
     import rollout
     if not cfg.cache_dir:
         raise ValueError("precompute needs cache_dir=PATH (where the chunks go)")
+    schedule, cfg.schedule = cfg.schedule, "sync"  # validate the teacher side like an online run
+    tok, train, _ = validate(cfg, run=False)
     if cfg.engine == "vllm" and cfg.rollout_devices[0] not in ("cuda", "cuda:0"):
         raise ValueError(f"precompute with engine=vllm runs vLLM in this process, which takes the first visible GPU, "
                          f"not {cfg.rollout_devices[0]}: set rollout_devices=[cuda:0] or CUDA_VISIBLE_DEVICES")
+    _writable(cfg.cache_dir, "cache_dir")
     torch.set_num_threads(cfg.threads)
-    schedule, cfg.schedule = cfg.schedule, "sync"  # validate the teacher side like an online run
-    tok, train, _ = validate(cfg)
     cfg.schedule = schedule
     fields = estimators.required_fields(cfg.loss)
     engine = rollout.make_engine(cfg.student, kind=cfg.engine, device=cfg.rollout_devices[0], temperature=cfg.temperature,
@@ -1050,9 +1129,17 @@ def weight_buffer(start_dir, dtype, device="cpu"):
 
 
 def make_run_dir(cfg):
+    """A new folder: a given run_name must not exist (validate() says so first); a timestamp name gets a suffix."""
     name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.schedule}-{cfg.loss.name}"
-    path = os.path.join(cfg.out_dir, name)
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for k in range(1, 1000):
+        path = os.path.join(cfg.out_dir, name if k == 1 else f"{name}-{k}")
+        try:
+            os.mkdir(path)  # atomic: two runs never share a folder
+            break
+        except FileExistsError:
+            if cfg.run_name:
+                raise ValueError(f"run_name={cfg.run_name}: {path} exists: choose another run_name") from None
     with open(os.path.join(path, "config.yaml"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     return path
@@ -1289,6 +1376,10 @@ def main(argv):
         return 2
     except RuntimeError as e:
         print(f"asyncopd: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a disk that fills up during precompute: finished chunks stay, a rerun resumes
+        print(f"asyncopd: error: {' '.join(str(e).split())}: free space or fix the file system, then rerun",
+              file=sys.stderr)
         return 1
     print(summary_table(cfg, s))
     if s.get("interrupted"):

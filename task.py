@@ -107,35 +107,53 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
             raise ValueError(f"prompt file {where} not found; pass an existing .jsonl/.parquet "
                              "file, 'addition', or 'hf:NAME[:config]'")
         if where.endswith(".jsonl"):
-            with open(where) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+            records = []
+            with open(where, encoding="utf-8", errors="replace") as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        records += [json.loads(line)] if line.strip() else []
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{where} line {n}: not valid JSON ({e.msg}, column {e.colno}): "
+                                         "fix or remove that line") from None
         elif where.endswith(".parquet"):
             import pyarrow.parquet as pq
-            records = pq.read_table(where).to_pylist()
+            try:
+                records = pq.read_table(where).to_pylist()
+            except Exception as e:  # pyarrow's own error types
+                raise ValueError(f"{where}: not a readable parquet file ({str(e).splitlines()[0]})") from None
         else:
             raise ValueError(f"prompt file {where} must end in .jsonl or .parquet")
     if not records:
         raise ValueError(f"{where} has no rows; point it at a non-empty data set")
-    rows = [_math_row(r, where) for r in records]
+    rows = [_math_row(r, f"{where} row {n}") for n, r in enumerate(records, 1)]
     return rows if limit is None else rows[:limit]
 
 
 def _math_row(record: dict, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is a {type(record).__name__}, not an object with prompt and answer fields")
     prompt = next((record[k] for k in ("prompt", "question", "problem") if k in record), None)
     answer = next((record[k] for k in ("answer", "final_answer", "solution") if k in record), None)
     if prompt is None or answer is None:
-        raise ValueError(f"{where}: row has fields {sorted(record)}; it needs prompt|question|"
+        raise ValueError(f"{where} has fields {sorted(record)}; it needs prompt|question|"
                          "problem and answer|final_answer|solution")
-    if isinstance(prompt, list):  # chat-formatted prompt: keep the last message's text
-        prompt = prompt[-1]["content"]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):  # chat-formatted: the last message's text
+        prompt = prompt[-1].get("content")
+    if not isinstance(prompt, str) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"{where}: the prompt must be text (or chat messages) and the answer text or a number, "
+                         f"got {type(prompt).__name__} and {type(answer).__name__}")
     if "boxed" not in prompt:
         prompt = prompt + MATH_INSTRUCTION
     return {"prompt": prompt, "answer": str(answer), "checker": "math"}
 
 
-def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
+def encode_prompt(tokenizer, text: str, chat_template: bool, known: set | None = None,
+                  max_len: int | None = None) -> list[int]:
     """Prompt token ids: the raw characters for the synthetic task, or the model's chat template
-    (one user turn + generation prompt) for instruct models."""
+    (one user turn + generation prompt) for instruct models. Text the tokenizer cannot represent is
+    refused, not dropped: a tokenizer without <unk> silently skips unknown characters ('１２+３４=' -> '+=').
+    `known`: characters already found representable (validate() shares one set across rows)."""
+    raw = text
     if chat_template:
         if tokenizer.chat_template is None:
             raise ValueError("chat_template=True but the tokenizer has no chat template; "
@@ -143,9 +161,23 @@ def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                              add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-        raise ValueError(f"prompt {text[:40]!r} has characters outside the tokenizer's vocabulary; "
-                         "use a tokenizer that covers this data set")
+    if max_len is not None and len(ids) > max_len:
+        raise ValueError(f"prompt {raw[:40]!r} has {len(ids)} tokens > max_prompt_len={max_len}: "
+                         "raise max_prompt_len or filter the data set")
+    known = set() if known is None else known
+    lost = []
+    for ch in sorted(set(raw) - known):  # each new character alone: whitespace may vanish, nothing else may
+        one = tokenizer(ch, add_special_tokens=False)["input_ids"]
+        if ch.isspace() or (one and tokenizer.unk_token_id not in one):
+            known.add(ch)
+        else:
+            lost.append(ch)
+    if lost or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
+        chars = f" {''.join(lost)!r}" if lost else ""  # none alone: only in context (the chat template's)
+        raise ValueError(f"prompt {raw[:40]!r} has characters{chars} outside the tokenizer's vocabulary: "
+                         "remove them, or use a tokenizer that covers this data set")
+    if not ids:
+        raise ValueError(f"prompt {raw[:40]!r} encodes to no tokens: give it some text")
     return ids
 
 

@@ -1,0 +1,256 @@
+"""Hostile input (issue #11): every case is refused before any process starts, in one line naming the key or
+file and the fix. Most cases go through validate(load_config(...)) in-process; a few through the real command
+line (exit code 2, one stderr line, no traceback, no run folder)."""
+import errno
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import asyncopd
+import task
+from conftest import ROOT, make_model_dir
+
+VALID = ["eval_size=8", "max_new_tokens=12", "max_prompt_len=100", "batch_size=4", "progress=false", "run_name=r"]
+
+
+def ascii_tokenizer():
+    """Printable ASCII and newline, one token per character: math prompts fit, '１２' does not."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(task.SPECIAL_TOKENS + chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(task.SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left", clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_models):
+    """Files the cases point at: <name> in a case is replaced by its path."""
+    d = tmp_path_factory.mktemp("inputs")
+    tok = ascii_tokenizer()
+    files = {
+        "list.yaml": "- steps: 3\n- lr: 0.1\n", "scalar.yaml": "just words\n", "empty.yaml": "",
+        "comments.yaml": "# only a comment\n", "syntax.yaml": "steps: 3\nbetas: [0.9,\n  lr: 2\n",
+        "dup.yaml": "steps: 3\nlr: 0.1\nsteps: 5\n", "dupsub.yaml": "loss:\n  name: jsd\n  name: reverse_kl_mc\n",
+        "tab.yaml": "steps:\t\t3\n\tlr: 1\n", "intkey.yaml": "1: 2\n", "section.yaml": "loss: jsd\n",
+        "typo.yaml": "stpes: 3\n", "badtype.yaml": "batch_size: [4]\n",
+        "fullwidth.jsonl": json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n" + json.dumps({"prompt": "１２+３４=", "answer": "46"}) + "\n",
+        "control.jsonl": json.dumps({"prompt": "a\x00b", "answer": "1"}) + "\n",
+        "malformed.jsonl": json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n\n{\"prompt\": \"1+3=\", \"answer\": \n",
+        "notobject.jsonl": "[1, 2]\n", "numberprompt.jsonl": json.dumps({"prompt": 12, "answer": "3"}) + "\n",
+        "nullanswer.jsonl": json.dumps({"prompt": "1+2=", "answer": {"a": 1}}) + "\n",
+        "fields.jsonl": json.dumps({"text": "1+2="}) + "\n", "blank.jsonl": "\n\n",
+        "long.jsonl": json.dumps({"prompt": "1" * 300, "answer": "1"}) + "\n",
+        "ok.jsonl": "".join(json.dumps({"prompt": f"What is 1+{k}?", "answer": str(1 + k)}) + "\n" for k in range(4)),
+        "broken.parquet": "not parquet at all", "data.csv": "a,b\n", "afile": "x",
+    }
+    for name, text in files.items():
+        (d / name).write_text(text, encoding="utf-8")
+    (d / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
+    files["binary.jsonl"] = ""
+    (d / "runs" / "taken").mkdir(parents=True)
+    paths = {name: str(d / name) for name in files}
+    student, teacher = tiny_models
+    paths.update(d=str(d), student=student, teacher=teacher, runs=str(d / "runs"),
+                 astudent=make_model_dir(d / "astudent", tok, 32, 1, 0), ateacher=make_model_dir(d / "ateacher", tok, 32, 1, 1))
+    for name, file in (("badconfig", "config.json"), ("badtokenizer", "tokenizer.json")):  # corrupt model files
+        shutil.copytree(student, d / name)
+        (d / name / file).write_text("{not json")
+        paths[name] = str(d / name)
+    # a read-only place: root writes through chmod, so it needs a path no one can create
+    paths["readonly"] = "/proc/asyncopd-runs" if os.geteuid() == 0 else str(d / "ro" / "runs")
+    if os.geteuid() != 0:
+        (d / "ro").mkdir(mode=0o555)
+    return paths
+
+
+# (case id, config file or None, overrides, what the one-line error must say); {name} -> env[name]
+CASES = [
+    # config files: YAML that is no mapping, broken, ambiguous or empty
+    ("yaml-list", "<list.yaml>", [], "list.yaml is a YAML list, not a mapping"),
+    ("yaml-scalar", "<scalar.yaml>", [], "scalar.yaml is a YAML str, not a mapping"),
+    ("yaml-syntax", "<syntax.yaml>", [], "syntax.yaml line 4: expected ',' or ']'"),
+    ("yaml-tab", "<tab.yaml>", [], "tab.yaml line 1: found character '\\t'"),
+    ("yaml-duplicate", "<dup.yaml>", [], "dup.yaml line 3: duplicate key 'steps'"),
+    ("yaml-duplicate-in-section", "<dupsub.yaml>", [], "duplicate key 'name'"),
+    ("yaml-empty", "<empty.yaml>", [], "empty.yaml is empty"),
+    ("yaml-only-comments", "<comments.yaml>", [], "comments.yaml is empty"),
+    ("yaml-missing", "<d>/nope.yaml", [], "nope.yaml not found"),
+    ("yaml-typo", "<typo.yaml>", [], "unknown config key stpes (did you mean steps?)"),
+    ("yaml-int-key", "<intkey.yaml>", [], "unknown config key 1"),
+    ("yaml-section-scalar", "<section.yaml>", [], "config key loss is a section"),
+    ("yaml-wrong-type", "<badtype.yaml>", [], "batch_size expects int, got [4]"),
+    # overrides
+    ("override-bad-yaml", None, ["betas=[0.9"], "override betas=[0.9 line 1"),
+    ("override-duplicate", None, ["loss={name: jsd, name: jsd}"], "duplicate key 'name'"),
+    ("override-no-equals", None, ["steps"], "is not key=value"),
+    ("override-type", None, ["batch_size=many"], "batch_size expects int, got 'many'"),
+    ("override-bool-for-int", None, ["steps=true"], "steps expects int, got True"),
+    ("override-str-for-list", None, ["rollout_devices=cpu"], "rollout_devices expects list"),
+    # per-key ranges
+    ("steps-0", None, ["steps=0"], "steps=0 must be >= 1"),
+    ("steps-negative", None, ["steps=-5"], "steps=-5 must be >= 1"),
+    ("batch_size-0", None, ["batch_size=0"], "batch_size=0 must be >= 1"),
+    ("mini_batches-0", None, ["mini_batches=0"], "mini_batches=0 must be >= 1"),
+    ("threads-0", None, ["threads=0"], "threads=0 must be >= 1"),
+    ("chunk_prompts-0", None, ["chunk_prompts=0"], "chunk_prompts=0 must be >= 1"),
+    ("precompute_prompts-0", None, ["precompute_prompts=0"], "precompute_prompts=0 must be >= 1"),
+    ("max_new_tokens-0", None, ["max_new_tokens=0"], "max_new_tokens=0 must be >= 1"),
+    ("max_prompt_len-0", None, ["max_prompt_len=0"], "max_prompt_len=0 must be >= 1"),
+    ("eval_every-0", None, ["eval_every=0"], "eval_every=0 must be >= 1"),
+    ("eval_size-negative", None, ["eval_size=-1"], "eval_size=-1 is negative"),
+    ("save_every-negative", None, ["save_every=-1"], "save_every=-1 is negative"),
+    ("queue_size-negative", None, ["queue_size=-1"], "queue_size=-1 is negative"),
+    ("rollout_batch_size-negative", None, ["rollout_batch_size=-2"], "rollout_batch_size=-2 is negative"),
+    ("max_staleness-negative", None, ["max_staleness=-1"], "max_staleness=-1 is negative"),
+    ("micro_batch_tokens-negative", None, ["micro_batch_tokens=-1"], "micro_batch_tokens=-1 is negative"),
+    ("lr-negative", None, ["lr=-1"], "lr=-1.0 must be > 0"),
+    ("lr-0", None, ["lr=0"], "lr=0.0 must be > 0"),
+    ("lr-inf", None, ["lr=.inf"], "lr=inf: must be a finite number"),
+    ("temperature-nan", None, ["temperature=.nan"], "temperature=nan: must be a finite number"),
+    ("loss-beta-nan", None, ["loss.beta=.nan"], "loss.beta=nan: must be a finite number"),
+    ("weight_decay-negative", None, ["weight_decay=-0.1"], "weight_decay=-0.1 must be >= 0"),
+    ("grad_clip-negative", None, ["grad_clip=-1"], "grad_clip=-1.0 must be >= 0"),
+    ("betas-one", None, ["betas=[0.9]"], "betas=[0.9] must be two numbers in [0, 1)"),
+    ("betas-range", None, ["betas=[0.9, 1.5]"], "must be two numbers in [0, 1)"),
+    ("betas-text", None, ["betas=[a, b]"], "must be two numbers in [0, 1)"),
+    ("rollout_devices-empty", None, ["rollout_devices=[]"], "rollout_devices=[] must be a non-empty list"),
+    ("learner_devices-empty", None, ["learner_devices=[]"], "learner_devices=[] must be a non-empty list"),
+    ("rollout_devices-int", None, ["rollout_devices=[0]"], "rollout_devices=[0] must be a non-empty list of devices"),
+    ("seed-negative", None, ["seed=-1"], "seed=-1 must be in [0, 2**32)"),
+    ("loss-samples-0", None, ["loss.samples=0"], "samples=0 must be >= 1"),
+    # already refused before this issue (kept in the table)
+    ("schedule-typo", None, ["schedule=asynch"], "schedule='asynch'"),
+    ("engine-vllm-on-cpu", None, ["engine=vllm"], "vllm"),
+    ("resume-not-a-checkpoint", None, ["resume=<d>"], "no trainer_state.json there"),
+    ("student-corrupt-config", None, ["student=<badconfig>"], "student <d>/badconfig: cannot load its config ("),
+    ("student-corrupt-tokenizer", None, ["student=<badtokenizer>"], "student <d>/badtokenizer: cannot load its tokenizer ("),
+    ("teacher-corrupt-config", None, ["teacher=<badconfig>"], "teacher <d>/badconfig: cannot load its config ("),
+    # where the run goes
+    ("out_dir-file", None, ["out_dir=<afile>"], "afile is a file, not a folder"),
+    ("out_dir-under-file", None, ["out_dir=<afile>/runs"], "afile is a file, not a folder"),
+    ("out_dir-read-only", None, ["out_dir=<readonly>"], "cannot write in"),
+    ("out_dir-empty", None, ["out_dir="], "out_dir='' is empty"),
+    ("run_name-escapes", None, ["run_name=../../x"], "run_name='../../x' must be a plain folder name"),
+    ("run_name-path", None, ["run_name=a/b"], "must be a plain folder name"),
+    ("run_name-dotdot", None, ["run_name=.."], "must be a plain folder name"),
+    ("run_name-absolute", None, ["run_name=/tmp/x"], "must be a plain folder name"),
+    ("run_name-nul", None, [r'run_name="a\0b"'], "must be a plain folder name"),
+    ("run_name-reused", None, ["run_name=taken"], "choose another run_name, or delete that folder"),
+    # prompt data: unreadable rows named by file and row, text the tokenizer cannot represent
+    ("data-empty-key", None, ["data="], "data='' is empty"),
+    ("data-missing", None, ["data=<d>/nope.jsonl"], "nope.jsonl not found"),
+    ("data-extension", None, ["data=<data.csv>"], "must end in .jsonl or .parquet"),
+    ("data-no-rows", None, ["data=<blank.jsonl>"], "blank.jsonl has no rows"),
+    ("data-malformed-line", None, ["data=<malformed.jsonl>"], "malformed.jsonl line 3: not valid JSON"),
+    ("data-not-utf8", None, ["data=<binary.jsonl>"], "binary.jsonl line 1: not valid JSON"),
+    ("data-row-not-object", None, ["data=<notobject.jsonl>"], "notobject.jsonl row 1 is a list"),
+    ("data-prompt-not-text", None, ["data=<numberprompt.jsonl>"], "numberprompt.jsonl row 1: the prompt must be text"),
+    ("data-answer-not-text", None, ["data=<nullanswer.jsonl>"], "the answer text or a number, got str and dict"),
+    ("data-fields", None, ["data=<fields.jsonl>"], "fields.jsonl row 1 has fields ['text']"),
+    ("data-broken-parquet", None, ["data=<d>/broken.parquet"], "broken.parquet: not a readable parquet file"),
+    ("eval_data-malformed", None, ["eval_data=<malformed.jsonl>"], "malformed.jsonl line 3"),
+    ("data-prompt-too-long", None, ["data=<long.jsonl>"], "long.jsonl row 1: prompt '111"),
+    ("data-fullwidth-digits", None, ["data=<fullwidth.jsonl>", "student=<astudent>", "teacher=<ateacher>"],
+     "fullwidth.jsonl row 2: prompt '１２+３４= ... has characters '１２３４' outside the tokenizer's vocabulary"),
+    ("data-control-char", None, ["data=<control.jsonl>", "student=<astudent>", "teacher=<ateacher>"],
+     "control.jsonl row 1: prompt 'a\\x00b"),
+    ("data-outside-addition-vocab", None, ["data=<ok.jsonl>"], "ok.jsonl row 1: prompt 'What is 1+0?"),
+]
+
+
+def fill(env, text):
+    return re.sub(r"<([\w.]+)>", lambda m: env[m.group(1)], text)
+
+
+def overrides(env, args):
+    base = [f"student={env['student']}", f"teacher={env['teacher']}", f"out_dir={env['runs']}", *VALID]
+    return [fill(env, a) for a in base + args]
+
+
+@pytest.mark.parametrize("case,config,args,says", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input_is_refused_in_one_line(env, case, config, args, says):
+    before = sorted(os.listdir(env["runs"]))
+    with pytest.raises(ValueError) as e:
+        asyncopd.validate(asyncopd.load_config(config and fill(env, config), overrides(env, args)))
+    message = str(e.value)
+    assert all(fill(env, part) in message for part in says.split(" ... ")) and "\n" not in message, message
+    assert sorted(os.listdir(env["runs"])) == before and not multiprocessing.active_children()
+
+
+def test_the_valid_baseline_passes(env):
+    """The table's cases differ from this accepted config only by what they name."""
+    asyncopd.validate(asyncopd.load_config(None, overrides(env, [])))
+    asyncopd.validate(asyncopd.load_config(None, overrides(env, ["data=<ok.jsonl>", "student=<astudent>",
+                                                                 "teacher=<ateacher>"])))
+
+
+def test_unrepresentable_text_is_refused_not_dropped(tiny_models):
+    """The shipped tokenizer has no <unk>: it drops what it cannot spell ('１２+３４=' became '+=')."""
+    from transformers import AutoTokenizer
+    shipped = AutoTokenizer.from_pretrained(os.path.join(ROOT, "models", "student"))
+    assert shipped.decode(shipped("１２+３４=", add_special_tokens=False)["input_ids"]) == "+="  # the silent drop
+    for tok in (shipped, AutoTokenizer.from_pretrained(tiny_models[0]), ascii_tokenizer()):
+        with pytest.raises(ValueError, match="characters '１２３４' outside the tokenizer's vocabulary"):
+            task.encode_prompt(tok, "１２+３４=", False)
+        assert tok.decode(task.encode_prompt(tok, "0012+0034=", False)) == "0012+0034="
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        task.encode_prompt(shipped, " ", False)
+
+
+def test_make_run_dir_never_shares_a_folder(tmp_path):
+    cfg = asyncopd.Config(out_dir=str(tmp_path / "out"))
+    first, second = asyncopd.make_run_dir(cfg), asyncopd.make_run_dir(cfg)  # same second, timestamp names
+    assert first != second and os.path.dirname(first) == os.path.dirname(second) == str(tmp_path / "out")
+    cfg.run_name = os.path.basename(first)
+    with pytest.raises(ValueError, match="exists: choose another run_name"):
+        asyncopd.make_run_dir(cfg)
+
+
+def test_precompute_refuses_a_bad_cache_dir_and_reports_a_full_disk(env, monkeypatch, capsys):
+    base = overrides(env, ["precompute_prompts=4", "chunk_prompts=4", "eval_size=0"])
+    with pytest.raises(ValueError, match=r"cache_dir=.*afile is a file, not a folder"):
+        asyncopd.precompute(asyncopd.load_config(None, base + [f"cache_dir={env['afile']}"]))
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{env['d']}/cache/chunk_00000.safetensors")
+    monkeypatch.setattr(asyncopd.teacher_cache, "write_chunk", full)
+    assert asyncopd.main(["precompute", *base, f"cache_dir={env['d']}/cache"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "chunk_00000" in err, err
+
+
+# through the real command line: exit code 2, one stderr line, no traceback, no run folder
+CLI = [
+    ("yaml-syntax", ["train", "<syntax.yaml>"], "syntax.yaml line 4"),
+    ("yaml-list", ["train", "<list.yaml>"], "is a YAML list"),
+    ("batch_size-0", ["train", "batch_size=0"], "batch_size=0 must be >= 1"),
+    ("out_dir-file", ["train", "out_dir=<afile>"], "is a file, not a folder"),
+    ("run_name-reused", ["train", "run_name=taken"], "choose another run_name"),
+    ("malformed-jsonl", ["train", "data=<malformed.jsonl>"], "malformed.jsonl line 3"),
+    ("precompute-chunk_prompts-0", ["precompute", "chunk_prompts=0", "cache_dir=<d>/c"], "chunk_prompts=0 must be >= 1"),
+]
+
+
+def test_hostile_input_on_the_command_line(env):
+    before = sorted(os.listdir(env["runs"]))
+    procs = []
+    for case, (cmd, *args), says in CLI:  # in parallel: the start-up (imports) dominates
+        argv = [sys.executable, os.path.join(ROOT, "asyncopd.py"), cmd] + [a for a in args if a.endswith(".yaml>")]
+        argv += overrides(env, [a for a in args if not a.endswith(".yaml>")])
+        procs.append((case, says, subprocess.Popen([fill(env, a) for a in argv], cwd=ROOT, text=True,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+    for case, says, p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and err.count("\n") == 1 and err.startswith("asyncopd: error: "), (case, err[-2000:])
+        assert says in err and "Traceback" not in err and out == "", (case, err)
+    assert sorted(os.listdir(env["runs"])) == before and not os.path.exists(f"{env['d']}/c")
