@@ -221,7 +221,7 @@ def test_precompute_refuses_a_bad_cache_dir_and_reports_a_full_disk(env, monkeyp
     with pytest.raises(ValueError, match=r"cache_dir=.*afile is a file, not a folder"):
         asyncopd.precompute(asyncopd.load_config(None, base + [f"cache_dir={env['afile']}"]))
 
-    def full(*_):
+    def full(*_, **__):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{env['d']}/cache/chunk_00000.safetensors")
     monkeypatch.setattr(asyncopd.teacher_cache, "write_chunk", full)
     assert asyncopd.main(["precompute", *base, f"cache_dir={env['d']}/cache"]) == 1
