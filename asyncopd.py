@@ -188,7 +188,8 @@ def _yaml(text, where):
         mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
         opened = f" ({e.context} at line {ctx.line + 1})" if ctx and e.context else ""
-        raise ValueError(f"{where}{at}: {getattr(e, 'problem', None) or e}{opened}: fix the YAML".replace("\n", " ")) from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ValueError(f"{where}{at}: {problem}{opened}: fix the YAML") from None
 
 
 def load_config(path=None, overrides=()):
@@ -200,9 +201,10 @@ def load_config(path=None, overrides=()):
         with open(path, encoding="utf-8", errors="replace") as f:
             updates = _yaml(f.read(), f"config file {path}")
         if updates is None:  # an empty file is more likely a mistake than a wish for the defaults
-            raise ValueError(f"config file {path} is empty: write key: value lines, or leave the file out for the defaults")
+            raise ValueError(f"config file {path} is empty: write key: value lines, or leave it out for the defaults")
         if not isinstance(updates, dict):
-            raise ValueError(f"config file {path} is a YAML {type(updates).__name__}, not a mapping: write key: value lines")
+            kind = type(updates).__name__
+            raise ValueError(f"config file {path} is a YAML {kind}, not a mapping: write key: value lines")
         _apply(cfg, updates)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -312,8 +314,9 @@ def _load(auto, path, what):
     try:
         return auto.from_pretrained(path)
     except Exception as e:  # transformers and tokenizers raise many kinds
-        raise ValueError(f"{what} {path}: cannot load its {auto.__name__[4:].lower()} ({' '.join(str(e).split())[:200]}): "
-                         "fix or replace its files") from None
+        why = " ".join(str(e).split())[:200]
+        part = auto.__name__[4:].lower()  # AutoConfig -> config
+        raise ValueError(f"{what} {path}: cannot load its {part} ({why}): fix or replace its files") from None
 
 
 def _writable(path, key):
@@ -348,8 +351,8 @@ def validate(cfg, run=True):
     if run:
         _writable(cfg.out_dir, "out_dir")
         if cfg.run_name and os.path.exists(os.path.join(cfg.out_dir, cfg.run_name)):  # would mix two runs' metrics
-            raise ValueError(f"run_name={cfg.run_name}: {os.path.join(cfg.out_dir, cfg.run_name)} exists (resume writes a "
-                             "new run folder too): choose another run_name, or delete that folder")
+            raise ValueError(f"run_name={cfg.run_name}: {os.path.join(cfg.out_dir, cfg.run_name)} exists (resume writes "
+                             "a new run folder too): choose another run_name, or delete that folder")
     if cfg.schedule not in ("sync", "step_off", "async", "offline"):
         raise ValueError(f"schedule={cfg.schedule!r}: use sync, step_off, async or offline")
     if cfg.rollout_batch_size == 0:
