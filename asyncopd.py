@@ -1048,7 +1048,7 @@ def run(cfg):
                    (cfg, w, tok, train, evals, start_dir, start_step, start_version)) for w in range(n)]
         roles += [("teacher", teacher_role, (cfg, tok, evals, start_step))]
     ctx.update(coordinator=os.getpid(), roles=[r for r, _, _ in roles],
-               beats=spawn.Array("d", [time.time()] * len(roles), lock=False),  # heartbeats: last sign of life per role
+               beats=spawn.Array("d", len(roles), lock=False),  # heartbeats: last sign of life per role (0: importing)
                signal=spawn.Value("i", 0, lock=False))  # the first SIGTERM/SIGINT a child received
     procs, stop_signals = {}, {signal.SIGINT, signal.SIGTERM}
     # children start with SIGTERM/SIGINT blocked (the mask survives exec) and unblock them once their handlers are
@@ -1132,7 +1132,8 @@ def watch(cfg, ctx, procs, run_dir, start_step):
                 break
             now, limit = time.time(), max(cfg.stall_timeout_s, 5 * longest[0])
             for i, role in enumerate(ctx["roles"]):
-                if procs[role].exitcode is None and now - ctx["beats"][i] > limit and role not in dict(stalled):
+                beat = ctx["beats"][i]  # 0 until the role's imports are done: a hang in them goes unnoticed
+                if procs[role].exitcode is None and beat and now - beat > limit and role not in dict(stalled):
                     stalled.append((role, now - ctx["beats"][i]))
                     ctx["stop"].set()  # the others stop; the learner checkpoints its last finished step
             if any(r.startswith("learner") for r, _ in stalled):
