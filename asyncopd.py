@@ -968,8 +968,7 @@ def _child(role, fn, ctx, *args):
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans if the coordinator dies
     if os.getppid() != ctx["coordinator"]:  # it died while this child was importing (before the prctl): nobody left
         os._exit(1)
-    _ROLE = role
-    _beat(ctx)
+    _ROLE = role  # its first beat comes with its first wait or stage: model loading is not watched
     received = []
 
     def on_signal(signum, _frame):
@@ -1132,7 +1131,7 @@ def watch(cfg, ctx, procs, run_dir, start_step):
                 break
             now, limit = time.time(), max(cfg.stall_timeout_s, 5 * longest[0])
             for i, role in enumerate(ctx["roles"]):
-                beat = ctx["beats"][i]  # 0 until the role's imports are done: a hang in them goes unnoticed
+                beat = ctx["beats"][i]  # 0 until the role has started (imports, model loading): not watched
                 if procs[role].exitcode is None and beat and now - beat > limit and role not in dict(stalled):
                     stalled.append((role, now - ctx["beats"][i]))
                     ctx["stop"].set()  # the others stop; the learner checkpoints its last finished step
