@@ -1172,7 +1172,7 @@ def watch(cfg, ctx, procs, run_dir, start_step):
         role, silent = stalled[0]
         ckpt = summary.get("checkpoint")
         then = (f"checkpoint of step {summary['steps'][-1]['step'] if summary['steps'] else start_step} in {ckpt}; "
-                f"resume with resume={ckpt}") if ckpt else "no checkpoint: a hung learner cannot save"
+                f"resume with resume={ckpt}") if ckpt else "no checkpoint: the learner hung before it could save"
         error = (role, f"the {role} process made no progress for {silent:.0f} s (stopped or hung; stall_timeout_s="
                        f"{cfg.stall_timeout_s:g}): {then}", "")
     if error:
