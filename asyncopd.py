@@ -37,6 +37,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Config:
     micro_batch_tokens: int = 0  # learner: padded tokens per forward/backward (0 = off; a longer sequence runs alone)
     teacher_batch_tokens: int = 0  # teacher: padded tokens per scoring forward (0 = a whole unit; longer sequences alone)
     dist_timeout_s: int = 600  # learner process-group timeout: a collective waiting longer than this fails the run
+    stall_timeout_s: float = 600.0  # a role silent (no heartbeat) this long, or 5x its longest stage so far, is hung: the run stops
     gpu_memory_utilization: float = 0.8  # vLLM rollout: fraction of its GPU that vllm.LLM may take (weights, KV cache)
     loss: LossOptions = field(default_factory=LossOptions)  # the estimator (see estimators.py)
     # offline (Lightning OPD)
@@ -121,7 +123,7 @@ RANGES = [
      lambda v: v >= 1, "must be >= 1"),
     ("eval_size queue_size save_every rollout_batch_size step_off max_staleness micro_batch_tokens teacher_batch_tokens",
      lambda v: v >= 0, "is negative: must be >= 0 (see --help for what 0 means)"),
-    ("lr", lambda v: v > 0, "must be > 0, e.g. 1e-3"),
+    ("lr stall_timeout_s", lambda v: v > 0, "must be > 0"),
     ("weight_decay grad_clip", lambda v: v >= 0, "must be >= 0"),
     ("betas", lambda v: len(v) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in v),
      "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
@@ -533,13 +535,24 @@ def _seeded(cfg, unit, stream, device="cpu"):
     return torch.Generator(device).manual_seed((cfg.seed * UNIT_PRIME + unit) * ROLE_PRIME + stream)
 
 
+_ROLE = None  # this child's role name, set by _child: the slot it beats in
+
+
+def _beat(ctx):
+    """Heartbeat: this role's main thread is alive and responsive (the coordinator watches the age of the slot)."""
+    if _ROLE is not None:
+        ctx["beats"][ctx["roles"].index(_ROLE)] = time.time()
+
+
 def _busy(ctx, role, name, t0, t1):
+    _beat(ctx)
     ctx["metrics_q"].put(("trace", {"role": role, "name": name, "t0": t0, "t1": t1}))
 
 
 def _wait(ctx, ready):
     """Poll `ready()` until true; returns False if the run is stopping."""
     while not ready():
+        _beat(ctx)
         if ctx["stop"].is_set():
             return False
         time.sleep(0.01)
@@ -548,15 +561,20 @@ def _wait(ctx, ready):
 
 def _get(ctx, q):
     while not ctx["stop"].is_set():
+        _beat(ctx)
         try:
             return q.get(timeout=0.1)
         except queue.Empty:
             pass
+        except OSError:  # the sender exited on the stop before its shared-memory tensors were received
+            if not ctx["stop"].is_set():
+                raise
     return None
 
 
 def _put(ctx, q, item):
     while not ctx["stop"].is_set():
+        _beat(ctx)
         try:
             return q.put(item, timeout=0.1)
         except queue.Full:
@@ -959,6 +977,7 @@ def _get_shard(ctx, cfg, rank):
     stopped = None
     while True:
         try:
+            _beat(ctx)
             return ctx["shard_qs"][rank].get(timeout=0.1)
         except queue.Empty:
             if ctx["stop"].is_set():
@@ -1016,12 +1035,14 @@ def _learn(ctx, cfg, rank, world, start_dir, start_step, start_version, run_dir,
         if shard is None:  # stopping (signal): checkpoint the last finished step
             break
         t1 = time.time()
+        _beat(ctx)
         stats = train_on_batch(cfg, student, opt, shard, step, rank, world, device, pad_id)
         t2 = time.time()
         if not offline:
             publish_weights(ctx, student, weights, cfg.mini_batches * (step + 1), rank)
         t3 = time.time()
         step += 1
+        _beat(ctx)
         if rank == 0:
             tokens_total += stats["tokens"]
             stats.update(step=step, version=cfg.mini_batches * step, wait_s=t1 - t0, train_s=t2 - t1, sync_s=t3 - t2,
@@ -1067,6 +1088,7 @@ def hold_until_released(ctx, workers, grace_s=10.0):
     alive while consumers hold it); once the run is stopping, a crashed worker is not waited for past grace_s."""
     deadline = None
     while ctx["released"].value < workers:
+        _beat(ctx)
         if ctx["stop"].is_set():
             deadline = deadline or time.time() + grace_s
             if time.time() > deadline:
@@ -1100,13 +1122,31 @@ def offline_evals(cfg, tok, evals, points, run_dir):
 
 # ----------------------------------------------------------------------------- coordinator
 def _child(role, fn, ctx, *args):
-    """Entry of every child: ignore Ctrl-C (the coordinator handles it), die with the parent,
+    """Entry of every child: die with the coordinator, turn SIGTERM/SIGINT into a clean stop of the whole run,
     report any exception to the coordinator as (role, error, traceback)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    global _ROLE
     if sys.platform == "linux":
         import ctypes
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans if the parent dies
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans if the coordinator dies
+    if os.getppid() != ctx["coordinator"]:  # it died while this child was importing (before the prctl): nobody left
+        os._exit(1)
+    _ROLE = role  # its first beat comes with its first wait or stage: model loading is not watched
+    received = []
+
+    def on_signal(signum, _frame):
+        if received:  # a second signal to this child (the coordinator's terminate): the default action, at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        received.append(signum)
+        if not ctx["signal"].value:
+            ctx["signal"].value = signum  # lock-free: the coordinator learns which signal stopped the run
+        # the main thread may hold the event's lock (it polls is_set): set it from another thread
+        threading.Thread(target=ctx["stop"].set, daemon=True).start()
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+        signal.siginterrupt(s, False)  # restart system calls: a collective in gloo/NCCL must not fail with EINTR
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked by run() until here
     torch.set_num_threads(ctx["threads"])
     try:
         fn(ctx, *args)
@@ -1176,10 +1216,23 @@ def run(cfg):
         roles += [(f"rollout{w}" if n > 1 else "rollout", rollout_role,
                    (cfg, w, tok, train, evals, start_dir, start_step, start_version)) for w in range(n)]
         roles += [("teacher", teacher_role, (cfg, tok, evals, start_step))]
-    procs = {}
-    for role, fn, args in roles:
-        procs[role] = spawn.Process(target=_child, args=(role, fn, ctx, *args), name=f"asyncopd-{role}")  # not daemonic: vLLM starts its own process
-        procs[role].start()
+    ctx.update(coordinator=os.getpid(), roles=[r for r, _, _ in roles],
+               beats=spawn.Array("d", len(roles), lock=False),  # heartbeats: last sign of life per role (0: importing)
+               signal=spawn.Value("i", 0, lock=False))  # the first SIGTERM/SIGINT a child received
+    procs, stop_signals = {}, {signal.SIGINT, signal.SIGTERM}
+    # children start with SIGTERM/SIGINT blocked (the mask survives exec) and unblock them once their handlers are
+    # in place: a Ctrl-C during their imports stops the run instead of printing a traceback per child
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        for role, fn, args in roles:
+            procs[role] = spawn.Process(target=_child, args=(role, fn, ctx, *args), name=f"asyncopd-{role}")  # not daemonic: vLLM starts its own process
+            procs[role].start()
+    except BaseException:
+        for p in procs.values():
+            p.kill()
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     with open(os.path.join(run_dir, "pids.json"), "w") as f:
         json.dump({"coordinator": os.getpid(), **{r: p.pid for r, p in procs.items()}}, f)
     summary = watch(cfg, ctx, procs, run_dir, start_step)
@@ -1192,23 +1245,27 @@ def run(cfg):
 
 
 def watch(cfg, ctx, procs, run_dir, start_step):
-    """Coordinator loop: log metrics, drive the progress bar, notice a failed role within a second."""
+    """Coordinator loop: log metrics, drive the progress bar, notice a failed role within a second, a hung one
+    (no heartbeat) within its stall limit, and stop on SIGTERM/SIGINT with a checkpoint (a second signal: at once)."""
     from tqdm import tqdm
-    stopping = []
+    stopping, stalled = [], []  # stopping: (signal, time) as received; stalled: (role, seconds silent)
 
-    def on_signal(signum, _frame):
-        stopping.append(signum)
-        ctx["stop"].set()
+    def on_signal(signum, _frame):  # only records: the loop acts (an Event's lock is not safe in a handler)
+        stopping.append((signum, time.time()))
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    summary, trace, error, t0 = {"evals": [], "teacher_accuracy": None, "steps": []}, [], None, time.time()
+    summary, error, t0 = {"evals": [], "teacher_accuracy": None, "steps": []}, None, time.time()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True, desc=cfg.schedule)
     learners = [p for r, p in procs.items() if r.startswith("learner")]
     log = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    trace = open(os.path.join(run_dir, "trace.jsonl"), "w")  # streamed: the coordinator keeps no event in memory
+    longest = [0.0]  # longest busy stage seen so far (s): the stall limit grows with it
 
     def take(kind, rec):
         if kind == "trace":
-            return trace.append(rec)
+            if not rec["name"].startswith(("wait", "hold")):
+                longest[0] = max(longest[0], rec["t1"] - rec["t0"])
+            return trace.write(json.dumps(rec) + "\n")
         log.write(json.dumps({"kind": kind, **rec}) + "\n")
         log.flush()
         if kind in ("step", "eval"):
@@ -1223,44 +1280,77 @@ def watch(cfg, ctx, procs, run_dir, start_step):
         elif kind == "checkpoint":
             summary["checkpoint"] = rec["path"]
 
+    def drain():  # late records: final eval, checkpoint
+        while not ctx["metrics_q"].empty():
+            take(*ctx["metrics_q"].get())
+
     try:
         while True:
             try:
                 take(*ctx["metrics_q"].get(timeout=0.1))
             except queue.Empty:
                 pass
-            if any(p.exitcode not in (None, 0) for p in procs.values()) or not ctx["err_q"].empty():
-                error = diagnose(ctx, procs)
+            if ctx["signal"].value and not stopping:  # a child got the signal (or the whole group did)
+                stopping.append((ctx["signal"].value, time.time()))
+            if stopping and not ctx["stop"].is_set():
+                ctx["stop"].set()
+            # a repeat within 1 s is the same request: `timeout` signals the coordinator, then its whole group
+            if len(stopping) > 1 and stopping[-1][1] - stopping[0][1] > 1.0:
+                name = signal.Signals(stopping[-1][0]).name
+                error = ("coordinator", f"second {name}: stopped at once, without a checkpoint", "")
                 break
+            now, limit = time.time(), max(cfg.stall_timeout_s, 5 * longest[0])
+            for i, role in enumerate(ctx["roles"]):
+                beat = ctx["beats"][i]  # 0 until the role has started (imports, model loading): not watched
+                if procs[role].exitcode is None and beat and now - beat > limit and role not in dict(stalled):
+                    stalled.append((role, now - ctx["beats"][i]))
+                    ctx["stop"].set()  # the others stop; the learner checkpoints its last finished step
+            if any(r.startswith("learner") for r, _ in stalled):
+                break  # a hung learner cannot save: nothing to wait for
+            if any(p.exitcode not in (None, 0) for p in procs.values()) or not ctx["err_q"].empty():
+                if not stalled:  # after a stall, the stopped role is the cause, not its peers' exits
+                    error = diagnose(ctx, procs)
+                    break
             if all(p.exitcode == 0 for p in learners):
                 ctx["learned"].set()  # the producers may exit now
-            if all(p.exitcode == 0 for p in procs.values()) or (stopping and all(p.exitcode is not None for p in learners)):
-                while not ctx["metrics_q"].empty():  # late records: final eval, checkpoint
-                    take(*ctx["metrics_q"].get())
+            if all(p.exitcode == 0 for p in procs.values()) or \
+                    ((stopping or stalled) and all(p.exitcode is not None for p in learners)):
+                drain()
                 break
     finally:
         bar.close()
         log.close()
-        for s, h in old.items():
-            signal.signal(s, h)
         ctx["stop"].set()
+        for role, _ in stalled:
+            procs[role].kill()  # stopped or hung: no use waiting for it
+        deadline = time.time() + (5 if error is None and not stalled else 0.5)
         for p in procs.values():
-            p.join(timeout=5 if error is None else 0.5)
+            p.join(timeout=max(0.0, deadline - time.time()))
             if p.is_alive():
-                p.terminate()
-                p.join(timeout=3)
+                p.terminate()  # a child that got no signal yet treats this one as a stop
+                p.join(timeout=2)
             if p.is_alive():
                 p.kill()
                 p.join()
         for q in (ctx["rollout_q"], ctx["teacher_q"], ctx["metrics_q"], ctx["err_q"], ctx["weights_q"]):
             q.cancel_join_thread()
-        write_trace(trace, run_dir, t0)
+        trace.close()
+        write_trace(run_dir, t0)
+        for s, h in old.items():  # last: a signal during the clean-up above is recorded, not fatal
+            signal.signal(s, h)
+    if stalled:
+        role, silent = stalled[0]
+        ckpt = summary.get("checkpoint")
+        then = (f"checkpoint of step {summary['steps'][-1]['step'] if summary['steps'] else start_step} in {ckpt}; "
+                f"resume with resume={ckpt}") if ckpt else "no checkpoint: the learner hung before it could save"
+        error = (role, f"the {role} process made no progress for {silent:.0f} s (stopped or hung; stall_timeout_s="
+                       f"{cfg.stall_timeout_s:g}): {then}", "")
     if error:
         role, msg, tb = error
         with open(os.path.join(run_dir, "error.log"), "w") as f:
             f.write(f"{role}: {msg}\n{tb}")
-        raise RuntimeError(f"{role} failed: {msg} (traceback in {run_dir}/error.log)")
-    summary["interrupted"] = stopping[0] if stopping else None
+        raise RuntimeError(f"{role} failed: {msg}" + (f" (traceback in {run_dir}/error.log)" if tb else ""))
+    summary["interrupted"] = stopping[0][0] if stopping else None
     plot_run(run_dir)
     return summary
 
@@ -1275,23 +1365,31 @@ def diagnose(ctx, procs):
     killed = [(r, p.exitcode) for r, p in procs.items() if p.exitcode is not None and p.exitcode < 0]
     if killed:
         role, code = killed[0]
-        then = f"; then {reports[0][0]}: {reports[0][1]}" if reports else ""
-        return role, f"the {role} process died (killed by {signal.Signals(-code).name}; out of memory?){then}", \
-            "\n".join(tb for _, _, tb in reports)
+        name = signal.Signals(-code).name
+        why = " (the kernel's out-of-memory killer, or another process: see dmesg)" if name == "SIGKILL" else ""
+        return role, f"the {role} process died (killed by {name}{why})", "\n".join(tb for _, _, tb in reports)
     if reports:
         return reports[0]
     role, code = next((r, p.exitcode) for r, p in procs.items() if p.exitcode not in (None, 0))
     return role, f"the {role} process exited with code {code} without a report", ""
 
 
-def write_trace(trace, run_dir, t0):
-    """Chrome trace (chrome://tracing, ui.perfetto.dev): one row per role, busy intervals."""
-    pids = {}
-    events = [{"name": e["name"], "ph": "X", "pid": pids.setdefault(e["role"], len(pids)), "tid": 0,
-               "ts": (e["t0"] - t0) * 1e6, "dur": (e["t1"] - e["t0"]) * 1e6} for e in trace]
-    events += [{"name": "process_name", "ph": "M", "pid": p, "args": {"name": r}} for r, p in pids.items()]
-    with open(os.path.join(run_dir, "trace.json"), "w") as f:
-        json.dump({"traceEvents": events}, f)
+def write_trace(run_dir, t0):
+    """Chrome trace (chrome://tracing, ui.perfetto.dev) from the streamed trace.jsonl: one row per role, busy
+    intervals. Converted at the end one event at a time (nothing held in memory)."""
+    pids, sep = {}, ""
+    with open(os.path.join(run_dir, "trace.jsonl")) as src, open(os.path.join(run_dir, "trace.json"), "w") as f:
+        f.write('{"traceEvents": [')
+        for line in src:
+            e = json.loads(line)
+            f.write(sep + json.dumps({"name": e["name"], "ph": "X", "pid": pids.setdefault(e["role"], len(pids)),
+                                      "tid": 0, "ts": (e["t0"] - t0) * 1e6, "dur": (e["t1"] - e["t0"]) * 1e6}))
+            sep = ","
+        for r, p in pids.items():
+            f.write(sep + json.dumps({"name": "process_name", "ph": "M", "pid": p, "args": {"name": r}}))
+            sep = ","
+        f.write("]}")
+    os.remove(os.path.join(run_dir, "trace.jsonl"))
 
 
 def plot_run(run_dir):
@@ -1384,6 +1482,9 @@ def main(argv):
         print(f"asyncopd: error: {' '.join(str(e).split())}: free space or fix the file system, then rerun",
               file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handlers are in place: nothing to save yet
+        print("asyncopd: interrupted during start-up", file=sys.stderr)
+        return 128 + signal.SIGINT
     print(summary_table(cfg, s))
     if s.get("interrupted"):
         print(f"interrupted by {signal.Signals(s['interrupted']).name}; resume with resume={s.get('checkpoint')}")
