@@ -11,19 +11,11 @@ import time
 import pytest
 
 from conftest import ROOT
+from test_pipeline import _alive
 
 TINY = ["eval_size=0", "max_new_tokens=24", "batch_size=4", "threads=1", "progress=false", "steps=10000",
         "schedule=async", "loss.teacher_topk=4", "loss.student_topk=4", "loss.samples=4", "lr=0.01"]
 ROWS = []
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def _descendants(pid):
