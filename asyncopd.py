@@ -1071,12 +1071,18 @@ def publish_weights(ctx, student, weights, version, rank):
     if rank == 0:
         ctx["lock"].acquire()
     try:
-        for name, value in student.model.state_dict().items():
+        first_name = {}  # tied weights (embedding = lm_head) are one parameter: gather it once, copy it twice
+        for name, value in student.model.state_dict(keep_vars=True).items():
+            seen = first_name.setdefault(id(value), name)
+            if seen != name:  # the same decision on every rank: no collective is skipped on one rank only
+                if rank == 0:
+                    weights[name].copy_(weights[seen])
+                continue
             full = value.full_tensor() if hasattr(value, "full_tensor") else value
             if rank == 0:
                 weights[name].copy_(full.detach())
         if rank == 0:
-            sync_devices(*{w.device for w in weights.values()}, full.device)
+            sync_devices(*{w.device for w in weights.values()}, next(student.parameters()).device)
             ctx["version"].value = version
     finally:
         if rank == 0:

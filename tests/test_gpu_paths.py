@@ -164,3 +164,31 @@ def test_vllm_settings_refused_before_any_process_starts(tmp_path, tiny_models):
                          text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "engine 'vllm' runs on a GPU" in out.stderr
     assert not os.listdir(tmp_path)  # no run folder: nothing started
+
+
+def test_publish_gathers_a_tied_embedding_once_and_fills_both_names(tmp_path, monkeypatch):
+    """Qwen3-1.7B ties lm_head to the embedding: one parameter, two state-dict names. It is all-gathered once
+    (the largest tensor of the model) and both buffer entries get it."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tok = __import__("task").build_tokenizer()
+    conf = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True)
+    Qwen2ForCausalLM(conf).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{asyncopd._free_port()}", rank=0, world_size=1)
+    try:
+        cfg = asyncopd.Config(student=str(tmp_path), batch_size=4)
+        student, _, _ = asyncopd.build_learner(cfg, 0, 1, cfg.student)
+        gathers = []
+        real = DTensor.full_tensor
+        monkeypatch.setattr(DTensor, "full_tensor", lambda self, **kw: gathers.append(self.shape) or real(self, **kw))
+        buffer = asyncopd.weight_buffer(cfg.student, torch.float32)
+        asyncopd.publish_weights({"lock": _Recorder([]), "version": _Recorder([])}, student, buffer, 1, rank=0)
+        full = asyncopd.full_state_dict(student)
+        assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(buffer) and set(buffer) == set(full)
+        assert all(torch.equal(buffer[k], v) for k, v in full.items())
+        assert len(gathers) == len(buffer) - 1  # the tied pair: one all-gather
+    finally:
+        dist.destroy_process_group()
