@@ -572,6 +572,16 @@ def _get(ctx, q):
     return None
 
 
+def _acquire(ctx, lock):
+    """Take the weights lock, beating while waiting (a stopped peer may hold it: the coordinator then names the
+    peer, not us); False once the run is stopping."""
+    while not lock.acquire(timeout=0.1):
+        _beat(ctx)
+        if ctx["stop"].is_set():
+            return False
+    return True
+
+
 def _put(ctx, q, item):
     while not ctx["stop"].is_set():
         _beat(ctx)
@@ -635,9 +645,13 @@ def rollout_role(ctx, cfg, worker, tok, train, evals, start_dir, start_step, sta
     def load_latest():
         if version.value > engine.policy_version:
             t0 = time.time()
-            with ctx["lock"]:
+            if not _acquire(ctx, ctx["lock"]):  # stopping
+                return
+            try:
                 engine.load_weights(weights, version.value)
                 sync_devices(device, source)  # copies must land before the learner may overwrite the buffer
+            finally:
+                ctx["lock"].release()
             _busy(ctx, role, f"load v{engine.policy_version}", t0, time.time())
 
     def maybe_eval(final=False):  # at the start, when a period boundary is crossed, at the end
@@ -1068,24 +1082,23 @@ def publish_weights(ctx, student, weights, version, rank):
     """Copy the learner's weights into the rollout's buffer in its dtype, one parameter at a time, then announce
     `version`. Every rank calls (each parameter is all-gathered on the learner's device); rank 0, which holds the
     lock, copies straight from the gathered tensor (no host round trip for a buffer on its device)."""
-    if rank == 0:
-        ctx["lock"].acquire()
+    locked = rank == 0 and _acquire(ctx, ctx["lock"])  # False once stopping: still gather (ranks stay in step)
     try:
         first_name = {}  # tied weights (embedding = lm_head) are one parameter: gather it once, copy it twice
         for name, value in student.model.state_dict(keep_vars=True).items():
             seen = first_name.setdefault(id(value), name)
             if seen != name:  # the same decision on every rank: no collective is skipped on one rank only
-                if rank == 0:
+                if locked:
                     weights[name].copy_(weights[seen])
                 continue
             full = value.full_tensor() if hasattr(value, "full_tensor") else value
-            if rank == 0:
+            if locked:
                 weights[name].copy_(full.detach())
-        if rank == 0:
+        if locked:
             sync_devices(*{w.device for w in weights.values()}, next(student.parameters()).device)
             ctx["version"].value = version
     finally:
-        if rank == 0:
+        if locked:
             ctx["lock"].release()
 
 
@@ -1306,10 +1319,11 @@ def watch(cfg, ctx, procs, run_dir, start_step):
                 error = ("coordinator", f"second {name}: stopped at once, without a checkpoint", "")
                 break
             now, limit = time.time(), max(cfg.stall_timeout_s, 5 * longest[0])
-            for i, role in enumerate(ctx["roles"]):
-                beat = ctx["beats"][i]  # 0 until the role has started (imports, model loading): not watched
-                if procs[role].exitcode is None and beat and now - beat > limit and role not in dict(stalled):
-                    stalled.append((role, now - ctx["beats"][i]))
+            silent = sorted((now - beat, role) for role, beat in zip(ctx["roles"], ctx["beats"][:])
+                            if beat and procs[role].exitcode is None)  # beat 0: not started (imports, loading)
+            for age, role in reversed(silent):  # longest silent first: a peer blocked on it goes quiet later
+                if age > limit and role not in dict(stalled):
+                    stalled.append((role, age))
                     ctx["stop"].set()  # the others stop; the learner checkpoints its last finished step
             if any(r.startswith("learner") for r, _ in stalled):
                 break  # a hung learner cannot save: nothing to wait for

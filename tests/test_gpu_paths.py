@@ -48,8 +48,9 @@ class _Recorder:
     def __init__(self, log):
         self.log, self._value = log, 0
 
-    def acquire(self):
+    def acquire(self, timeout=None):
         self.log.append("acquire")
+        return True
 
     def release(self):
         self.log.append("release")
