@@ -81,6 +81,15 @@ def make_engine(model, kind="hf", device="cpu", temperature=1.0, top_p=1.0, max_
     return HFEngine(model, device, temperature, top_p, max_new_tokens, eos_token_id, pad_token_id, dtype)
 
 
+def engine_from_config(cfg, model, device, tokenizer):
+    """The engine a config asks for (rollout role, precompute, reference loop): one dtype, one sampler."""
+    import config
+    vllm_options = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.engine == "vllm" else {}
+    return make_engine(model, kind=cfg.engine, device=device, temperature=cfg.temperature, top_p=cfg.top_p,
+                       max_new_tokens=cfg.max_new_tokens, dtype=config.training_dtype(cfg),
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **vllm_options)
+
+
 # ----------------------------------------------------------------------------- sampling math
 def behaviour_logp(logits, temperature, top_p):
     """log pi_b over the vocabulary, float32 [B, V] (see the module docstring)."""

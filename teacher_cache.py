@@ -33,18 +33,15 @@ Bytes per response token, by field group (int64 ids, as the contract fixes):
   teacher top-K  12 K      student support  16 Ks      rollout MC  16 M (+4 M proximal)
   teacher MC     12 Mt     dense            4 V
   sequence fields: 8 per prompt token + 25 per sequence + 16 per cache, amortised over N.
-A dict of CPU tensors crosses torch.multiprocessing queues through shared memory as is, and
-goes to disk as one safetensors file (or a directory of chunks, for resumable offline precompute).
+A dict of CPU tensors crosses torch.multiprocessing queues through shared memory as is; offline.py writes it
+to disk (safetensors chunks, checksummed) for Lightning OPD.
 """
 import hashlib
 import itertools
 import json
 import os
-import re
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 I64, F32, BOOL = torch.int64, torch.float32, torch.bool
 # name -> dtype, what its first dim counts ("N" response tokens, "B" sequences, "B+1" offsets,
@@ -314,96 +311,3 @@ def tokenizer_fingerprint(tokenizer_or_dir):
     else:  # an HF / tokenizers tokenizer
         vocab = tokenizer_or_dir.get_vocab()
     return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- disk format
-FORMAT_VERSION = 2  # 2: a sha256 over tensors and meta, and each chunk's sequence range
-REQUIRED_META = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "student_version")
-PER_CHUNK_META = ("num_tokens", "num_sequences", "chunk_index", "first_sequence", "sha256")  # may differ between chunks
-CHUNK_NAME = re.compile(r"^chunk_(\d{5})\.safetensors$")
-
-
-def checksum(cache, meta):
-    """sha256 (hex) over the meta (as json, without its own sha256) and every tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
-    for name in sorted(cache):
-        t = cache[name].detach().cpu().contiguous()
-        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy: hashes the (memory-mapped) bytes in place
-    return h.hexdigest()
-
-
-def save(cache, path, meta):
-    """One safetensors file, written atomically; meta (+ format_version, fields, widths, sizes, sha256) as json under "asyncopd"."""
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"save: meta lacks {missing} (needed to guard offline training); add them")
-    validate(cache, vocab_size=meta["vocab_size"], where=f"save {path}")
-    meta = dict(meta, format_version=FORMAT_VERSION, fields=sorted(cache), widths=widths(cache),
-                num_tokens=int(cache["cu_seqlens"][-1]), num_sequences=cache["cu_seqlens"].numel() - 1)
-    meta["sha256"] = checksum(cache, meta)  # flipped bytes in a tensor or the meta are refused on load
-    tmp = f"{path}.tmp-{os.getpid()}"  # never matches CHUNK_NAME, so a crash leaves no "finished" chunk
-    save_file({k: v.detach().cpu().contiguous() for k, v in cache.items()}, tmp, metadata={"asyncopd": json.dumps(meta)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # bytes on disk before the rename makes the file look finished
-    os.replace(tmp, path)
-
-
-def load(path, mmap=True):
-    """(cache, meta). With mmap the tensors are views of the memory-mapped file (read on touch)."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["asyncopd"])
-            cache = {k: f.get_tensor(k) for k in f.keys()}
-        vocab_size = meta["vocab_size"]
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: truncated, corrupt or not an asyncopd cache ({type(e).__name__}: {e}); delete it and recompute") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: cache format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}: "
-                         "delete the cache and rerun `python asyncopd.py precompute` to rebuild it")
-    if meta.get("sha256") != checksum(cache, meta):
-        raise ValueError(f"{path}: sha256 mismatch, the file was altered or damaged; delete it and rerun the precompute")
-    if not mmap:
-        cache = {k: v.clone() for k, v in cache.items()}
-    validate(cache, vocab_size=vocab_size, where=os.fspath(path))
-    return cache, meta
-
-
-def write_chunk(directory, index, cache, meta, first_sequence):
-    """directory/chunk_{index:05d}.safetensors, atomically (tmp file + os.replace); it records its index and
-    its sequence range (first_sequence, num_sequences), so load_dir refuses a chunk copied, swapped or duplicated."""
-    os.makedirs(directory, exist_ok=True)
-    save(cache, os.path.join(directory, f"chunk_{index:05d}.safetensors"),
-         dict(meta, chunk_index=index, first_sequence=first_sequence))
-
-
-def finished_chunks(directory):
-    """Indices of the complete chunks (tmp files from an interrupted write are not counted)."""
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-    return {int(m.group(1)) for m in map(CHUNK_NAME.match, names) if m}
-
-
-def load_dir(directory):
-    """(cache, meta) of all chunks 0..n-1 concatenated in order; every chunk's meta must agree, chunk i must
-    say it is chunk i and hold the sequences that follow chunk i-1's."""
-    indices = sorted(finished_chunks(directory))
-    if not indices:
-        raise ValueError(f"{directory}: no chunk_*.safetensors files; run the precompute first")
-    if indices != list(range(len(indices))):
-        gaps = sorted(set(range(indices[-1] + 1)) - set(indices))
-        raise ValueError(f"{directory}: chunks {gaps} are missing; rerun the precompute to finish them")
-    paths = [os.path.join(directory, f"chunk_{i:05d}.safetensors") for i in indices]
-    parts = [load(p) for p in paths]  # each chunk is checksummed and validated by load()
-    meta0 = {k: v for k, v in parts[0][1].items() if k not in PER_CHUNK_META}
-    first = 0
-    for i, (p, (_, m)) in enumerate(zip(paths, parts)):
-        if (m.get("chunk_index"), m.get("first_sequence")) != (i, first):
-            raise ValueError(f"{p}: holds chunk {m.get('chunk_index')} (sequences from {m.get('first_sequence')}) where chunk "
-                             f"{i} (sequences from {first}) belongs: a chunk was copied or moved; delete it and rerun the precompute")
-        first += m["num_sequences"]
-        for k in sorted(set(meta0) | (set(m) - set(PER_CHUNK_META))):
-            if m.get(k) != meta0.get(k):
-                raise ValueError(f"{p}: meta '{k}' = {m.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; chunks from different runs cannot be mixed")
-    cache = concat([c for c, _ in parts])
-    return cache, dict(meta0, num_tokens=int(cache["cu_seqlens"][-1]),
-                       num_sequences=cache["cu_seqlens"].numel() - 1, num_chunks=len(paths))

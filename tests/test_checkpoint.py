@@ -1,5 +1,6 @@
 """Durable checkpoints, in-process: written to a temp folder and renamed, a manifest (sha256 of every file) checked
 on resume before any process starts, trainer_state.json checked against the resumed config."""
+from types import SimpleNamespace
 import dataclasses
 import json
 import os
@@ -10,6 +11,10 @@ import threading
 import pytest
 import torch
 
+import config
+import coordinator
+import learner
+import offline
 import asyncopd
 import estimators
 import rollout
@@ -17,35 +22,35 @@ from test_pipeline import scored_batch
 
 
 @pytest.fixture()
-def learner(tiny_models):
+def fsdp_student(tiny_models):
     """An in-process FSDP2 learner (gloo, world size 1) on the tiny student."""
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{asyncopd._free_port()}", rank=0, world_size=1)
-    cfg = asyncopd.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4, rollout_batch_size=4, lr=0.01,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)
+    cfg = config.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4, rollout_batch_size=4, lr=0.01,
                           max_new_tokens=6, schedule="sync", loss=estimators.LossOptions(name="reverse_kl_mc", samples=4))
-    student, opt, device = asyncopd.build_learner(cfg, 0, 1, cfg.student)
+    student, opt, device = learner.build_learner(cfg, 0, 1, cfg.student)
     yield cfg, student, opt
     dist.destroy_process_group()
 
 
 def save(cfg, student, opt, step, run_dir):
-    return asyncopd.save_checkpoint(cfg, student, opt, step, step * cfg.mini_batches, cfg.student, str(run_dir), 0)
+    return learner.save_checkpoint(cfg, student, opt, step, cfg.student, str(run_dir), 0)
 
 
 def refused(cfg, **kw):
     with pytest.raises(ValueError) as e:
-        asyncopd.check_checkpoint(dataclasses.replace(cfg, **kw))
+        learner.check_checkpoint(dataclasses.replace(cfg, **kw))
     assert "\n" not in str(e.value)
     return str(e.value)
 
 
-def test_checkpoint_is_renamed_into_place_and_damage_is_refused(learner, tmp_path, monkeypatch):
-    cfg, student, opt = learner
+def test_checkpoint_is_renamed_into_place_and_damage_is_refused(fsdp_student, tmp_path, monkeypatch):
+    cfg, student, opt = fsdp_student
     path = save(cfg, student, opt, 2, tmp_path)
     assert os.listdir(tmp_path) == ["ckpt_00002"]  # no temp folder left
     files = json.load(open(os.path.join(path, "manifest.json")))["files"]
     assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "config.json"} <= set(files)
-    asyncopd.check_checkpoint(dataclasses.replace(cfg, resume=path, steps=4))  # intact: accepted
+    learner.check_checkpoint(dataclasses.replace(cfg, resume=path, steps=4))  # intact: accepted
     inode = os.stat(os.path.join(path, "model.safetensors")).st_ino
     save(dataclasses.replace(cfg, resume=path), student, opt, 2, tmp_path)  # resumed into the same folder, stopped at once
     assert os.stat(os.path.join(path, "model.safetensors")).st_ino == inode  # the start checkpoint was not rewritten
@@ -79,13 +84,13 @@ def test_checkpoint_is_renamed_into_place_and_damage_is_refused(learner, tmp_pat
     assert "config.json is not in manifest.json" in damaged("manifest.json", lambda p: p.write_text('{"files": {}}'))
 
 
-def test_resume_state_must_fit_the_config(learner, tmp_path):
+def test_resume_state_must_fit_the_config(fsdp_student, tmp_path):
     """Another mini_batches or schedule, an edited version, or steps not beyond the checkpoint: refused in one line
     (each of these used to deadlock or run silently)."""
-    cfg, student, opt = learner
+    cfg, student, opt = fsdp_student
     path = save(cfg, student, opt, 2, tmp_path)
     ok = dataclasses.replace(cfg, resume=path, steps=4)
-    asyncopd.check_checkpoint(ok)
+    learner.check_checkpoint(ok)
     assert "ran mini_batches=1, this run mini_batches=2: resume with mini_batches=1" in refused(ok, mini_batches=2)
     assert "ran schedule='sync', this run schedule='async'" in refused(ok, schedule="async")
     assert "ran rollout_batch_size=4, this run rollout_batch_size=2" in refused(ok, rollout_batch_size=2)
@@ -93,38 +98,38 @@ def test_resume_state_must_fit_the_config(learner, tmp_path):
     state = json.load(open(os.path.join(path, "trainer_state.json")))
     json.dump(dict(state, version=0), open(os.path.join(path, "trainer_state.json"), "w"))
     assert "trainer_state.json is damaged" in refused(ok)  # the manifest sees the edit first
-    asyncopd.write_manifest(path)  # an edit that also rewrote the manifest
+    learner.write_manifest(path)  # an edit that also rewrote the manifest
     assert "has version 0 but step 2 * mini_batches 1 = 2" in refused(ok)
 
 
-def test_validate_checks_the_checkpoint_before_start(learner, tmp_path):
-    cfg, student, opt = learner
+def test_validate_checks_the_checkpoint_before_start(fsdp_student, tmp_path):
+    cfg, student, opt = fsdp_student
     path = save(cfg, student, opt, 2, tmp_path)
     with open(os.path.join(path, "model.safetensors"), "r+b") as f:
         f.truncate(1000)
     with pytest.raises(ValueError, match="model.safetensors is damaged"):
-        asyncopd.validate(dataclasses.replace(cfg, resume=path, steps=4, eval_size=0))
+        config.validate(dataclasses.replace(cfg, resume=path, steps=4, eval_size=0))
 
 
-def test_final_save_at_a_saved_step_keeps_that_checkpoint(learner, tmp_path, monkeypatch):
+def test_final_save_at_a_saved_step_keeps_that_checkpoint(fsdp_student, tmp_path, monkeypatch):
     """A stop right after the periodic save at step 2: the learner does not write ckpt_00002 a second time."""
-    cfg, student, opt = learner
+    cfg, student, opt = fsdp_student
     cfg = dataclasses.replace(cfg, schedule="offline", steps=4, save_every=2)
     engine = rollout.make_engine(cfg.student, eos_token_id=1, pad_token_id=0, max_new_tokens=6)
     from transformers import AutoModelForCausalLM
     batch = scored_batch(cfg, engine, AutoModelForCausalLM.from_pretrained(cfg.teacher), 0)
-    ctx = {"stop": threading.Event(), "metrics_q": queue.Queue(), "weights": None}
-    monkeypatch.setattr(asyncopd, "offline_batches", lambda cfg, start: (({"unit": u}, batch) for u in range(start, 4)))
-    calls, real = [], asyncopd.save_checkpoint
+    ch = SimpleNamespace(stop=threading.Event(), metrics_q=queue.Queue(), weights=None, roles=[])
+    monkeypatch.setattr(offline, "offline_batches", lambda cfg, start: (({"unit": u}, batch) for u in range(start, 4)))
+    calls, real = [], learner.save_checkpoint
 
     def save_then_stop(cfg, student, opt, step, *args):
         calls.append(step)
         path = real(cfg, student, opt, step, *args)
-        ctx["stop"].set()  # e.g. SIGINT, or a failed role
+        ch.stop.set()  # e.g. SIGINT, or a failed role
         return path
-    monkeypatch.setattr(asyncopd, "save_checkpoint", save_then_stop)
-    monkeypatch.setattr(asyncopd, "build_learner", lambda *a: (student, opt, torch.device("cpu")))
-    asyncopd._learn(ctx, cfg, 0, 1, cfg.student, 0, 0, str(tmp_path), 0)
+    monkeypatch.setattr(learner, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(learner, "build_learner", lambda *a: (student, opt, torch.device("cpu")))
+    asyncopd.learn(ch, cfg, 0, 1, cfg.student, 0, str(tmp_path), 0)
     assert calls == [2] and os.listdir(tmp_path) == ["ckpt_00002"]
-    items = [ctx["metrics_q"].get() for _ in range(ctx["metrics_q"].qsize())]
+    items = [ch.metrics_q.get() for _ in range(ch.metrics_q.qsize())]
     assert ("checkpoint", {"path": str(tmp_path / "ckpt_00002"), "step": 2}) in items

@@ -2,6 +2,7 @@
 several rollout workers, its owner outliving the readers, publish order (copy, device sync, then the version),
 the training dtype of published weights, the CUDA_VISIBLE_DEVICES a child writes, and one teacher dtype for
 online scoring and offline precompute."""
+from types import SimpleNamespace
 import json
 import os
 import threading
@@ -9,6 +10,9 @@ import threading
 import pytest
 import torch
 
+import config
+import coordinator
+import learner
 import asyncopd
 import estimators
 from test_pipeline import records, train
@@ -34,12 +38,12 @@ def test_handoff_buffer_reaches_every_rollout_worker_and_outlives_them(tmp_path,
 
 
 def test_visible_device_maps_through_the_parents_restriction():
-    assert asyncopd.visible_device("cuda:1", None) == "1"
-    assert asyncopd.visible_device("cuda:1", "4,5,6,7") == "5"  # logical 1 of the parent is physical 5
-    assert asyncopd.visible_device("cuda", "3") == "3"
-    assert asyncopd.visible_device("cuda:0", "GPU-aa, GPU-bb") == "GPU-aa"
+    assert config.visible_device("cuda:1", None) == "1"
+    assert config.visible_device("cuda:1", "4,5,6,7") == "5"  # logical 1 of the parent is physical 5
+    assert config.visible_device("cuda", "3") == "3"
+    assert config.visible_device("cuda:0", "GPU-aa, GPU-bb") == "GPU-aa"
     with pytest.raises(ValueError, match="shows 2 GPUs"):
-        asyncopd.visible_device("cuda:2", "0,1")
+        config.visible_device("cuda:2", "0,1")
 
 
 class _Recorder:
@@ -66,67 +70,67 @@ class _Recorder:
 
 
 @pytest.fixture()
-def learner(tiny_models):
+def fsdp_student(tiny_models):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{asyncopd._free_port()}", rank=0, world_size=1)
-    cfg = asyncopd.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)
+    cfg = config.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4,
                           loss=estimators.LossOptions(name="reverse_kl_pg"))
-    student, opt, device = asyncopd.build_learner(cfg, 0, 1, cfg.student)
+    student, opt, device = learner.build_learner(cfg, 0, 1, cfg.student)
     yield cfg, student
     dist.destroy_process_group()
 
 
-def test_publish_copies_in_the_buffer_dtype_then_syncs_then_announces(learner, monkeypatch):
-    cfg, student = learner
+def test_publish_copies_in_the_buffer_dtype_then_syncs_then_announces(fsdp_student, monkeypatch):
+    cfg, student = fsdp_student
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # values that bf16 rounds
     log = []
     recorder = _Recorder(log)
-    ctx = {"lock": recorder, "version": recorder}
-    monkeypatch.setattr(asyncopd, "sync_devices", lambda *d: log.append("sync"))
+    ch = SimpleNamespace(lock=recorder, version=recorder)
+    monkeypatch.setattr(learner, "sync_devices", lambda *d: log.append("sync"))
     cfg.mixed_precision = True
-    buffer = asyncopd.weight_buffer(cfg.student, asyncopd.training_dtype(cfg))
-    asyncopd.publish_weights(ctx, student, buffer, 7, rank=0)
+    buffer = learner.weight_buffer(cfg.student, config.training_dtype(cfg))
+    learner.publish_weights(ch, student, buffer, 7, rank=0)
     assert log == ["acquire", "sync", "version 7", "release"]
-    full = asyncopd.full_state_dict(student)
+    full = learner.full_state_dict(student)
     assert set(buffer) == set(full)  # HF names, every entry
     for k, v in full.items():
         assert buffer[k].dtype == torch.bfloat16 and torch.equal(buffer[k], v.to(torch.bfloat16)), k
 
 
 def test_handoff_owner_waits_for_every_release_but_not_forever_once_stopping():
-    ctx = {"released": type("V", (), {"value": 0})(), "stop": threading.Event()}
+    ch = SimpleNamespace(released=SimpleNamespace(value=0), stop=threading.Event())
     done = threading.Event()
-    t = threading.Thread(target=lambda: (asyncopd.hold_until_released(ctx, 2), done.set()))
+    t = threading.Thread(target=lambda: (learner.hold_until_released(ch, 2), done.set()))
     t.start()
-    ctx["released"].value = 1
+    ch.released.value = 1
     assert not done.wait(0.3)  # one of two workers still holds a handle
-    ctx["released"].value = 2
+    ch.released.value = 2
     assert done.wait(2)
-    ctx["released"].value, t0 = 0, __import__("time").time()
-    ctx["stop"].set()  # a crashed worker never releases: the stopping owner gives up after its grace period
-    asyncopd.hold_until_released(ctx, 2, grace_s=0.2)
+    ch.released.value, t0 = 0, __import__("time").time()
+    ch.stop.set()  # a crashed worker never releases: the stopping owner gives up after its grace period
+    learner.hold_until_released(ch, 2, grace_s=0.2)
     assert __import__("time").time() - t0 < 2
 
 
 def test_transport_and_dtypes_are_resolved_before_start(tmp_path, tiny_models):
-    cfg = asyncopd.Config()
-    assert asyncopd.resolve_transport(cfg) == "shared" and asyncopd.training_dtype(cfg) == torch.float32
-    cfg = asyncopd.Config(rollout_devices=["cuda:0"], learner_devices=["cuda:1"], mixed_precision=True)
-    assert asyncopd.resolve_transport(cfg) == "handoff" and asyncopd.training_dtype(cfg) == torch.bfloat16
+    cfg = config.Config()
+    assert config.resolve_transport(cfg) == "shared" and config.training_dtype(cfg) == torch.float32
+    cfg = config.Config(rollout_devices=["cuda:0"], learner_devices=["cuda:1"], mixed_precision=True)
+    assert config.resolve_transport(cfg) == "handoff" and config.training_dtype(cfg) == torch.bfloat16
     cfg.engine = "vllm"  # a vLLM child sees only its own GPU: host shared memory
-    assert asyncopd.resolve_transport(cfg) == "shared"
-    assert asyncopd.teacher_dtype(asyncopd.Config(teacher_device="cuda:4")) == torch.bfloat16
-    assert asyncopd.teacher_dtype(asyncopd.Config()) == torch.float32
-    assert asyncopd.teacher_dtype(asyncopd.Config(teacher_dtype="bfloat16")) == torch.bfloat16
+    assert config.resolve_transport(cfg) == "shared"
+    assert config.teacher_dtype(config.Config(teacher_device="cuda:4")) == torch.bfloat16
+    assert config.teacher_dtype(config.Config()) == torch.float32
+    assert config.teacher_dtype(config.Config(teacher_dtype="bfloat16")) == torch.bfloat16
     student, teacher = tiny_models
     base = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}"]
     for extra, msg in [(["teacher_dtype=fp16"], "teacher_dtype='fp16'"),
                        (["weight_transport=ipc"], "weight_transport='ipc'"),
                        (["engine=vllm", "weight_transport=handoff"], "handoff needs engine=hf")]:
         with pytest.raises(ValueError, match=msg):
-            asyncopd.validate(asyncopd.load_config(None, base + extra))
+            config.validate(config.load_config(None, base + extra))
 
 
 def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
@@ -137,12 +141,12 @@ def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
         runs = gpu_check.plan(n, with_vllm=True)
         assert len(runs) == 10 and {s for _, s, _ in runs} == {"sync", "async"}
         for name, schedule, over in runs:
-            cfg = asyncopd.load_config(None, gpu_check.COMMON + over)
+            cfg = config.load_config(None, gpu_check.COMMON + over)
             devices = [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices]
             assert all(d.startswith("cuda:") and int(d.split(":")[1]) < n for d in devices), (n, name)
             assert len(set(cfg.learner_devices)) == len(cfg.learner_devices) == min(n, 2)
             shared = "shared-memory" in name or cfg.engine == "vllm"  # else auto = CUDA IPC for an hf rollout
-            assert asyncopd.resolve_transport(cfg) == ("shared" if shared else "handoff"), name
+            assert config.resolve_transport(cfg) == ("shared" if shared else "handoff"), name
             assert (cfg.engine == "vllm") == ("vllm" in name)
 
 
@@ -155,7 +159,7 @@ def test_vllm_settings_refused_before_any_process_starts(tmp_path, tiny_models):
     student, teacher = tiny_models
     base = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}", "engine=vllm"]
     with pytest.raises(ValueError, match="runs on a GPU"):
-        asyncopd.validate(asyncopd.load_config(None, base))
+        config.validate(config.load_config(None, base))
     import rollout
     for kw, msg in [(dict(temperature=3.0), "0.01 <= temperature <= 2"), (dict(temperature=0.005), "0.01 <= temperature"),
                     (dict(top_p=0.9), "top_p=0.9")]:
@@ -178,16 +182,16 @@ def test_publish_gathers_a_tied_embedding_once_and_fills_both_names(tmp_path, mo
                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True)
     Qwen2ForCausalLM(conf).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{asyncopd._free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)
     try:
-        cfg = asyncopd.Config(student=str(tmp_path), batch_size=4)
-        student, _, _ = asyncopd.build_learner(cfg, 0, 1, cfg.student)
+        cfg = config.Config(student=str(tmp_path), batch_size=4)
+        student, _, _ = learner.build_learner(cfg, 0, 1, cfg.student)
         gathers = []
         real = DTensor.full_tensor
         monkeypatch.setattr(DTensor, "full_tensor", lambda self, **kw: gathers.append(self.shape) or real(self, **kw))
-        buffer = asyncopd.weight_buffer(cfg.student, torch.float32)
-        asyncopd.publish_weights({"lock": _Recorder([]), "version": _Recorder([])}, student, buffer, 1, rank=0)
-        full = asyncopd.full_state_dict(student)
+        buffer = learner.weight_buffer(cfg.student, torch.float32)
+        learner.publish_weights(SimpleNamespace(lock=_Recorder([]), version=_Recorder([])), student, buffer, 1, rank=0)
+        full = learner.full_state_dict(student)
         assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(buffer) and set(buffer) == set(full)
         assert all(torch.equal(buffer[k], v) for k, v in full.items())
         assert len(gathers) == len(buffer) - 1  # the tied pair: one all-gather

@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+import config
+import coordinator
+import offline
 import asyncopd
 import task
 from conftest import ROOT, make_model_dir
@@ -177,11 +180,11 @@ def overrides(env, args):
     return [fill(env, a) for a in base + args]
 
 
-@pytest.mark.parametrize("case,config,args,says", CASES, ids=[c[0] for c in CASES])
-def test_hostile_input_is_refused_in_one_line(env, case, config, args, says):
+@pytest.mark.parametrize("case,config_file,args,says", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input_is_refused_in_one_line(env, case, config_file, args, says):
     before = sorted(os.listdir(env["runs"]))
     with pytest.raises(ValueError) as e:
-        asyncopd.validate(asyncopd.load_config(config and fill(env, config), overrides(env, args)))
+        config.validate(config.load_config(config_file and fill(env, config_file), overrides(env, args)))
     message = str(e.value)
     assert all(fill(env, part) in message for part in says.split(" ... ")) and "\n" not in message, message
     assert sorted(os.listdir(env["runs"])) == before and not multiprocessing.active_children()
@@ -189,8 +192,8 @@ def test_hostile_input_is_refused_in_one_line(env, case, config, args, says):
 
 def test_the_valid_baseline_passes(env):
     """The table's cases differ from this accepted config only by what they name."""
-    asyncopd.validate(asyncopd.load_config(None, overrides(env, [])))
-    asyncopd.validate(asyncopd.load_config(None, overrides(env, ["data=<ok.jsonl>", "student=<astudent>",
+    config.validate(config.load_config(None, overrides(env, [])))
+    config.validate(config.load_config(None, overrides(env, ["data=<ok.jsonl>", "student=<astudent>",
                                                                  "teacher=<ateacher>"])))
 
 
@@ -208,22 +211,22 @@ def test_unrepresentable_text_is_refused_not_dropped(tiny_models):
 
 
 def test_make_run_dir_never_shares_a_folder(tmp_path):
-    cfg = asyncopd.Config(out_dir=str(tmp_path / "out"))
-    first, second = asyncopd.make_run_dir(cfg), asyncopd.make_run_dir(cfg)  # same second, timestamp names
+    cfg = config.Config(out_dir=str(tmp_path / "out"))
+    first, second = coordinator.make_run_dir(cfg), coordinator.make_run_dir(cfg)  # same second, timestamp names
     assert first != second and os.path.dirname(first) == os.path.dirname(second) == str(tmp_path / "out")
     cfg.run_name = os.path.basename(first)
     with pytest.raises(ValueError, match="exists: choose another run_name"):
-        asyncopd.make_run_dir(cfg)
+        coordinator.make_run_dir(cfg)
 
 
 def test_precompute_refuses_a_bad_cache_dir_and_reports_a_full_disk(env, monkeypatch, capsys):
     base = overrides(env, ["precompute_prompts=4", "chunk_prompts=4", "eval_size=0"])
     with pytest.raises(ValueError, match=r"cache_dir=.*afile is a file, not a folder"):
-        asyncopd.precompute(asyncopd.load_config(None, base + [f"cache_dir={env['afile']}"]))
+        offline.precompute(config.load_config(None, base + [f"cache_dir={env['afile']}"]))
 
     def full(*_, **__):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{env['d']}/cache/chunk_00000.safetensors")
-    monkeypatch.setattr(asyncopd.teacher_cache, "write_chunk", full)
+    monkeypatch.setattr(offline, "write_chunk", full)
     assert asyncopd.main(["precompute", *base, f"cache_dir={env['d']}/cache"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "chunk_00000" in err, err

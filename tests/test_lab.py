@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import asyncopd
+import learner
 import lab
 import task
 from conftest import ROOT
@@ -19,7 +20,6 @@ def test_batch_j_is_generated_by_exactly_version_max0_j_minus_S(tiny_models, mon
     under the state dict the learner published at that version (recomputed from scratch here)."""
     import argparse
 
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
     student_dir, teacher_dir = tiny_models
     tok = task.build_tokenizer()
@@ -30,18 +30,13 @@ def test_batch_j_is_generated_by_exactly_version_max0_j_minus_S(tiny_models, mon
     state = dict(p=dict(lab.QUICK, batch=4, lr=0.05), tok=tok, pad=tok.pad_token_id, args=args, train=train,
                  evals=train[:4], teacher=AutoModelForCausalLM.from_pretrained(teacher_dir).eval())
     published, batches = [], []
-    full_state_dict, train_on_batch = asyncopd.full_state_dict, asyncopd.train_on_batch
-    monkeypatch.setattr(asyncopd, "full_state_dict", lambda m: published.append(
-        {k: v.clone() for k, v in full_state_dict(m).items()}) or published[-1])
-    monkeypatch.setattr(asyncopd, "train_on_batch", lambda cfg, s, o, batch, j, *a: batches.append((j, batch)) or
-                        train_on_batch(cfg, s, o, batch, j, *a))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{asyncopd._free_port()}", rank=0, world_size=1)
-    try:
-        S, steps = 2, 6
-        lab.opd_run(state, lab.LossOptions(name="reverse_kl_mc", samples=3), S, 0, steps)
-    finally:
-        dist.destroy_process_group()
-    assert [j for j, _ in batches] == list(range(steps)) and len(published) == steps + 1
+    copy_weights, score_unit = learner.copy_weights, asyncopd.score_unit
+    monkeypatch.setattr(learner, "copy_weights", lambda m: published.append(copy_weights(m)) or published[-1])
+    monkeypatch.setattr(asyncopd, "score_unit", lambda cfg, t, traj, j, pad: batches.append((j, traj)) or
+                        score_unit(cfg, t, traj, j, pad))
+    S, steps = 2, 6
+    lab.train_student(state, lab.LossOptions(name="reverse_kl_mc", samples=3), S, 0, steps)
+    assert [j for j, _ in batches] == list(range(steps)) and len(published) >= steps + 1
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     for j, batch in batches:
         v = max(0, j - S)

@@ -1,6 +1,7 @@
 """The learner at scale, on tiny float64 models in-process: activation checkpointing and token-budget
 micro-batches give the plain gradient, rank shards travel only to their rank over queues, the stop marker
 ends the other ranks, and the teacher's token-budget sub-batches give one forward's scores."""
+from types import SimpleNamespace
 import os
 import time
 
@@ -9,6 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import config
+import coordinator
+import learner
 import asyncopd
 import estimators
 import teacher_cache
@@ -42,7 +46,7 @@ def synthetic_batch(vocab, lengths=LENGTHS, samples=4, seed=0, masked=MASKED):
 def make_cfg(student_dir, **kw):
     loss = estimators.LossOptions(name="reverse_kl_mc", samples=4, aggregation=kw.pop("aggregation", "token_mean"),
                                   chunk_size=kw.pop("chunk_size", 7))
-    return asyncopd.Config(student=student_dir, batch_size=8, mini_batches=2, lr=1e-3, grad_clip=0.0, loss=loss,
+    return config.Config(student=student_dir, batch_size=8, mini_batches=2, lr=1e-3, grad_clip=0.0, loss=loss,
                            schedule="sync", max_staleness=1, **kw)
 
 
@@ -57,14 +61,14 @@ def step_grads(cfg, student, opt, batch, rank=0, world=1):
 
     opt.step = capture
     try:
-        stats = asyncopd.train_on_batch(cfg, student, opt, batch, 0, rank, world, torch.device("cpu"), 0)
+        stats = learner.train_on_batch(cfg, student, opt, batch, 0, rank, world, torch.device("cpu"), 0)
     finally:
         del opt.step
     return grads, stats
 
 
 def fresh_grads(cfg, batch):
-    student, opt, _ = asyncopd.build_learner(cfg, 0, 1, cfg.student, dtype=torch.float64)
+    student, opt, _ = learner.build_learner(cfg, 0, 1, cfg.student, dtype=torch.float64)
     return step_grads(cfg, student, opt, batch)
 
 
@@ -81,7 +85,7 @@ def assert_same(a, b, atol, bitwise=False):
 
 @pytest.fixture()
 def group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{asyncopd._free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -101,7 +105,7 @@ def test_checkpointing_and_micro_batches_give_the_plain_gradient(group, tiny_mod
     for budget in (1, 13, 25):  # 1: every sequence alone (over the budget); 13, 25: several per micro-batch
         cfg = make_cfg(tiny_models[0], aggregation=aggregation, micro_batch_tokens=budget,
                        activation_checkpointing=budget == 13)
-        passes = [len(p) for p in asyncopd.plan_batch(cfg, batch, 0, 1)[0]["plan"]]
+        passes = [len(p) for p in learner.plan_batch(cfg, batch, 0, 1)[0]["plan"]]
         assert min(passes) >= 2 and (budget != 1 or passes == [4, 4])
         grads, stats = fresh_grads(cfg, batch)
         assert_same(grads, plain, 1e-12)
@@ -109,9 +113,9 @@ def test_checkpointing_and_micro_batches_give_the_plain_gradient(group, tiny_mod
         assert stats["rkl_token"] == pytest.approx(plain_stats["rkl_token"], abs=1e-12)
     # the unweighted sum of micro-batch means is not the mean: the weights matter (this test can fail)
     cfg = make_cfg(tiny_models[0], aggregation=aggregation, micro_batch_tokens=13)
-    shard = asyncopd.plan_batch(cfg, batch, 0, 1)[0]
+    shard = learner.plan_batch(cfg, batch, 0, 1)[0]
     shard["count"] = [[c + 1 for c in counts] for counts in shard["count"]]
-    student, opt, _ = asyncopd.build_learner(cfg, 0, 1, cfg.student, dtype=torch.float64)
+    student, opt, _ = learner.build_learner(cfg, 0, 1, cfg.student, dtype=torch.float64)
     wrong, _ = step_grads(cfg, student, opt, shard)
     assert max(float((x - y).abs().max()) for x, y in zip(wrong[0], plain[0])) > 1e-6
 
@@ -120,7 +124,7 @@ def test_filler_pass_adds_exactly_nothing(group, tiny_models, vocab):
     """A zero-weight pass (a rank with fewer micro-batches) leaves every gradient bit unchanged."""
     batch = synthetic_batch(vocab)
     cfg = make_cfg(tiny_models[0], micro_batch_tokens=13)
-    shard = asyncopd.plan_batch(cfg, batch, 0, 1)[0]
+    shard = learner.plan_batch(cfg, batch, 0, 1)[0]
     padded = dict(shard, plan=[p + [(p[-1][1] - 1, p[-1][1], False)] * 2 for p in shard["plan"]],
                   count=[c + [0, 0] for c in shard["count"]])
     base, _ = fresh_grads(cfg, shard)
@@ -133,8 +137,8 @@ def test_plan_batch_shards_counts_and_fillers(vocab):
     mini-batch's denominator; all ranks get the same number of passes, fillers have weight 0."""
     lengths = [(8, 8), (2, 2), (2, 2), (2, 2), (8, 8), (2, 1), (2, 2), (1, 1)]  # rank 0 of mini-batch 0: both long
     batch = synthetic_batch(vocab, lengths, masked={})
-    cfg = asyncopd.Config(batch_size=8, mini_batches=2, micro_batch_tokens=20, schedule="sync", max_staleness=1)
-    shards = asyncopd.plan_batch(cfg, batch, 0, 2)
+    cfg = config.Config(batch_size=8, mini_batches=2, micro_batch_tokens=20, schedule="sync", max_staleness=1)
+    shards = learner.plan_batch(cfg, batch, 0, 2)
     seen = []
     for r, shard in enumerate(shards):
         index = shard["cache"]["prompt_index"].tolist()
@@ -151,43 +155,43 @@ def test_plan_batch_shards_counts_and_fillers(vocab):
     assert shards[1]["count"][0][1] == 0
     bad = dict(batch, policy_version=batch["policy_version"] + 5)
     with pytest.raises(RuntimeError, match="staleness bound violated at step 0"):
-        asyncopd.plan_batch(cfg, bad, 0, 2)
+        learner.plan_batch(cfg, bad, 0, 2)
 
 
 def test_state_dict_names_stay_hf_with_checkpointing(group, tiny_models, tmp_path):
     """Weights and checkpoints leave the learner under the Hugging Face names, loadable as is."""
     from transformers import AutoModelForCausalLM
     cfg = make_cfg(tiny_models[0], activation_checkpointing=True)
-    student, opt, _ = asyncopd.build_learner(cfg, 0, 1, cfg.student)
+    student, opt, _ = learner.build_learner(cfg, 0, 1, cfg.student)
     assert any("_checkpoint_wrapped_module" in n for n, _ in student.named_parameters())  # really wrapped
     hf = AutoModelForCausalLM.from_pretrained(cfg.student).state_dict()
-    sd = asyncopd.full_state_dict(student)
+    sd = learner.full_state_dict(student)
     assert set(sd) == set(hf)
     assert all(torch.equal(sd[k], hf[k]) for k in hf)
-    path = asyncopd.save_checkpoint(cfg, student, opt, 1, 2, cfg.student, str(tmp_path), 0)
+    path = learner.save_checkpoint(cfg, student, opt, 1, cfg.student, str(tmp_path), 0)
     from safetensors.torch import load_file
     assert set(load_file(os.path.join(path, "model.safetensors"))) <= set(hf)
     _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     osd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)["optimizer"]
     assert not [k for k in osd["state"] if "_checkpoint_wrapped_module" in k]
-    asyncopd.load_optimizer(student, opt, path, 0)  # and resumes into the wrapped model
+    learner.load_optimizer(student, opt, path, 0)  # and resumes into the wrapped model
 
 
 def test_get_shard_stop_marker_and_timeout():
     """Ranks >= 1 take what rank 0 sent (even after a stop), end on the marker, and give up with a
     named error if after a stop nothing comes within dist_timeout_s."""
     spawn = mp.get_context("spawn")
-    ctx = {"stop": spawn.Event(), "shard_qs": [None, spawn.Queue(2)]}
-    cfg = asyncopd.Config(dist_timeout_s=1)
-    ctx["shard_qs"][1].put({"plan": "x"})
-    ctx["shard_qs"][1].put(None)
-    ctx["stop"].set()
-    assert asyncopd._get_shard(ctx, cfg, 1) == {"plan": "x"}
-    assert asyncopd._get_shard(ctx, cfg, 1) is None
+    ch = SimpleNamespace(stop=spawn.Event(), shard_qs=[None, spawn.Queue(2)])
+    cfg = config.Config(dist_timeout_s=1)
+    ch.shard_qs[1].put({"plan": "x"})
+    ch.shard_qs[1].put(None)
+    ch.stop.set()
+    assert learner.get_shard(ch, cfg, 1) == {"plan": "x"}
+    assert learner.get_shard(ch, cfg, 1) is None
     t0 = time.time()
     with pytest.raises(RuntimeError, match="learner rank 1: no batch or stop marker from rank 0 within dist_timeout_s=1"):
-        asyncopd._get_shard(ctx, cfg, 1)
+        learner.get_shard(ch, cfg, 1)
     assert time.time() - t0 < 5
 
 
@@ -196,21 +200,21 @@ def _rank(rank, port, cfg, batch, q, stop, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        student, opt, device = asyncopd.build_learner(cfg, rank, 2, cfg.student, dtype=torch.float64)
-        ctx = {"stop": stop, "shard_qs": [None, q]}
+        student, opt, device = learner.build_learner(cfg, rank, 2, cfg.student, dtype=torch.float64)
+        ch = SimpleNamespace(stop=stop, shard_qs=[None, q])
         if rank == 0:
-            shards = asyncopd.plan_batch(cfg, batch, 0, 2)
+            shards = learner.plan_batch(cfg, batch, 0, 2)
             q.put(shards[1])
             shard = shards[0]
         else:
-            shard = asyncopd._get_shard(ctx, cfg, 1)
+            shard = learner.get_shard(ch, cfg, 1)
         grads, stats = step_grads(cfg, student, opt, shard, rank, 2)
         if rank == 0:
             stop.set()  # as on Ctrl-C: rank 1 is polling, not in a collective, and ends on the marker
             q.put(None)
             ended = True
         else:
-            ended = asyncopd._get_shard(ctx, cfg, 1) is None
+            ended = learner.get_shard(ch, cfg, 1) is None
         torch.save({"grads": grads, "stats": stats, "index": shard["cache"]["prompt_index"].tolist(),
                     "plan": shard["plan"], "ended": ended}, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -223,12 +227,12 @@ def test_world_size_2_micro_batches_match_world_size_1(group, tiny_models, vocab
     plain, plain_stats = fresh_grads(make_cfg(tiny_models[0], aggregation=aggregation), batch)
     cfg = make_cfg(tiny_models[0], aggregation=aggregation, micro_batch_tokens=25, activation_checkpointing=True,
                    dist_timeout_s=60, learner_devices=["cpu", "cpu"])
-    shards = asyncopd.plan_batch(cfg, batch, 0, 2)
+    shards = learner.plan_batch(cfg, batch, 0, 2)
     assert shards[0]["plan"][1][-1][2] is False  # rank 0 runs a filler in mini-batch 1 (rank 1 needs 2 passes)
     assert all(len(p) >= 2 for p in shards[1]["plan"][1:])
     spawn = mp.get_context("spawn")
     q, stop = spawn.Queue(2), spawn.Event()
-    mp.start_processes(_rank, args=(asyncopd._free_port(), cfg, batch, q, stop, str(tmp_path)), nprocs=2,
+    mp.start_processes(_rank, args=(coordinator.free_port(), cfg, batch, q, stop, str(tmp_path)), nprocs=2,
                        start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r1["ended"]

@@ -9,6 +9,9 @@ import sys
 import pytest
 import torch
 
+import config
+import offline
+import schedule
 import asyncopd
 import estimators
 import rollout
@@ -55,8 +58,8 @@ def cache_dir(models):
     return str(root / "cache")
 
 
-def config(student, teacher, args, **kw):
-    return asyncopd.load_config(None, [f"student={student}", f"teacher={teacher}", *args]
+def make_config(student, teacher, args, **kw):
+    return config.load_config(None, [f"student={student}", f"teacher={teacher}", *args]
                                 + [f"{k}={v}" for k, v in kw.items()])
 
 
@@ -89,7 +92,7 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
     assert out.returncode == 0, out.stderr[-3000:]
     run = os.path.join(root, "runs", name)
     steps = records(run)
-    cache, meta = teacher_cache.load_dir(cache_dir)
+    cache, meta = offline.load_dir(cache_dir)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert sum(r["tokens"] for r in steps) == meta["num_tokens"]  # one epoch: every cached token once
     assert [(r["stale_min"], r["stale_max"]) for r in steps] == [(k, k) for k in range(4)]  # all made by version 0
@@ -109,7 +112,7 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
         assert abs(steps[0]["ratio_mean"] - 1) < 1e-5 and abs(steps[-1]["ratio_mean"] - 1) > 1e-3
     else:
         assert all(r["ratio_mean"] == 1.0 for r in steps)
-        first = asyncopd.unit_prompt_indices(asyncopd.Config(batch_size=4, rollout_batch_size=4, seed=3), 16, 0)
+        first = schedule.unit_prompt_indices(config.Config(batch_size=4, rollout_batch_size=4, seed=3), 16, 0)
         gap = teacher_cache.select_sequences(dict(cache, teacher_logp=(s0 - t).float()), first)["teacher_logp"]
         assert abs(steps[0]["loss"] - float(gap.mean())) < 1e-5  # value s - t on step 1's sequences
 
@@ -122,16 +125,16 @@ def online_scores(cfg, chunk_prompts, n_chunks):
     prompts = task.load_prompts("addition", "train", chunk_prompts * n_chunks)
     engine = rollout.make_engine(cfg.student, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    teacher = asyncopd.load_teacher(cfg)  # as the teacher role loads it
+    teacher = config.load_teacher(cfg)  # as the teacher role loads it
     need = estimators.needs(cfg.loss)
     out = []
     for c in range(n_chunks):
         idx = list(range(c * chunk_prompts, (c + 1) * chunk_prompts))
         traj = engine.generate([task.encode_prompt(tok, prompts[i]["prompt"], False) for i in idx], idx, 0,
-                               need.student_topk, need.mc_samples, asyncopd._seeded(cfg, c, 1))
+                               need.student_topk, need.mc_samples, schedule.unit_generator(cfg, c, 1))
         teacher_fields = need.teacher | {"teacher_logp"}  # as teacher_role
         out.append(teacher_cache.score(teacher, traj, teacher_fields, cfg.loss.teacher_topk,
-                                       cfg.loss.samples, generator=asyncopd._seeded(cfg, c, 2),
+                                       cfg.loss.samples, generator=schedule.unit_generator(cfg, c, 2),
                                        pad_token_id=tok.pad_token_id))
     return out
 
@@ -148,18 +151,18 @@ def test_cache_round_trips_exactly(models, cache_dir, tmp_path, loss, dtype):
         directory, args = cache_dir, PRE + ["teacher_dtype=auto"]
     else:
         directory = str(tmp_path / "cache")
-        asyncopd.precompute(config(student, teacher, args, cache_dir=directory))
-    cfg = config(student, teacher, args)
+        offline.precompute(make_config(student, teacher, args, cache_dir=directory))
+    cfg = make_config(student, teacher, args)
     online = online_scores(cfg, 4, 4)
     needed = estimators.required_fields(cfg.loss) - {"cu_seqlens"}
     for c, want in enumerate(online):
-        got, meta = teacher_cache.load(os.path.join(directory, f"chunk_{c:05d}.safetensors"))
+        got, meta = offline.load(os.path.join(directory, f"chunk_{c:05d}.safetensors"))
         assert needed <= set(got) and set(got) == set(want), (sorted(got), sorted(want))
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (c, k)
         assert meta["teacher_fingerprint"] == teacher_cache.fingerprint(teacher) and meta["chunk_index"] == c
-        assert meta["teacher_dtype"] == str(asyncopd.teacher_dtype(cfg))
-    whole, meta = teacher_cache.load_dir(directory)
+        assert meta["teacher_dtype"] == str(config.teacher_dtype(cfg))
+    whole, meta = offline.load_dir(directory)
     for k, v in teacher_cache.concat(online).items():
         assert torch.equal(whole[k], v), k
     assert meta["num_chunks"] == 4 and whole["prompt_index"].tolist() == list(range(16))
@@ -171,8 +174,8 @@ def test_interrupted_precompute_resumes_without_recomputing(models, cache_dir, t
     untouched (same mtime), 2-3 are computed, and every file equals the uninterrupted run's."""
     student, teacher, _ = models
     directory = str(tmp_path / "cache")
-    cfg = lambda: config(student, teacher, PRE, cache_dir=directory)  # noqa: E731 - precompute edits cfg
-    real_save, calls = teacher_cache.save_file, []
+    cfg = lambda: make_config(student, teacher, PRE, cache_dir=directory)  # noqa: E731 - precompute edits cfg
+    real_save, calls = offline.save_file, []
 
     def crash_on_third(tensors, path, metadata=None):
         calls.append(path)
@@ -182,15 +185,15 @@ def test_interrupted_precompute_resumes_without_recomputing(models, cache_dir, t
             raise KeyboardInterrupt
         return real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(teacher_cache, "save_file", crash_on_third)
+    monkeypatch.setattr(offline, "save_file", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        asyncopd.precompute(cfg())
-    monkeypatch.setattr(teacher_cache, "save_file", real_save)
-    assert teacher_cache.finished_chunks(directory) == {0, 1}
+        offline.precompute(cfg())
+    monkeypatch.setattr(offline, "save_file", real_save)
+    assert offline.finished_chunks(directory) == {0, 1}
     assert any(".tmp-" in n for n in os.listdir(directory))
     assert "holds 8 of the 16 sequences" in refused(student, teacher, directory)  # unfinished: not trainable
     mtimes = {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in os.listdir(directory) if n.startswith("chunk_0000")}
-    message = asyncopd.precompute(cfg())
+    message = offline.precompute(cfg())
     assert "2 chunks computed" in message and "2 reused" in message
     for n, t in mtimes.items():
         if ".tmp-" not in n:
@@ -200,15 +203,15 @@ def test_interrupted_precompute_resumes_without_recomputing(models, cache_dir, t
     for n in names:
         with open(os.path.join(directory, n), "rb") as a, open(os.path.join(cache_dir, n), "rb") as b:
             assert a.read() == b.read(), n
-    assert "0 chunks computed" in asyncopd.precompute(cfg())  # finished: nothing to do
+    assert "0 chunks computed" in offline.precompute(cfg())  # finished: nothing to do
     with pytest.raises(ValueError, match="holds chunks of another precompute .seed 3 there, 4 now"):
-        asyncopd.precompute(config(student, teacher, PRE, cache_dir=directory, seed=4))
+        offline.precompute(make_config(student, teacher, PRE, cache_dir=directory, seed=4))
 
 
 # ----------------------------------------------------------------------------- (d) guards
 def refused(student, teacher, cache, **kw):
     with pytest.raises(ValueError) as e:
-        asyncopd.validate(config(student, teacher, TRAIN, cache_dir=cache, **kw))
+        config.validate(make_config(student, teacher, TRAIN, cache_dir=cache, **kw))
     return str(e.value)
 
 
@@ -218,9 +221,9 @@ def test_teacher_consistency_guard(models, cache_dir, tiny_models, tmp_path):
     other = sft_student(student, tmp_path / "other", "0123456789abcdef")
     msg = refused(other, teacher, cache_dir)
     assert "teacher consistency" in msg and fp in msg and "0123456789abcdef" in msg and "allow_teacher_mismatch" in msg
-    asyncopd.validate(config(other, teacher, TRAIN, cache_dir=cache_dir, allow_teacher_mismatch="true"))  # the ablation
+    config.validate(make_config(other, teacher, TRAIN, cache_dir=cache_dir, allow_teacher_mismatch="true"))  # the ablation
     assert "no asyncopd_sft.json" in refused(tiny_models[0], teacher, cache_dir)  # a student sft.py did not make
-    asyncopd.validate(config(student, teacher, TRAIN, cache_dir=cache_dir))  # the consistent pair passes
+    config.validate(make_config(student, teacher, TRAIN, cache_dir=cache_dir))  # the consistent pair passes
     # and on the command line: one line, exit code 2, no run started
     out = cli("train", other, teacher, *TRAIN, f"cache_dir={cache_dir}", f"out_dir={tmp_path}/runs")
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]

@@ -10,6 +10,10 @@ import time
 import pytest
 import torch
 
+import config
+import coordinator
+import learner
+import schedule
 import asyncopd
 import estimators
 import rollout
@@ -66,29 +70,29 @@ def test_end_to_end_schedules(tmp_path, tiny_models, schedule, extra, loss):
 def test_admission_control_bounds_staleness():
     """For every schedule, the oldest weights a unit may use keep every token within the bound,
     and sync/step_off reproduce their definitions."""
-    for schedule, extra in [("sync", {}), ("step_off", {"step_off": 2}), ("async", {"max_staleness": 3})]:
+    for name, extra in [("sync", {}), ("step_off", {"step_off": 2}), ("async", {"max_staleness": 3})]:
         for m in (1, 2):
-            cfg = asyncopd.Config(schedule=schedule, batch_size=8, rollout_batch_size=8 if schedule == "sync" else 4,
-                                  mini_batches=m, **extra)
+            cfg = config.Config(schedule=name, batch_size=8, rollout_batch_size=8 if name == "sync" else 4,
+                                mini_batches=m, **extra)
             for unit in range(40):
-                j = unit // asyncopd.units_per_batch(cfg)
-                v = asyncopd.required_version(cfg, unit)
+                j = unit // schedule.units_per_batch(cfg)
+                v = schedule.required_version(cfg, unit)
                 assert v <= m * j  # never waits for weights that need this very batch
-                assert m * j + m - 1 - v <= asyncopd.staleness_bound(cfg)
-            if schedule == "sync":
-                assert all(asyncopd.required_version(cfg, u) == m * u for u in range(10))
-            if schedule == "step_off":
-                assert asyncopd.required_version(cfg, 8) == m * (4 - 2)
+                assert m * j + m - 1 - v <= schedule.staleness_bound(cfg)
+            if name == "sync":
+                assert all(schedule.required_version(cfg, u) == m * u for u in range(10))
+            if name == "step_off":
+                assert schedule.required_version(cfg, 8) == m * (4 - 2)
 
 
 @pytest.fixture()
-def learner(tiny_models):
+def fsdp_student(tiny_models):
     """An in-process FSDP2 learner (gloo, world size 1) on the tiny student."""
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{asyncopd._free_port()}", rank=0, world_size=1)
-    cfg = asyncopd.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4, lr=0.01, max_new_tokens=10,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)
+    cfg = config.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4, lr=0.01, max_new_tokens=10,
                           loss=estimators.LossOptions(name="reverse_kl_mc", samples=4))
-    student, opt, device = asyncopd.build_learner(cfg, 0, 1, cfg.student)
+    student, opt, device = learner.build_learner(cfg, 0, 1, cfg.student)
     yield cfg, student, opt, device
     dist.destroy_process_group()
 
@@ -99,40 +103,40 @@ def scored_batch(cfg, engine, teacher, version, seed=0):
     return teacher_cache.score(teacher, traj, estimators.needs(cfg.loss).teacher, 0, cfg.loss.samples, generator=torch.Generator().manual_seed(1))
 
 
-def test_weight_sync_behaviour_equals_learner_logp(learner):
+def test_weight_sync_behaviour_equals_learner_logp(fsdp_student):
     """After a step and a publish, the rollout's b for its new samples equals the learner's
     log-probs under the published weights (same version), and b from before differs."""
     from transformers import AutoModelForCausalLM
-    cfg, student, opt, device = learner
+    cfg, student, opt, device = fsdp_student
     engine = rollout.make_engine(cfg.student, eos_token_id=1, pad_token_id=0, max_new_tokens=10)
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher)
     batch = scored_batch(cfg, engine, teacher, 0)
-    asyncopd.train_on_batch(cfg, student, opt, batch, 0, 0, 1, device, 0)
-    buffer = asyncopd.weight_buffer(cfg.student, torch.float32)
-    for k, v in asyncopd.full_state_dict(student).items():
+    learner.train_on_batch(cfg, student, opt, batch, 0, 0, 1, device, 0)
+    buffer = learner.weight_buffer(cfg.student, torch.float32)
+    for k, v in learner.full_state_dict(student).items():
         buffer[k].copy_(v)
     engine.load_weights(buffer, 1)
     fresh = scored_batch(cfg, engine, teacher, 1, seed=5)
     with torch.no_grad():
-        s = asyncopd.student_logps(student, fresh, cfg, 0, device)
+        s = learner.student_logps(student, fresh, cfg, 0, device)
     torch.testing.assert_close(s["token_ids"], fresh["behavior_logp"], atol=1e-5, rtol=0)
     torch.testing.assert_close(s["mc_ids"], fresh["mc_behavior_logp"], atol=1e-5, rtol=0)
     with torch.no_grad():
-        old = asyncopd.student_logps(student, batch, cfg, 0, device)
+        old = learner.student_logps(student, batch, cfg, 0, device)
     assert (old["token_ids"] - batch["behavior_logp"]).abs().max() > 1e-4  # the step changed the policy
 
 
-def test_learner_refuses_stale_tokens_and_nonfinite_loss(learner):
+def test_learner_refuses_stale_tokens_and_nonfinite_loss(fsdp_student):
     from transformers import AutoModelForCausalLM
-    cfg, student, opt, device = learner
+    cfg, student, opt, device = fsdp_student
     engine = rollout.make_engine(cfg.student, eos_token_id=1, pad_token_id=0, max_new_tokens=6)
     batch = scored_batch(cfg, engine, AutoModelForCausalLM.from_pretrained(cfg.teacher), 0)
     cfg.schedule, cfg.max_staleness = "async", 2
     with pytest.raises(RuntimeError, match="staleness bound violated at step 3"):
-        asyncopd.train_on_batch(cfg, student, opt, batch, 3, 0, 1, device, 0)
+        learner.train_on_batch(cfg, student, opt, batch, 3, 0, 1, device, 0)
     batch["mc_teacher_logp"][2, 1] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite loss .* at step 0, mini-batch 0"):
-        asyncopd.train_on_batch(cfg, student, opt, batch, 0, 0, 1, device, 0)
+        learner.train_on_batch(cfg, student, opt, batch, 0, 0, 1, device, 0)
 
 
 def test_fsdp_world_size_2_matches_world_size_1_and_resume_matches(tmp_path, tiny_models):
@@ -211,7 +215,7 @@ def bad(tiny_models, tmp_path, **kw):
     student, teacher = tiny_models
     overrides = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}"] + [f"{k}={v}" for k, v in kw.items()]
     with pytest.raises(ValueError) as e:
-        asyncopd.validate(asyncopd.load_config(None, overrides))
+        config.validate(config.load_config(None, overrides))
     return str(e.value)
 
 
@@ -224,11 +228,11 @@ def test_bad_input_is_refused_before_start(tmp_path, tiny_models):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "1" * 200, "answer": "1"}) + "\n")
     with pytest.raises(ValueError, match="unknown config key bath_size .did you mean batch_size"):
-        asyncopd.load_config(None, ["bath_size=3"])
+        config.load_config(None, ["bath_size=3"])
     with pytest.raises(ValueError, match="unknown config key loss.sampels .did you mean loss.samples"):
-        asyncopd.load_config(None, ["loss.sampels=3"])
+        config.load_config(None, ["loss.sampels=3"])
     with pytest.raises(ValueError, match="batch_size expects int, got 'many'"):
-        asyncopd.load_config(None, ["batch_size=many"])
+        config.load_config(None, ["batch_size=many"])
     assert "vocabulary size mismatch: student" in bad(tiny_models, tmp_path, teacher=other_vocab)
     assert "> max_prompt_len=64" in bad(tiny_models, tmp_path, data=tmp_path / "long.jsonl")
     assert "empty" in bad(tiny_models, tmp_path, data=tmp_path / "empty.jsonl")
@@ -249,8 +253,33 @@ def test_help_lists_every_config_key_with_its_default_and_comment():
                          cwd=ROOT, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("usage:")
     keys = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ")}
-    expected = [f.name for f in dataclasses.fields(asyncopd.Config) if f.name != "loss"]
+    expected = [f.name for f in dataclasses.fields(config.Config) if f.name != "loss"]
     expected += ["loss." + f.name for f in dataclasses.fields(estimators.LossOptions)]
     assert sorted(keys) == sorted(expected)
     assert all("# " in line for line in keys.values())  # every key explained
     assert "'async'" in keys["schedule"] and "16" in keys["loss.samples"]  # defaults shown
+
+
+@pytest.mark.parametrize("loss", [["loss.name=reverse_kl_mc"], ["loss.name=forward_kl_topk"],
+                                  ["loss.name=reverse_kl_pg", "loss.decoupled=true", "loss.clip_eps=0.2"]])
+def test_reference_loop_equals_the_pipeline_in_sync(tmp_path, tiny_models, loss):
+    """asyncopd.opd_reference (plain model, one process) and the pipeline with schedule=sync (three processes,
+    FSDP learner) give the same loss and gradient norm at both steps, and the same weights after them."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    out = train(tmp_path, tiny_models, "schedule=sync", "steps=2", "run_name=r", "eval_size=0", *loss)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = records(only_run(tmp_path, "r"))
+    student_dir, teacher_dir = tiny_models
+    cfg = config.load_config(None, [f"student={student_dir}", f"teacher={teacher_dir}", *TINY, "eval_size=0", *loss])
+    tok, prompts, _ = config.validate(cfg, run=False)
+    student = learner.StudentForLoss(AutoModelForCausalLM.from_pretrained(student_dir), cfg)
+    engine = rollout.engine_from_config(cfg, student_dir, "cpu", tok)
+    history = asyncopd.opd_reference(cfg, student, learner.make_optimizer(cfg, student), engine,
+                                     config.load_teacher(cfg), prompts, tok.pad_token_id, steps=2)
+    for (loss_value, norm), rec in zip(history, steps, strict=True):
+        assert loss_value == pytest.approx(rec["loss"], rel=1e-5, abs=1e-6)
+        assert norm == pytest.approx(rec["grad_norm"], rel=1e-5)
+    saved = load_file(os.path.join(only_run(tmp_path, "r"), "ckpt_00002", "model.safetensors"))
+    for name, value in learner.copy_weights(student).items():
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=1e-6)

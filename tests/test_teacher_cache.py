@@ -10,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import offline
 import teacher_cache as tc  # noqa: E402
 
 V, KS, M = 40, 5, 6
@@ -272,42 +273,42 @@ META = {"teacher_fingerprint": "aaaa", "tokenizer_fingerprint": "bbbb", "vocab_s
 def test_save_load_round_trip_is_bitwise(tmp_path, mmap):
     c = scored_like(make_traj())
     path = tmp_path / "cache.safetensors"
-    tc.save(c, path, META)
-    back, meta = tc.load(path, mmap=mmap)
+    offline.save(c, path, META)
+    back, meta = offline.load(path, mmap=mmap)
     assert_equal_cache(back, c)
     assert {k: meta[k] for k in META} == META
-    assert meta["format_version"] == tc.FORMAT_VERSION and meta["fields"] == sorted(c)
+    assert meta["format_version"] == offline.FORMAT_VERSION and meta["fields"] == sorted(c)
     assert meta["widths"] == {"K": 4, "Ks": KS, "M": M, "Mt": 3} and meta["num_tokens"] == sum(RESP_LENS)
     assert os.listdir(tmp_path) == ["cache.safetensors"]  # no tmp file left behind
     with pytest.raises(ValueError, match="meta lacks \\['student_version'\\]"):
-        tc.save(c, tmp_path / "x.safetensors", {k: v for k, v in META.items() if k != "student_version"})
+        offline.save(c, tmp_path / "x.safetensors", {k: v for k, v in META.items() if k != "student_version"})
 
 
 def test_truncated_or_corrupt_file_is_refused_with_its_path(tmp_path):
     path = tmp_path / "cache.safetensors"
-    tc.save(scored_like(make_traj()), path, META)
+    offline.save(scored_like(make_traj()), path, META)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=f"{path}: truncated, corrupt"):
-        tc.load(path)
+        offline.load(path)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(ValueError, match=f"{path}: truncated, corrupt"):
-        tc.load(path)
+        offline.load(path)
     from safetensors.torch import save_file
     save_file({"token_ids": torch.zeros(2, dtype=torch.int64)}, path)  # safetensors, but no asyncopd meta
     with pytest.raises(ValueError, match=f"{path}: truncated, corrupt or not an asyncopd cache"):
-        tc.load(path)
+        offline.load(path)
 
 
 def test_chunk_dir_load_equals_concat_and_ignores_tmp_files(tmp_path):
     c = scored_like(make_traj())
     parts = [tc.select_sequences(c, [0]), tc.select_sequences(c, [1, 2]), tc.select_sequences(c, [3])]
-    assert tc.finished_chunks(tmp_path / "none") == set()
+    assert offline.finished_chunks(tmp_path / "none") == set()
     for i, (p, first) in enumerate(zip(parts, [0, 1, 3])):
-        tc.write_chunk(tmp_path, i, p, META, first)
+        offline.write_chunk(tmp_path, i, p, META, first)
     (tmp_path / "chunk_00003.safetensors.tmp-999").write_bytes(b"half a chunk")  # an interrupted write
-    assert tc.finished_chunks(tmp_path) == {0, 1, 2}
-    back, meta = tc.load_dir(tmp_path)
+    assert offline.finished_chunks(tmp_path) == {0, 1, 2}
+    back, meta = offline.load_dir(tmp_path)
     assert_equal_cache(back, c)
     assert meta["num_chunks"] == 3 and meta["num_tokens"] == sum(RESP_LENS) and meta["num_sequences"] == 4
     assert meta["teacher_fingerprint"] == "aaaa" and "chunk_index" not in meta
@@ -315,17 +316,17 @@ def test_chunk_dir_load_equals_concat_and_ignores_tmp_files(tmp_path):
 
 def test_chunk_dir_refuses_mismatched_meta_and_gaps(tmp_path):
     c = scored_like(make_traj())
-    tc.write_chunk(tmp_path, 0, tc.select_sequences(c, [0, 1]), META, 0)
-    tc.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), dict(META, teacher_fingerprint="cccc"), 2)
+    offline.write_chunk(tmp_path, 0, tc.select_sequences(c, [0, 1]), META, 0)
+    offline.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), dict(META, teacher_fingerprint="cccc"), 2)
     with pytest.raises(ValueError, match="chunk_00001.safetensors: meta 'teacher_fingerprint' = 'cccc' but .*chunk_00000.safetensors has 'aaaa'"):
-        tc.load_dir(tmp_path)
-    tc.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), META, 2)
-    tc.load_dir(tmp_path)  # rewriting the chunk with the right meta fixes it
-    tc.write_chunk(tmp_path, 3, tc.select_sequences(c, [0]), META, 4)
+        offline.load_dir(tmp_path)
+    offline.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), META, 2)
+    offline.load_dir(tmp_path)  # rewriting the chunk with the right meta fixes it
+    offline.write_chunk(tmp_path, 3, tc.select_sequences(c, [0]), META, 4)
     with pytest.raises(ValueError, match=r"chunks \[2\] are missing"):
-        tc.load_dir(tmp_path)
+        offline.load_dir(tmp_path)
     with pytest.raises(ValueError, match="no chunk_"):
-        tc.load_dir(tmp_path / "empty")
+        offline.load_dir(tmp_path / "empty")
 
 
 # ----------------------------------------------------------------------------- transport
@@ -338,8 +339,8 @@ def _echo_child(q_in, q_out):
 def test_cache_crosses_a_spawn_multiprocessing_queue(tmp_path):
     import torch.multiprocessing as mp
     c = scored_like(make_traj())
-    tc.save(c, tmp_path / "c.safetensors", META)
-    mapped, _ = tc.load(tmp_path / "c.safetensors", mmap=True)
+    offline.save(c, tmp_path / "c.safetensors", META)
+    mapped, _ = offline.load(tmp_path / "c.safetensors", mmap=True)
     ctx = mp.get_context("spawn")
     q_in, q_out = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_echo_child, args=(q_in, q_out))
@@ -413,23 +414,23 @@ def test_flipped_logprob_exponent_is_refused_with_its_path(tmp_path):
     from safetensors.torch import load_file
     c = scored_like(make_traj())
     path = tmp_path / "cache.safetensors"
-    tc.save(c, path, META)
+    offline.save(c, path, META)
     _flip_bit(path, "teacher_logp", 2, 3, 0)  # exponent bit 1: t times 4 or 1/4
     raw = load_file(path)
     assert raw["teacher_logp"][2] != c["teacher_logp"][2]
     tc.validate(raw, vocab_size=V)  # still a plausible cache
     with pytest.raises(ValueError, match=f"{path}: sha256 mismatch"):
-        tc.load(path)
+        offline.load(path)
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in c.items()}, path, metadata={"asyncopd": json.dumps(dict(META, format_version=1))})
     with pytest.raises(ValueError, match="format_version 1, this code reads 2: delete the cache and rerun `python asyncopd.py precompute`"):
-        tc.load(path)
+        offline.load(path)
 
 
 def test_copied_swapped_or_duplicated_chunks_are_refused_with_the_path(tmp_path):
     c = scored_like(make_traj())
     for i, seqs in enumerate([[0], [1, 2], [3]]):
-        tc.write_chunk(tmp_path / "good", i, tc.select_sequences(c, seqs), META, seqs[0])
+        offline.write_chunk(tmp_path / "good", i, tc.select_sequences(c, seqs), META, seqs[0])
     chunk = [tmp_path / "good" / f"chunk_{i:05d}.safetensors" for i in range(3)]
 
     def refused(edit):
@@ -437,7 +438,7 @@ def test_copied_swapped_or_duplicated_chunks_are_refused_with_the_path(tmp_path)
         shutil.copytree(tmp_path / "good", d)
         edit(d)
         with pytest.raises(ValueError) as e:
-            tc.load_dir(d)
+            offline.load_dir(d)
         return str(e.value)
 
     def copied(d):  # chunk 2 copied over chunk 1
@@ -452,7 +453,7 @@ def test_copied_swapped_or_duplicated_chunks_are_refused_with_the_path(tmp_path)
         shutil.copy(chunk[1], d / "chunk_00003.safetensors")
 
     def first_sequence_edited(d):  # the index lives in the checksummed meta: editing it breaks the sha256
-        cache, meta = tc.load(chunk[1])
+        cache, meta = offline.load(chunk[1])
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in cache.items()}, d / chunk[1].name,
                   metadata={"asyncopd": json.dumps(dict(meta, first_sequence=7))})
@@ -462,4 +463,4 @@ def test_copied_swapped_or_duplicated_chunks_are_refused_with_the_path(tmp_path)
     assert f"{tmp_path}/swapped/chunk_00000.safetensors: holds chunk 1" in refused(swapped)
     assert f"{tmp_path}/duplicated/chunk_00003.safetensors: holds chunk 1" in refused(duplicated)
     assert f"{tmp_path}/first_sequence_edited/chunk_00001.safetensors: sha256 mismatch" in refused(first_sequence_edited)
-    tc.load_dir(tmp_path / "good")
+    offline.load_dir(tmp_path / "good")

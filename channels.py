@@ -1,0 +1,125 @@
+"""The channels between asyncopd's processes, and the blocking calls every role makes on them.
+
+How one rollout unit (rollout_batch_size prompts) travels:
+
+    rollout worker --rollout_q--> teacher --teacher_q--> learner rank 0 --shard_qs[r]--> learner rank r >= 1
+          ^                                                   |
+          +------ weights buffer + version, under lock -------+
+
+A dict of CPU tensors put on a queue crosses through shared memory (torch.multiprocessing), not as a pickle
+of its data. Every blocking call here polls: it beats the caller's heartbeat and gives up once `stop` is set,
+so no role blocks forever on a peer that died.
+"""
+import queue
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+ROLE = None  # this process's role name, set by coordinator.child_main: the heartbeat slot it beats in
+POLL_S = 0.1  # how long one blocking call waits between checks of `stop`
+
+
+@dataclass
+class Channels:
+    """Everything the processes share. Each field: producer -> consumer: what travels."""
+    rollout_q: object  # rollout workers -> teacher: ({"unit": k, "gen_s": s}, trajectory)
+    teacher_q: object  # teacher -> learner rank 0: ({"unit", "gen_s", "score_s"}, scored unit); offline: unused
+    shard_qs: list  # learner rank 0 -> rank r (entry r >= 1): its shard of each batch, or None to stop
+    weights: dict  # learner rank 0 -> rollout workers: {HF name: tensor} in host shared memory (transport "shared")
+    weights_q: object  # learner rank 0 -> each rollout worker: its handle to a buffer on rank 0's device ("handoff")
+    version: object  # learner rank 0 -> rollout workers: policy version of the weights now in the buffer
+    lock: object  # the buffer: held by the learner while it writes, by a rollout worker while it reads
+    released: object  # rollout workers -> learner rank 0: workers done with the buffer (its owner may then exit)
+    metrics_q: object  # every role -> coordinator: (kind, record); kind: step, eval, teacher_eval, checkpoint, trace
+    err_q: object  # every role -> coordinator: (role, error, traceback) of an exception
+    beats: object  # every role -> coordinator: time of the role's last heartbeat, one slot per role (0: starting)
+    signal: object  # a child -> coordinator: the first SIGTERM/SIGINT a child received
+    stop: object  # coordinator (or a signalled child) -> every role: stop now; the learner checkpoints first
+    learned: object  # coordinator -> rollout, teacher: the learners finished, so senders of shared tensors may exit
+    roles: list  # role names, in the order of `beats`
+    coordinator: int  # the coordinator's pid: a child that finds it gone exits at once
+    threads: int  # torch CPU threads per process
+
+
+def make_channels(cfg, roles, start_version, weights):
+    """The run's channels, from the spawn context its children use. weights: the shared buffer or None."""
+    import os
+
+    import torch.multiprocessing as mp
+    spawn = mp.get_context("spawn")
+    return Channels(rollout_q=spawn.Queue(cfg.queue_size), teacher_q=spawn.Queue(cfg.queue_size),
+                    shard_qs=[None] + [spawn.Queue(2) for _ in cfg.learner_devices[1:]], weights=weights,
+                    weights_q=spawn.Queue(), version=spawn.Value("q", start_version), lock=spawn.Lock(),
+                    released=spawn.Value("i", 0), metrics_q=spawn.Queue(), err_q=spawn.Queue(),
+                    beats=spawn.Array("d", len(roles), lock=False), signal=spawn.Value("i", 0, lock=False),
+                    stop=spawn.Event(), learned=spawn.Event(), roles=list(roles), coordinator=os.getpid(),
+                    threads=cfg.threads)
+
+
+def beat(ch):
+    """Heartbeat: this role's main thread is alive and responsive (the coordinator watches the slot's age)."""
+    if ROLE is not None:
+        ch.beats[ch.roles.index(ROLE)] = time.time()
+
+
+@contextmanager
+def span(ch, role, name):
+    """A busy stage of `role`, recorded for trace.json (the coordinator's stall limit grows with the longest)."""
+    t0 = time.time()
+    yield
+    beat(ch)
+    ch.metrics_q.put(("trace", {"role": role, "name": name, "t0": t0, "t1": time.time()}))
+
+
+def wait_until(ch, ready):
+    """Poll `ready()` until true; False if the run is stopping."""
+    while not ready():
+        beat(ch)
+        if ch.stop.is_set():
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def get(ch, q):
+    """The next item of q, or None once the run is stopping."""
+    while not ch.stop.is_set():
+        beat(ch)
+        try:
+            return q.get(timeout=POLL_S)
+        except queue.Empty:
+            pass
+        except OSError:  # the sender exited on the stop before its shared-memory tensors were received
+            if not ch.stop.is_set():
+                raise
+    return None
+
+
+def put(ch, q, item):
+    """Put item on q, waiting while it is full; drops it once the run is stopping."""
+    while not ch.stop.is_set():
+        beat(ch)
+        try:
+            return q.put(item, timeout=POLL_S)
+        except queue.Full:
+            pass
+
+
+def acquire(ch, lock):
+    """Take the weights lock, beating while waiting (a stopped peer may hold it: the coordinator then names the
+    peer, not us); False once the run is stopping."""
+    while not lock.acquire(timeout=POLL_S):
+        beat(ch)
+        if ch.stop.is_set():
+            return False
+    return True
+
+
+def sync_devices(*devices):
+    """Wait for queued copies on each CUDA device: copies across devices (and into a CUDA IPC buffer) are
+    asynchronous, so a reader must not be told the weights are ready before this returns."""
+    for d in {torch.device(d) for d in devices}:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
