@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 import asyncopd
 import config
-import learner
 import estimators
+import learner
 import rollout
 import task
 import teacher_cache

@@ -40,7 +40,8 @@ class StudentForLoss(torch.nn.Module):
 
 def student_logps(student, cache, cfg, pad_id, device):
     input_ids, attention_mask, rows = teacher_cache.pad_batch(cache, pad_token_id=pad_id)
-    ids = to_device(estimators.student_ids(cache, cfg.loss) | {"token_ids": cache["token_ids"]}, device)  # token_ids: logged KL
+    ids = estimators.student_ids(cache, cfg.loss) | {"token_ids": cache["token_ids"]}  # token_ids: the logged KL
+    ids = to_device(ids, device)
     return student(input_ids.to(device), attention_mask.to(device), rows.to(device), ids)
 
 
@@ -124,7 +125,7 @@ def plan_batch(cfg, cache, step, world):
     stats = dict(stale_min=float(stale.min()), stale_mean=float(stale.mean()), stale_max=float(stale.max()),
                  stale_hist=torch.bincount(stale.long()).tolist(), tokens=int(cache["loss_mask"].sum()))
     return [{"cache": teacher_cache.select_sequences(cache, orders[r]), "plan": plans[r], "denom": denom,
-             "count": [[sum(count[orders[r][j]] for j in range(a, b)) if live else 0 for a, b, live in p] for p in plans[r]],
+             "count": [[sum(count[j] for j in orders[r][a:b]) if live else 0 for a, b, live in p] for p in plans[r]],
              "stats": stats} for r in range(world)]
 
 
@@ -150,7 +151,7 @@ def train_on_batch(cfg, student, opt, batch, step, rank, world, device, pad_id):
     for i, plan in enumerate(shard["plan"]):
         logged = torch.zeros(3, dtype=torch.float64, device=device)  # loss, sum of (s - t) at y, unmasked tokens
         sums, own = {}, max(1, sum(shard["count"][i]))
-        for (a, b, live), count in zip(plan, shard["count"][i]):
+        for (a, b, live), count in zip(plan, shard["count"][i], strict=True):
             mb = micro(a, b)
             s = student_logps(student, mb, cfg, pad_id, device)
             per_token, metrics = estimators.ESTIMATORS[cfg.loss.name](s, mb, cfg.loss)
@@ -172,7 +173,7 @@ def train_on_batch(cfg, student, opt, batch, step, rank, world, device, pad_id):
                 sums[k] = sums.get(k, 0.0) + float(v) * count / own
         if world > 1:
             torch.distributed.all_reduce(logged)
-        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         stats["loss"] += float(logged[0]) / m
@@ -197,8 +198,8 @@ def get_shard(ch, cfg, rank):
             if ch.stop.is_set():
                 stopped = stopped or time.time()
                 if time.time() - stopped > cfg.dist_timeout_s:
-                    raise RuntimeError(f"learner rank {rank}: no batch or stop marker from rank 0 within "
-                                       f"dist_timeout_s={cfg.dist_timeout_s} s of the stop: see rank 0's error") from None
+                    raise RuntimeError(f"learner rank {rank}: no batch or stop marker from rank 0 within dist_timeout_s="
+                                       f"{cfg.dist_timeout_s} s of the stop: see rank 0's error") from None
 
 
 def publish_weights(ch, student, weights, version, rank):
@@ -269,7 +270,8 @@ def save_checkpoint(cfg, student, opt, step, start_dir, run_dir, rank):
             shutil.copy(os.path.join(start_dir, name), tmp)
     if student.model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
     torch.save({"optimizer": osd, "rng": torch.get_rng_state()}, os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump({"step": step, "version": step * cfg.mini_batches, "config": dataclasses.asdict(cfg)}, f, indent=1)
@@ -333,15 +335,17 @@ def check_checkpoint(cfg):
     state = state if isinstance(state, dict) else {}
     step, version, saved = state.get("step"), state.get("version"), state.get("config")
     saved = saved if isinstance(saved, dict) else {}
+    where = f"resume: {cfg.resume}/trainer_state.json"
     if not isinstance(step, int) or not isinstance(version, int) or step < 0:
-        raise ValueError(f"resume: {cfg.resume}/trainer_state.json has step={step!r} version={version!r}: not a checkpoint of asyncopd")
+        raise ValueError(f"{where} has step={step!r} version={version!r}: not a checkpoint of asyncopd")
     for key in ("schedule", "mini_batches", "batch_size", "rollout_batch_size"):  # they decide unit and version numbers
         if saved.get(key) != getattr(cfg, key):
-            raise ValueError(f"resume: the checkpoint ran {key}={saved.get(key)!r}, this run {key}={getattr(cfg, key)!r}: resume "
-                             f"with {key}={saved.get(key)!r}, or start a new run from it with student={cfg.resume}")
+            raise ValueError(f"resume: the checkpoint ran {key}={saved.get(key)!r}, this run {key}="
+                             f"{getattr(cfg, key)!r}: resume with {key}={saved.get(key)!r}, or start a new run from it "
+                             f"with student={cfg.resume}")
     if version != step * cfg.mini_batches:
-        raise ValueError(f"resume: {cfg.resume}/trainer_state.json has version {version} but step {step} * mini_batches "
-                         f"{cfg.mini_batches} = {step * cfg.mini_batches}: the file was edited; resume from another ckpt_* folder")
+        raise ValueError(f"{where} has version {version} but step {step} * mini_batches {cfg.mini_batches} = "
+                         f"{step * cfg.mini_batches}: the file was edited; resume from another ckpt_* folder")
     if cfg.steps <= step:
         raise ValueError(f"resume: steps={cfg.steps} is not above the checkpoint's step {step}: raise steps to continue")
 

@@ -28,7 +28,6 @@ import task
 import teacher_cache
 from teacher_cache import concat, validate, widths
 
-
 FORMAT_VERSION = 2  # 2: a sha256 over tensors and meta, and each chunk's sequence range
 REQUIRED_META = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "student_version")
 PER_CHUNK_META = ("num_tokens", "num_sequences", "chunk_index", "first_sequence", "sha256")  # may differ between chunks
@@ -164,6 +163,7 @@ def precompute(cfg):
     """Lightning OPD, once: the (SFT) student rolls out `precompute_prompts` prompts, the teacher
     scores them, chunk by chunk into cache_dir. Finished chunks are skipped on a rerun."""
     from tqdm import tqdm
+
     import rollout
     if not cfg.cache_dir:
         raise ValueError("precompute needs cache_dir=PATH (where the chunks go)")
