@@ -7,19 +7,18 @@
     python bench.py peer [--systems asyncopd,...,trl-distill] [--seeds 0,1,2] [--steps 2000] [key=value ...]
     python bench.py mc-draw [--rows 1,8,32,128] [--vocab 151936] [--samples 64] [--device cpu|cuda]
 
-loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at a
-Qwen-size vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax, then
-gather), each point in a fresh subprocess; see loss_point(). On CPU, scale tokens down and read the
-linear fit's extrapolation to EXTRAPOLATE tokens.
+loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at a Qwen-size
+vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax, then gather), each point in a
+fresh subprocess; see loss_point(). On CPU, scale tokens down and read the linear fit's extrapolation to EXTRAPOLATE.
 pipeline: the real pipeline (asyncopd.run) once per schedule on one config; see throughput().
 offline: online async OPD vs offline Lightning OPD (precompute included) and teacher A vs B; see cmd_offline().
-memory: modelled peak GPU memory of every role of each shipped GPU config against an 80 GB GPU (fits: <= 68 GB),
-from one real-size decoder layer per model measured on CPU in seconds (no downloads); see cmd_memory() and the
-*_terms() functions, one line per term. Exit status 1 if a config does not fit.
-peer: seconds from launch to 80/90/95% held-out accuracy, asyncopd configs vs TRL's GKDTrainer and
-DistillationTrainer (optional: `pip install trl==1.16.0`), evaluation off the clock; see cmd_peer().
-mc-draw: time per decode step of vllm_engine.MCDrawProcessor.apply (M-1 draws per row inside vLLM); needs
-vllm importable (the test .venv has it: bash run.sh test once).
+memory: modelled peak GPU memory of every role of each shipped GPU config against an 80 GB GPU (fits: <= 68 GB), from
+one real-size decoder layer per model measured on CPU in seconds (no downloads); see cmd_memory() and the *_terms()
+functions, one line per term. Exit status 1 if a config does not fit.
+peer: seconds from launch to 80/90/95% held-out accuracy, asyncopd configs vs TRL's GKDTrainer and DistillationTrainer
+(optional: `pip install trl==1.16.0`), evaluation off the clock; see cmd_peer().
+mc-draw: time per decode step of vllm_engine.MCDrawProcessor.apply (M-1 draws per row inside vLLM); needs vllm
+importable (the test .venv has it: bash run.sh test once).
 """
 import argparse
 import json
@@ -28,7 +27,9 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 
+import numpy as np
 import torch
 
 import estimators as E
@@ -38,19 +39,25 @@ SAMPLES, CHUNK_SIZE, NAIVE_MAX_TOKENS, EXTRAPOLATE = 64, 1024, 2048, 16384
 
 
 # ----------------------------------------------------------------------------- loss path
-def _rss_kb(key):
+def _memory_bytes(device, start):
+    """start: reset the peak and return the bytes held now; else the peak since. CPU: RSS from /proc (Linux)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        if start:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() if start else torch.cuda.max_memory_allocated()
+    if start:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} missing from /proc/self/status: the CPU memory measurement needs Linux")
+        return 1024 * int(next(line.split()[1] for line in f if line.startswith("VmRSS:" if start else "VmHWM:")))
 
 
 def loss_point(variant, tokens, vocab, hidden_size, device, samples=SAMPLES, chunk_size=CHUNK_SIZE, threads=1, seed=0):
-    """One loss path run in this process: {"peak_extra_bytes", "seconds", ...}. Extra memory = peak minus
-    the memory held before the path (inputs, lm_head weight, cache): on CPU the peak RSS (VmHWM, reset
-    through /proc/self/clear_refs after setup), on CUDA max_memory_allocated. The lm_head weight gradient
-    ([V, H] float32) is allocated inside the path and counted."""
+    """One loss path run in this process: {"peak_extra_bytes", "seconds", ...}. Extra memory = peak minus the memory
+    held before the path (inputs, lm_head weight, cache): on CPU the peak RSS (VmHWM, reset through
+    /proc/self/clear_refs after setup), on CUDA max_memory_allocated. The lm_head weight gradient ([V, H] float32) is
+    allocated inside the path and counted."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     N, V, H, M = tokens, vocab, hidden_size, samples
@@ -60,87 +67,68 @@ def loss_point(variant, tokens, vocab, hidden_size, device, samples=SAMPLES, chu
     ids = torch.randint(0, V, (N, M), device=device)
     cache = {"mc_ids": ids, "mc_behavior_logp": torch.empty(N, M, device=device).uniform_(-12, -1),
              "mc_teacher_logp": torch.empty(N, M, device=device).uniform_(-12, -1),
-             "loss_mask": torch.ones(N, dtype=torch.bool, device=device), "cu_seqlens": torch.tensor([0, N], device=device)}
+             "loss_mask": torch.ones(N, dtype=torch.bool, device=device),
+             "cu_seqlens": torch.tensor([0, N], device=device)}
     opts = E.LossOptions(name="reverse_kl_mc", samples=M, chunk_size=chunk_size)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS to the current RSS
-        before = _rss_kb("VmRSS") * 1024
-    start = time.perf_counter()
+    before, start = _memory_bytes(device, start=True), time.perf_counter()
     if variant == "chunked":
         s = E.student_logp(hidden, weight, {"mc_ids": ids}, chunk_size=chunk_size)
     else:  # naive: the whole float32 [N, V] log-softmax, then gather
         s = {"mc_ids": torch.log_softmax(hidden.float() @ weight.float().T, dim=-1).gather(1, ids)}
     loss, _ = E.compute_loss(s, cache, opts)
     loss.backward()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _rss_kb("VmHWM") * 1024
-    seconds = time.perf_counter() - start
+    peak, seconds = _memory_bytes(device, start=False), time.perf_counter() - start
     return {"variant": variant, "tokens": N, "peak_extra_bytes": peak - before, "seconds": seconds,
             "loss": float(loss), "grad_finite": bool(torch.isfinite(weight.grad).all())}
 
 
 def cmd_loss(args):
-    tokens = [int(x) for x in args.tokens.split(",")]
+    tokens, V, H = [int(x) for x in args.tokens.split(",")], args.vocab, args.hidden
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu, 1 thread(s)"
-    print(f"loss path: reverse_kl_mc (A_theta, ratio), M={SAMPLES} ids/token, V={args.vocab}, H={args.hidden}, "
+    print(f"loss path: reverse_kl_mc (A_theta, ratio), M={SAMPLES} ids/token, V={V}, H={H}, "
           f"chunk_size={CHUNK_SIZE}, float32, {device_name}")
     print(f"{'variant':8s} {'tokens':>7s} {'peak extra MB':>14s} {'MB/token':>9s} {'time s':>8s} {'ms/token':>9s}")
     results = {}
-    for variant in ("chunked", "naive"):
-        for n in tokens:
-            if variant == "naive" and n > NAIVE_MAX_TOKENS:
-                continue
-            spec = dict(variant=variant, tokens=n, vocab=args.vocab, hidden_size=args.hidden, device=args.device)
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "_loss_point", json.dumps(spec)],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f"{variant} at {n} tokens failed (rc {out.returncode}): {out.stderr.strip()[-500:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            if not r["grad_finite"]:
-                raise RuntimeError(f"{variant} at {n} tokens gave a non-finite gradient")
-            results.setdefault(variant, []).append(r)
-            mb = r["peak_extra_bytes"] / 2**20
-            print(f"{variant:8s} {n:7d} {mb:14.1f} {mb / n:9.3f} {r['seconds']:8.2f} {1e3 * r['seconds'] / n:9.2f}", flush=True)
+    for variant, n in [(v, n) for v in ("chunked", "naive") for n in tokens if v == "chunked" or n <= NAIVE_MAX_TOKENS]:
+        spec = dict(variant=variant, tokens=n, vocab=V, hidden_size=H, device=args.device)
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "_loss_point", json.dumps(spec)],
+                             capture_output=True, text=True)  # a fresh process: the peak is this point's alone
+        if out.returncode != 0:
+            raise RuntimeError(f"{variant} at {n} tokens failed (rc {out.returncode}): {out.stderr.strip()[-500:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if not r["grad_finite"]:
+            raise RuntimeError(f"{variant} at {n} tokens gave a non-finite gradient")
+        results.setdefault(variant, []).append(r)
+        mb, s = r["peak_extra_bytes"] / 2**20, r["seconds"]
+        print(f"{variant:8s} {n:7d} {mb:14.1f} {mb / n:9.3f} {s:8.2f} {1e3 * s / n:9.2f}", flush=True)
     print(f"linear fit peak_extra = a + b * tokens, extrapolated to {EXTRAPOLATE} tokens:")
     for variant, rs in results.items():
-        if len(rs) < 2:
-            continue
-        x = torch.tensor([float(r["tokens"]) for r in rs], dtype=torch.float64)
-        y = torch.tensor([r["peak_extra_bytes"] / 2**20 for r in rs], dtype=torch.float64)
-        b = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-        a = float(y.mean()) - b * float(x.mean())
-        t = sum(r["seconds"] for r in rs) / sum(r["tokens"] for r in rs)
-        print(f"  {variant:8s} a = {a:8.1f} MB  b = {b:.4f} MB/token  ->  {(a + b * EXTRAPOLATE) / 1024:6.2f} GB, "
-              f"~{t * EXTRAPOLATE:.0f} s at this speed")
-    V, H = args.vocab, args.hidden
-    print(f"reference sizes: float32 [{EXTRAPOLATE}, {V}] = {EXTRAPOLATE * V * 4 / 2**30:.2f} GB; "
-          f"float32 [chunk={CHUNK_SIZE}, V] = {CHUNK_SIZE * V * 4 / 2**20:.0f} MB; lm_head grad [V, H] = {V * H * 4 / 2**20:.0f} MB")
+        if len(rs) >= 2:
+            b, a = np.polyfit([r["tokens"] for r in rs], [r["peak_extra_bytes"] / 2**20 for r in rs], 1)
+            t = sum(r["seconds"] for r in rs) / sum(r["tokens"] for r in rs)
+            print(f"  {variant:8s} a = {a:8.1f} MB  b = {b:.4f} MB/token  ->  {(a + b * EXTRAPOLATE) / 1024:6.2f} GB, "
+                  f"~{t * EXTRAPOLATE:.0f} s at this speed")
+    print(f"reference sizes: float32 [{EXTRAPOLATE}, {V}] = {EXTRAPOLATE * V * 4 / 2**30:.2f} GB; float32 "
+          f"[chunk={CHUNK_SIZE}, V] = {CHUNK_SIZE * V * 4 / 2**20:.0f} MB; "
+          f"lm_head grad [V, H] = {V * H * 4 / 2**20:.0f} MB")
 
 
 # ----------------------------------------------------------------------------- pipeline throughput
 def throughput(overrides, schedules, config="configs/default.yaml"):
     """Run the real pipeline once per schedule on the same config; trained tokens/s at steady state.
 
-    The first schedule must be `sync`: nothing overlaps there, so its per-step seconds are each stage's
-    busy time (gen_s rollout, score_s teacher, train_s + sync_s learner), and an overlapping schedule can
-    at best reach speed-up = sum(stage times) / max(stage time) over sync (the ideal bound)."""
+    The first schedule must be `sync`: nothing overlaps there, so its per-step seconds are each stage's busy time
+    (gen_s rollout, score_s teacher, train_s + sync_s learner), and an overlapping schedule can at best reach
+    speed-up = sum(stage times) / max(stage time) over sync (the ideal bound)."""
     import asyncopd
     rows = []
     for name, extra in schedules:
         cfg = asyncopd.load_config(config, [*overrides, *extra, "progress=false", "eval_size=0",
                                           f"run_name=bench-{name}-{time.strftime('%H%M%S')}"])
         steps = asyncopd.run(cfg)["steps"][2:]  # skip start-up (process spawn, first batches)
-        span = steps[-1]["time"] - steps[0]["time"]
-        mean = lambda k: sum(r[k] for r in steps[1:]) / len(steps[1:])  # noqa: E731
-        row = {"schedule": name, "tokens_per_s": sum(r["tokens"] for r in steps[1:]) / span, "step_s": span / len(steps[1:]),
+        span, timed = steps[-1]["time"] - steps[0]["time"], steps[1:]  # the steps that end inside the span
+        mean = lambda k: sum(r[k] for r in timed) / len(timed)  # noqa: E731
+        row = {"schedule": name, "tokens_per_s": sum(r["tokens"] for r in timed) / span, "step_s": span / len(timed),
                "gen_s": mean("gen_s"), "score_s": mean("score_s"), "train_s": mean("train_s") + mean("sync_s"),
                "stale_mean": mean("stale_mean")}
         row["busy"] = max(row["gen_s"], row["score_s"], row["train_s"]) / row["step_s"]  # bottleneck utilisation
@@ -153,10 +141,9 @@ def throughput(overrides, schedules, config="configs/default.yaml"):
 
 
 def cmd_pipeline(args):
-    overrides = [f"steps={args.steps}", *args.overrides]
-    schedules = [("sync", ["schedule=sync"]), ("step_off(2)", ["schedule=step_off", "step_off=2"]),
-                 ("async", ["schedule=async", f"max_staleness={args.max_staleness}"])]
-    rows = throughput(overrides, schedules, args.config)
+    rows = throughput([f"steps={args.steps}", *args.overrides], [
+        ("sync", ["schedule=sync"]), ("step_off(2)", ["schedule=step_off", "step_off=2"]),
+        ("async", ["schedule=async", f"max_staleness={args.max_staleness}"])], args.config)
     print(f"{'schedule':<12} {'tokens/s':>9} {'speed-up':>9} {'bound':>6} {'of bound':>9} {'s/step':>7} "
           f"{'gen s/step':>10} {'score s/step':>12} {'learn s/step':>12} {'bottleneck busy':>15} {'staleness':>9}")
     for r in rows:
@@ -164,37 +151,53 @@ def cmd_pipeline(args):
               f"{100 * r['efficiency']:>8.0f}% {r['step_s']:>7.3f} {r['gen_s']:>10.3f} {r['score_s']:>12.3f} "
               f"{r['train_s']:>12.3f} {100 * r['busy']:>14.0f}% {r['stale_mean']:>9.2f}")
     print("bound = sum/max of the sync run's stage times (one device per stage); sync also pays per-step hand-offs "
-          "outside the stages, which overlap hides too. bottleneck busy = slowest stage's seconds / wall seconds per step.")
+          "outside the stages, which overlap hides too. bottleneck busy = slowest stage's seconds / wall seconds "
+          "per step.")
 
 
-# ----------------------------------------------------------------------------- offline (Lightning OPD)
-def _asyncopd(argv, script="asyncopd.py", cpus=0):
+# ----------------------------------------------------------------------------- timed runs, graded afterwards
+def _run_script(argv, script="asyncopd.py", cpus=0):
     """`python SCRIPT ARGV` in a fresh process, on the first `cpus` allowed cores if cpus > 0 (its children
     inherit them; Linux only, elsewhere unpinned): (launch time, wall seconds, stdout)."""
     cores = sorted(os.sched_getaffinity(0))[:cpus] if cpus and hasattr(os, "sched_setaffinity") else None
-    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
     t0 = time.time()
-    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, preexec_fn=pin,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.abspath(__file__)), preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     if out.returncode:
         raise RuntimeError(f"{script} {' '.join(argv)} failed: {out.stderr.strip()[-800:]}")
     return t0, time.time() - t0, out.stdout.strip()
 
 
-def cmd_offline(args):
-    """Online async OPD vs offline OPD on fixed rollouts of the SFT student (precompute included), with the
-    config's estimator for both, plus Lightning OPD's own single-sample loss (A_theta = t - s, no ratio) on
-    the same cache; then the teacher-consistency ablation: teacher B (not the SFT teacher) online and
-    offline. Runs checkpoint every --eval-every steps with evaluation off; checkpoints are graded afterwards
-    on --eval-n held-out problems (greedy), so grading never slows a timed run."""
-    import asyncopd
+def _grader(cfg, n):
+    """grade(model dir) -> greedy accuracy on the first n held-out problems."""
     import task
-    import teacher_cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, rows = AutoTokenizer.from_pretrained(cfg.student), task.load_prompts("addition", "test", n)
+    return lambda model_dir: task.evaluate(AutoModelForCausalLM.from_pretrained(model_dir), tok, rows)
+
+
+def _graded_points(run_dir, every, grade, t0, offset=0.0):
+    """Step end times from the run's metrics.jsonl (seconds since t0), and (step, offset + seconds, accuracy) of
+    the checkpoint every `every` steps and of the last."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        times = {r["step"]: r["time"] - t0 for r in map(json.loads, f) if r["kind"] == "step"}
+    return times, [(k, offset + times[k], grade(os.path.join(run_dir, f"ckpt_{k:05d}"))) for k in sorted(times)
+                   if k % every == 0 or k == max(times)]
+
+
+# ----------------------------------------------------------------------------- offline (Lightning OPD)
+def cmd_offline(args):
+    """Online async OPD vs offline OPD on fixed rollouts of the SFT student (precompute included), with the config's
+    estimator for both, plus Lightning OPD's own single-sample loss (A_theta = t - s, no ratio) on the same cache;
+    then the teacher-consistency ablation: teacher B (not the SFT teacher) online and offline. Runs checkpoint every
+    --eval-every steps with evaluation off; checkpoints are graded afterwards on --eval-n held-out problems
+    (greedy), so grading never slows a timed run."""
+    import asyncopd
     torch.set_num_threads(args.threads)
     cfg, out = asyncopd.load_config(args.config, args.overrides), os.path.abspath(args.out)
     if not os.path.isfile(os.path.join(args.teacher_b, "config.json")):
-        raise ValueError(f"--teacher-b {args.teacher_b}: no model; train one: python sft.py teacher --out {args.teacher_b} --seed 1")
+        raise ValueError(f"--teacher-b {args.teacher_b}: no model; train one: "
+                         f"python sft.py teacher --out {args.teacher_b} --seed 1")
     common = [args.config, *args.overrides, f"steps={args.steps}", f"save_every={args.eval_every}", "eval_size=0",
               "progress=false", f"threads={args.threads}", f"out_dir={out}", f"precompute_prompts={args.prompts}",
               f"chunk_prompts={args.chunk_prompts}", "allow_teacher_mismatch=true"]  # only teacher B needs it
@@ -204,44 +207,49 @@ def cmd_offline(args):
     teachers, pre_s, runs = {"A": cfg.teacher, "B": args.teacher_b}, {}, {}
     for name, who, offline, extra in specs:
         tag = name.replace(", ", "_").replace(" ", "_")
-        extra = [f"teacher={teachers[who]}", f"run_name={tag}", f"cache_dir={out}/cache_{who}", *extra]
+        teacher = [f"teacher={teachers[who]}", f"cache_dir={out}/cache_{who}"]
         shutil.rmtree(os.path.join(out, tag), ignore_errors=True)  # a rerun starts from scratch
         if offline and who not in pre_s:
             shutil.rmtree(os.path.join(out, f"cache_{who}"), ignore_errors=True)
-            _, pre_s[who], msg = _asyncopd(["precompute", *common, f"teacher={teachers[who]}", f"cache_dir={out}/cache_{who}"])
+            _, pre_s[who], msg = _run_script(["precompute", *common, *teacher])
             print(f"precompute {who}: {msg} [{pre_s[who]:.1f}s with start-up]", flush=True)
-        t0, wall, _ = _asyncopd(["train", *common, *(["schedule=offline"] if offline else []), *extra])
+        schedule = ["schedule=offline"] if offline else []
+        t0, wall, _ = _run_script(["train", *common, *schedule, *teacher, f"run_name={tag}", *extra])
         runs[name] = (os.path.join(out, tag), pre_s[who] if offline else 0.0, t0, wall)
-    tok, rows = AutoTokenizer.from_pretrained(cfg.student), task.load_prompts("addition", "test", args.eval_n)
-    grade = lambda d: task.evaluate(AutoModelForCausalLM.from_pretrained(d), tok, rows)  # noqa: E731
+    _offline_report(args, cfg, out, runs)
+
+
+def _offline_report(args, cfg, out, runs):
+    import teacher_cache
+    grade = _grader(cfg, args.eval_n)
     acc0, table = grade(cfg.student), {}
     for name, (run, pre, t0, wall) in runs.items():
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            steps = {r["step"]: r for r in map(json.loads, f) if r["kind"] == "step"}
-        points = [(0, 0.0, acc0)] + [(k, pre + steps[k]["time"] - t0, grade(os.path.join(run, f"ckpt_{k:05d}")))
-                                     for k in sorted(steps) if k % args.eval_every == 0 or k == args.steps]
-        rate = (len(steps) - 1) / (steps[max(steps)]["time"] - steps[min(steps)]["time"])
-        table[name] = dict(pre=pre, wall=pre + wall, rate=rate, points=points)
+        times, points = _graded_points(run, args.eval_every, grade, t0, offset=pre)
+        rate = (len(times) - 1) / (times[max(times)] - times[min(times)])
+        table[name] = dict(pre=pre, wall=pre + wall, rate=rate, points=[(0, 0.0, acc0)] + points)
     target = min(table[n]["points"][-1][2] for n in ("online A", "offline A"))
     print(f"\n{cfg.loss.name} (advantage {cfg.loss.advantage}, ratio {cfg.loss.ratio}), Lightning = reverse_kl_pg "
-          f"(A_theta, no ratio); {args.steps} steps x {cfg.batch_size} prompts; offline: {args.prompts} prompts rolled out once")
+          f"(A_theta, no ratio); {args.steps} steps x {cfg.batch_size} prompts; offline: {args.prompts} prompts rolled "
+          "out once")
     print(f"held-out accuracy (greedy, n={args.eval_n}) by learner step; student before OPD {100 * acc0:.1f}%, "
           f"teacher A (SFT teacher) {100 * grade(cfg.teacher):.1f}%, teacher B {100 * grade(args.teacher_b):.1f}%")
     print(f"{'run':<21} {'precompute s':>12} {'steps/s':>8} {'total s':>8} {f's to {100 * target:.1f}%':>10}  "
           + " ".join(f"{'@' + str(k):>6}" for k, _, _ in table["online A"]["points"]))
     for name, r in table.items():
-        hit = next((s for _, s, a in r["points"] if a >= target), None)
-        print(f"{name:<21} {r['pre']:>12.1f} {r['rate']:>8.2f} {r['wall']:>8.1f} {'-' if hit is None else f'{hit:.1f}':>10}  "
+        hit = next((f"{s:.1f}" for _, s, a in r["points"] if a >= target), "-")
+        print(f"{name:<21} {r['pre']:>12.1f} {r['rate']:>8.2f} {r['wall']:>8.1f} {hit:>10}  "
               + " ".join(f"{100 * a:>5.1f}%" for _, _, a in r["points"]))
     cache, meta = teacher_cache.load_dir(f"{out}/cache_A")
     disk = sum(os.path.getsize(os.path.join(f"{out}/cache_A", n)) for n in os.listdir(f"{out}/cache_A"))
     single = {k: v for k, v in cache.items() if not k.startswith("mc_")}  # what a reverse_kl_pg precompute writes
     print(f"cache A: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens, M={cfg.loss.samples}: "
-          f"{teacher_cache.bytes_per_token(cache):.1f} bytes/token in memory ({disk / meta['num_tokens']:.1f} on disk); "
-          f"without the mc_* columns (a reverse_kl_pg cache) {teacher_cache.bytes_per_token(single):.1f}")
+          f"{teacher_cache.bytes_per_token(cache):.1f} bytes/token in memory "
+          f"({disk / meta['num_tokens']:.1f} on disk); without the mc_* columns (a reverse_kl_pg cache) "
+          f"{teacher_cache.bytes_per_token(single):.1f}")
     print("steps/s: learner steps per second, step 1 to the last (start-up excluded). total s, s to target: wall clock "
           "from launch (offline: precompute included) to the end / to the first checkpoint at the target (the lower "
-          "final accuracy of online A and offline A). Teacher B runs use allow_teacher_mismatch=true, same prompts and seeds.")
+          "final accuracy of online A and offline A). Teacher B runs use allow_teacher_mismatch=true, same prompts "
+          "and seeds.")
 
 
 # ----------------------------------------------------------------------------- memory (shipped GPU configs)
@@ -250,43 +258,39 @@ GPU_CONFIGS = ["configs/gpu1_smoke.yaml", "configs/qwen2.5_gsm8k_4gpu.yaml", "co
                "configs/qwen3_deepmath_8gpu_fkl.yaml"]
 # Real model dims, from each model's config.json on the Hugging Face Hub (Qwen/<name>; nothing is downloaded here).
 MODELS = {
-    "Qwen2.5-0.5B-Instruct": dict(arch="qwen2", hidden=896, inter=4864, layers=24, heads=14, kv=2, head_dim=64, tied=True),
-    "Qwen2.5-1.5B-Instruct": dict(arch="qwen2", hidden=1536, inter=8960, layers=28, heads=12, kv=2, head_dim=128, tied=True),
-    "Qwen3-1.7B-Base": dict(arch="qwen3", hidden=2048, inter=6144, layers=28, heads=16, kv=8, head_dim=128, tied=True),
-    "Qwen3-8B": dict(arch="qwen3", hidden=4096, inter=12288, layers=36, heads=32, kv=8, head_dim=128, tied=False),
+    "Qwen2.5-0.5B-Instruct": dict(hidden=896, inter=4864, layers=24, heads=14, kv=2, head_dim=64, tied=True),
+    "Qwen2.5-1.5B-Instruct": dict(hidden=1536, inter=8960, layers=28, heads=12, kv=2, head_dim=128, tied=True),
+    "Qwen3-1.7B-Base": dict(hidden=2048, inter=6144, layers=28, heads=16, kv=8, head_dim=128, tied=True),
+    "Qwen3-8B": dict(hidden=4096, inter=12288, layers=36, heads=32, kv=8, head_dim=128, tied=False),
 }
 VOCAB = 151936  # every model above (config.json vocab_size)
 OVERHEAD, SLACK = 2.5e9, 0.05  # per process: CUDA context + NCCL/cuBLAS workspaces; allocator fragmentation on tensors
 VLLM_BUDGET = "vLLM gpu_memory_utilization x GPU (weights, KV cache, activations, its CUDA context: all inside)"
 
 
-def hf_config(name):
-    from transformers import Qwen2Config, Qwen3Config
-    d = MODELS[name]
-    kind = Qwen3Config if d["arch"] == "qwen3" else Qwen2Config
-    conf = kind(vocab_size=VOCAB, hidden_size=d["hidden"], intermediate_size=d["inter"], num_hidden_layers=d["layers"],
-                num_attention_heads=d["heads"], num_key_value_heads=d["kv"], tie_word_embeddings=d["tied"],
-                **({"head_dim": d["head_dim"]} if d["arch"] == "qwen3" else {}))
-    conf._attn_implementation = "sdpa"
-    return conf
-
-
-def layer_activations(name, tokens=256):
-    """One real-size decoder layer in bf16 on CPU, batch 1 x `tokens`, no padding mask: bytes per token saved for
-    backward (torch.autograd.graph.saved_tensors_hooks, unique storages, parameters excluded), without and with
-    activation checkpointing (the learner's checkpoint_wrapper, non-reentrant: the hooks see what the checkpoint
-    keeps, its input; what the layer saves inside goes to the checkpoint's own hooks and is recomputed)."""
+def measure_model(name, tokens=256):
+    """MODELS[name] plus parameter counts of the real model (built on the meta device) and, from one real-size decoder
+    layer in bf16 on CPU, batch 1 x `tokens`, no padding mask, the bytes per token saved for backward
+    (saved_tensors_hooks, unique storages, parameters excluded), without and with activation checkpointing (the
+    learner's non-reentrant checkpoint_wrapper: the hooks see what the checkpoint keeps, its input; what the layer
+    saves inside goes to the checkpoint's own hooks and is recomputed)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-    from transformers.models.qwen2 import modeling_qwen2
-    from transformers.models.qwen3 import modeling_qwen3
-    conf = hf_config(name)
-    mod = modeling_qwen3 if MODELS[name]["arch"] == "qwen3" else modeling_qwen2
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+    from transformers.models.qwen3 import modeling_qwen3 as qwen3
+    d, is_qwen3 = MODELS[name], name.startswith("Qwen3")
+    conf = (Qwen3Config if is_qwen3 else Qwen2Config)(
+        vocab_size=VOCAB, hidden_size=d["hidden"], intermediate_size=d["inter"], num_hidden_layers=d["layers"],
+        num_attention_heads=d["heads"], num_key_value_heads=d["kv"], tie_word_embeddings=d["tied"],
+        **({"head_dim": d["head_dim"]} if is_qwen3 else {}))
+    conf._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
     torch.manual_seed(0)
-    layer = getattr(mod, f"{mod.__name__.split('_')[-1].capitalize()}DecoderLayer")(conf, layer_idx=0).to(torch.bfloat16)
-    rope = getattr(mod, f"{mod.__name__.split('_')[-1].capitalize()}RotaryEmbedding")(conf)
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    pos = torch.arange(tokens)[None]
-    out = {"params": sum(p.numel() for p in layer.parameters())}
+    layer = (qwen3.Qwen3DecoderLayer if is_qwen3 else qwen2.Qwen2DecoderLayer)(conf, layer_idx=0).to(torch.bfloat16)
+    rope = (qwen3.Qwen3RotaryEmbedding if is_qwen3 else qwen2.Qwen2RotaryEmbedding)(conf)
+    param_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    pos, act = torch.arange(tokens)[None], {}
     for ckpt in (False, True):
         x = torch.randn(1, tokens, conf.hidden_size, dtype=torch.bfloat16, requires_grad=True)
         cos_sin = rope(x, pos)
@@ -295,56 +299,43 @@ def layer_activations(name, tokens=256):
 
         def pack(t):
             s = t.untyped_storage()
-            if s.data_ptr() not in params:
+            if s.data_ptr() not in param_storages:
                 seen[s.data_ptr()] = s.nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             run(x, attention_mask=None, position_embeddings=cos_sin, position_ids=pos)
-        out["ckpt" if ckpt else "plain"] = sum(seen.values()) / tokens
-    return out
-
-
-def model_params(name):
-    """(total, per decoder layer) parameter counts of the real model, built on the meta device."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(name))
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    return sum(p.numel() for p in model.parameters()), layer
+        act["ckpt" if ckpt else "plain"] = sum(seen.values()) / tokens
+    # saved: one layer's bytes per token, + k and v repeated to all heads (SDPA with a mask)
+    return dict(d, name=name, params=params, layer_params=sum(p.numel() for p in layer.parameters()), act=act,
+                saved=act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 2)
 
 
 def cache_bytes_per_token(cfg):
     """Bytes per response token of the batch's cache fields (teacher_cache.py's table) for this estimator."""
+    import teacher_cache
     fields = E.required_fields(cfg.loss) | {"behavior_logp", "teacher_logp", "policy_version"}
     width = {"K": cfg.loss.teacher_topk, "Ks": cfg.loss.student_topk, "M": cfg.loss.samples, "Mt": cfg.loss.samples}
-    import teacher_cache
-    total = 0
-    for f in fields:
-        spec = teacher_cache.FIELD_SPECS[f]
-        if spec["rows"] == "N":
-            total += torch.empty(0, dtype=spec["dtype"]).element_size() * (width[spec["width"]] if spec["width"] else 1)
-    return total + 8  # + the prompt ids, ~1 prompt token per response token at most
+    specs = [teacher_cache.FIELD_SPECS[f] for f in fields]
+    per_token = sum(s["dtype"].itemsize * (width[s["width"]] if s["width"] else 1) for s in specs if s["rows"] == "N")
+    return per_token + 8  # + the prompt ids, ~1 prompt token per response token at most
 
 
-def learner_terms(cfg, m, act):
+def learner_terms(cfg, m):
     """Peak bytes on one learner rank (FSDP2, bf16 compute, fp32 master weights), term by term."""
     import asyncopd
-    d, W = MODELS[m["name"]], len(cfg.learner_devices)
-    P, PL, H, L, V = m["params"], m["layer_params"], d["hidden"], d["layers"], VOCAB
+    W, P, PL, H, L, V = len(cfg.learner_devices), m["params"], m["layer_params"], m["hidden"], m["layers"], VOCAB
     root = P - L * PL  # embeddings (+ untied lm_head) + final norm: FSDP2's root group, unsharded for fwd+bwd
     S = cfg.max_prompt_len + cfg.max_new_tokens  # longest padded sequence
     shard = cfg.batch_size // (cfg.mini_batches * W) * S  # a rank's mini-batch, padded, in one pass
     T = max(min(cfg.micro_batch_tokens or shard, shard), S)  # padded tokens per pass; a longer sequence runs alone
     K = {"reverse_kl_mc": cfg.loss.samples, "forward_kl_topk": cfg.loss.teacher_topk}.get(cfg.loss.name, 16) + 1
     C = cfg.loss.chunk_size
-    a = act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 2  # + k, v repeated to all heads (SDPA with a mask)
     if cfg.activation_checkpointing:  # layer inputs kept; one layer recomputed, plus as much again for its gradients
-        acts, mask = T * (L * act["ckpt"] + 2 * a), T * S * (1 + 2)
+        acts, mask = T * (L * m["act"]["ckpt"] + 2 * m["saved"]), T * S * (1 + 2)
     else:  # every layer's saved set, plus one layer's gradients
-        acts, mask = T * (L + 1) * a, T * S * (1 + 2 * L)
+        acts, mask = T * (L + 1) * m["saved"], T * S * (1 + 2 * L)
     dtype = 2 if cfg.mixed_precision else 4  # the training dtype: compute, published weights
-    transport = asyncopd.resolve_transport(cfg)
     return {
         "fp32 master params / W": 4 * P / W,
         "fp32 grads / W": 4 * P / W,
@@ -358,112 +349,109 @@ def learner_terms(cfg, m, act):
         f"estimator: [N, {K}] fp32 tensors x12": 48 * T * K,
         "micro-batch cache tensors": T * cache_bytes_per_token(cfg),
         "publish: one full fp32 parameter (the embedding) gathered": 4 * V * H,
-        "rank 0, weight_transport=handoff: the rollout's weight buffer": dtype * P * (transport == "handoff"),
-    }, T
+        "rank 0, weight_transport=handoff: the rollout's weight buffer":
+            dtype * P * (asyncopd.resolve_transport(cfg) == "handoff"),
+    }
 
 
-def teacher_terms(cfg, m, act, phase):
-    """Peak bytes of the teacher process: bf16 weights + one token-budget sub-batch forward without grad
-    (at most one layer's intermediates alive: bounded by that layer's saved-for-backward set) + the unit's
-    gathered rows + the chunked log_softmax; or the greedy evaluation (HF engine, bf16 KV cache)."""
-    d = MODELS[m["name"]]
-    P, H, L, V, C = m["params"], d["hidden"], d["layers"], VOCAB, 1024  # score_unit: teacher_cache.score's chunk
-    S = cfg.max_prompt_len + cfg.max_new_tokens
-    a = act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 2
-    kv = 2 * d["kv"] * d["head_dim"] * 2 * L  # bf16 K and V, all layers, per token
-    if phase == "eval":
-        B = min(cfg.eval_size, 250)  # task.evaluate's batch
-        return {"bf16 weights": 2 * P, f"KV cache {B} x {S} tokens": B * S * kv,
-                f"prefill {B} x {cfg.max_prompt_len} tokens, one layer": B * cfg.max_prompt_len * (a + 4 * H),
-                "[B, V] sampling buffers": B * V * 32}, B * S
-    unit = cfg.rollout_batch_size * S
+def teacher_terms(cfg, m):
+    """Peak bytes of the teacher process while scoring: bf16 weights + one token-budget sub-batch forward without
+    grad (at most one layer's intermediates alive: bounded by that layer's saved-for-backward set) + the unit's
+    gathered rows + the chunked log_softmax. Its greedy evaluation: generation_terms."""
+    S, H, C = cfg.max_prompt_len + cfg.max_new_tokens, m["hidden"], 1024  # score_unit: teacher_cache.score's chunk
+    unit, N = cfg.rollout_batch_size * S, cfg.rollout_batch_size * cfg.max_new_tokens
     T = max(min(cfg.teacher_batch_tokens or unit, unit), S)
-    N = cfg.rollout_batch_size * cfg.max_new_tokens
-    return {"bf16 weights": 2 * P,
-            f"sub-batch forward ({T} tokens), one layer live": T * (a + 3 * 2 * H),
+    return {"bf16 weights": 2 * m["params"],
+            f"sub-batch forward ({T} tokens), one layer live": T * (m["saved"] + 3 * 2 * H),
             "4D padding mask + SDPA bias copy": T * S * 3,
             "unit's gathered rows [N, H] bf16": N * 2 * H,
-            f"chunked log_softmax [{C}, V] bf16 + 2 fp32 (+exp)": C * V * 14,
-            "unit's cache fields in and out (x2 for validate)": 2 * N * cache_bytes_per_token(cfg)}, T
+            f"chunked log_softmax [{C}, V] bf16 + 2 fp32 (+exp)": C * VOCAB * 14,
+            "unit's cache fields in and out (x2 for validate)": 2 * N * cache_bytes_per_token(cfg)}
 
 
-def rollout_terms(cfg, m, act, vllm):
+def generation_terms(cfg, m, B, w, weights_term, buffers_term):
+    """HF engine generating B sequences with w bytes per value (the teacher's evaluation: bf16; a rollout worker: the
+    training dtype): weights + KV cache + prefill of one layer + fp32 [B, V] buffers."""
+    S, prompt = cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_prompt_len
+    return {weights_term: w * m["params"],
+            f"KV cache {B} x {S} tokens": B * S * 2 * m["kv"] * m["head_dim"] * w * m["layers"],
+            f"prefill {B} x {prompt} tokens, one layer": B * prompt * (m["saved"] * w / 2 + 2 * w * m["hidden"]),
+            buffers_term: B * VOCAB * 32}
+
+
+def rollout_terms(cfg, m):
     """vLLM: its gpu_memory_utilization share of the GPU (weights, KV cache, activations, all inside it) + the MC
     draws outside it (vllm_engine.draw: fp32 z/T [rows, V], then float64 log-softmax, exp and CDF per chunk of
     ROW_CHUNK_ELEMENTS; one row per request of the unit) + the recorded draws of a unit until generate() returns.
-    HF engine, in the training dtype (bf16 with mixed_precision): weights + KV cache + prefill of one layer + fp32
-    [B, V] buffers."""
-    d = MODELS[m["name"]]
-    S, V = cfg.max_prompt_len + cfg.max_new_tokens, VOCAB
-    mc = E.needs(cfg.loss).mc_samples
-    if vllm:
-        return {VLLM_BUDGET: cfg.gpu_memory_utilization * GPU_BYTES,
-                f"MC draws (M={mc}): workspace [{cfg.rollout_batch_size}, V]":
-                    (4 * cfg.rollout_batch_size * V + 24 * min(cfg.rollout_batch_size * V, 2**24)) if mc else 0,
-                f"MC draws (M={mc}): a unit's recorded ids + b": cfg.rollout_batch_size * S * (mc - 1) * 12 if mc else 0}, 0
-    B = max(cfg.rollout_batch_size, min(cfg.eval_size, 250))  # a unit, or worker 0's evaluation batch
-    w = 2 if cfg.mixed_precision else 4  # bytes per value in the training dtype
-    a = (act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 2) * w // 2  # measured in bf16
-    return {f"weights ({w} bytes)": w * m["params"],
-            f"KV cache {B} x {S} tokens": B * S * 2 * d["kv"] * d["head_dim"] * w * d["layers"],
-            f"prefill {B} x {cfg.max_prompt_len} tokens, one layer": B * cfg.max_prompt_len * (a + 2 * w * d["hidden"]),
-            "[B, V] sampling buffers (logits, log-softmax, float64 CDF)": B * V * 32}, B * S
+    HF engine: generation_terms of a unit or worker 0's evaluation batch, in the training dtype."""
+    R, S, mc = cfg.rollout_batch_size, cfg.max_prompt_len + cfg.max_new_tokens, E.needs(cfg.loss).mc_samples
+    if cfg.engine != "vllm":
+        w = 2 if cfg.mixed_precision else 4  # bf16 with mixed_precision
+        return generation_terms(cfg, m, max(R, min(cfg.eval_size, 250)), w, f"weights ({w} bytes)",
+                                "[B, V] sampling buffers (logits, log-softmax, float64 CDF)")
+    return {VLLM_BUDGET: cfg.gpu_memory_utilization * GPU_BYTES,
+            f"MC draws (M={mc}): workspace [{R}, V]": (4 * R * VOCAB + 24 * min(R * VOCAB, 2**24)) if mc else 0,
+            f"MC draws (M={mc}): a unit's recorded ids + b": R * S * (mc - 1) * 12 if mc else 0}
 
 
 def cmd_memory(args):
     import asyncopd
     torch.set_num_threads(args.threads)
-    measured = {}
     print(f"saved activations per token, one real-size decoder layer, bf16, CPU, {args.tokens} tokens "
           "(saved_tensors_hooks; ckpt: what the checkpoint keeps)")
+    measured = {}
     for name in MODELS:
-        act = layer_activations(name, args.tokens)
-        total, layer = model_params(name)
-        measured[name] = dict(act=act, params=total, layer_params=layer, name=name)
-        print(f"  {name:<22} plain {act['plain'] / 1024:7.1f} KiB/token/layer   ckpt {act['ckpt'] / 1024:5.1f} KiB   "
-              f"x {MODELS[name]['layers']} layers; params {total / 1e9:.3f} B ({layer / 1e6:.1f} M per layer)")
+        m = measured[name] = measure_model(name, args.tokens)
+        print(f"  {name:<22} plain {m['act']['plain'] / 1024:7.1f} KiB/token/layer   "
+              f"ckpt {m['act']['ckpt'] / 1024:5.1f} KiB   x {m['layers']} layers; "
+              f"params {m['params'] / 1e9:.3f} B ({m['layer_params'] / 1e6:.1f} M per layer)")
     ok = True
     for path in args.configs:
         cfg = asyncopd.load_config(path)
         cfg.rollout_batch_size = cfg.rollout_batch_size or cfg.batch_size
-        s, t = (measured[os.path.basename(cfg.student)], measured[os.path.basename(cfg.teacher)])
-        vllm = cfg.engine == "vllm"
-        roles = [("learner rank", cfg.learner_devices, *learner_terms(cfg, s, s["act"])),
-                 ("teacher scoring", [cfg.teacher_device], *teacher_terms(cfg, t, t["act"], "score")),
-                 ("rollout worker" + (" (vLLM)" if vllm else " (HF)"), cfg.rollout_devices, *rollout_terms(cfg, s, s["act"], vllm))]
-        if cfg.eval_teacher and cfg.eval_size:
-            roles.append(("teacher evaluation", [cfg.teacher_device], *teacher_terms(cfg, t, t["act"], "eval")))
-        print(f"\n{path}: student {s['name']}, teacher {t['name']}, {cfg.loss.name}; peak GB per process "
-              f"(sum of the terms + {SLACK:.0%} fragmentation + {OVERHEAD / 1e9:.1f} GB CUDA context; vLLM: its budget)")
-        per_device = {}
-        for role, devices, terms, tokens in roles:
-            budget = terms.get(VLLM_BUDGET, 0.0)  # vLLM keeps itself within its budget; only what is outside gets slack
-            peak = budget + sum(v for k, v in terms.items() if k != VLLM_BUDGET) * (1 + SLACK) + (0 if budget else OVERHEAD)
-            print(f"  {role:<26} {peak / 1e9:6.1f} GB on {', '.join(devices)}")
-            for k, v in terms.items():
-                print(f"      {v / 1e9:7.2f}  {k}")
-            for dev in set(devices):  # evaluation and scoring are phases of one process: its larger one counts
-                key = (dev, role.split()[0])
-                per_device[key] = max(per_device.get(key, 0.0), peak)
-        devices = {}
-        for (dev, _), peak in per_device.items():
-            devices[dev] = devices.get(dev, 0.0) + peak  # roles sharing a GPU add up
-        for dev, peak in sorted(devices.items()):
-            fits = peak <= FIT * GPU_BYTES
-            ok &= fits
-            print(f"  {dev:<8} {peak / 1e9:6.1f} GB of {GPU_BYTES / 1e9:.0f} GB ({100 * peak / GPU_BYTES:.0f}%)  "
-                  f"{'fits' if fits else 'DOES NOT FIT'} (limit {FIT * GPU_BYTES / 1e9:.0f} GB)")
-    print("\nall configs fit" if ok else "\nsome config does not fit: lower micro_batch_tokens / teacher_batch_tokens / "
-          "gpu_memory_utilization or turn on activation_checkpointing")
+        s, t = measured[os.path.basename(cfg.student)], measured[os.path.basename(cfg.teacher)]
+        rollout = f"rollout worker ({'vLLM' if cfg.engine == 'vllm' else 'HF'})"
+        roles = [("learner rank", cfg.learner_devices, learner_terms(cfg, s)),
+                 ("teacher scoring", [cfg.teacher_device], teacher_terms(cfg, t)),
+                 (rollout, cfg.rollout_devices, rollout_terms(cfg, s))]
+        if cfg.eval_teacher and cfg.eval_size:  # task.evaluate's batch, at most 250
+            roles.append(("teacher evaluation", [cfg.teacher_device], generation_terms(
+                cfg, t, min(cfg.eval_size, 250), 2, "bf16 weights", "[B, V] sampling buffers")))
+        print(f"\n{path}: student {s['name']}, teacher {t['name']}, {cfg.loss.name}; peak GB per process (sum of "
+              f"the terms + {SLACK:.0%} fragmentation + {OVERHEAD / 1e9:.1f} GB CUDA context; vLLM: its budget)")
+        ok &= _devices_fit(roles)
+    print("\nall configs fit" if ok else "\nsome config does not fit: lower micro_batch_tokens / "
+          "teacher_batch_tokens / gpu_memory_utilization or turn on activation_checkpointing")
     return ok
+
+
+def _devices_fit(roles):
+    """Prints each role's modelled peak and terms, then each device's total; True if every device fits."""
+    per_process, per_device = {}, {}
+    for role, devices, terms in roles:
+        budget = terms.get(VLLM_BUDGET, 0.0)  # vLLM keeps itself within its budget; only what is outside gets slack
+        peak = budget + sum(v for k, v in terms.items() if k != VLLM_BUDGET) * (1 + SLACK) + (0 if budget else OVERHEAD)
+        print(f"  {role:<26} {peak / 1e9:6.1f} GB on {', '.join(devices)}")
+        for k, v in terms.items():
+            print(f"      {v / 1e9:7.2f}  {k}")
+        for key in {(dev, role.split()[0]) for dev in devices}:  # evaluation and scoring are phases of one process:
+            per_process[key] = max(per_process.get(key, 0.0), peak)  # its larger one counts
+    for (dev, _), peak in per_process.items():
+        per_device[dev] = per_device.get(dev, 0.0) + peak  # roles sharing a GPU add up
+    for dev, peak in sorted(per_device.items()):
+        print(f"  {dev:<8} {peak / 1e9:6.1f} GB of {GPU_BYTES / 1e9:.0f} GB ({100 * peak / GPU_BYTES:.0f}%)  "
+              f"{'fits' if peak <= FIT * GPU_BYTES else 'DOES NOT FIT'} (limit {FIT * GPU_BYTES / 1e9:.0f} GB)")
+    return all(peak <= FIT * GPU_BYTES for peak in per_device.values())
+
+
 # ----------------------------------------------------------------------------- peer: asyncopd vs TRL
 # Systems of `bench.py peer`: asyncopd as key=value overrides of --config, or a TRL trainer by name (see trl_run).
 PEER_SYSTEMS = {
-    "asyncopd": [],                                   # the config as is (default: async, MC-64 reverse KL, A_theta)
-    "asyncopd-sync": ["schedule=sync"],               # the same estimator, strict sync: nothing overlaps
+    "asyncopd": [],                                    # the config as is (default: async, MC-64 reverse KL, A_theta)
+    "asyncopd-sync": ["schedule=sync"],                # the same estimator, strict sync: nothing overlaps
     "asyncopd-dense": ["loss.name=reverse_kl_dense"],  # async, exact reverse KL over the vocabulary
-    "trl-gkd": "gkd",                                 # TRL 1.16 GKDTrainer, lmbda=1, beta=1: exact reverse KL, sync, 1 process
-    "trl-distill": "distill",                         # TRL 1.16 DistillationTrainer, beta=1: the same loss, TRL's stable API
+    "trl-gkd": "gkd",          # TRL 1.16 GKDTrainer, lmbda=1, beta=1: exact reverse KL, sync, 1 process
+    "trl-distill": "distill",  # TRL 1.16 DistillationTrainer, beta=1: the same loss, TRL's stable API
 }
 THRESHOLDS = (0.80, 0.90, 0.95)
 
@@ -481,7 +469,8 @@ def trl_run(trainer, config, overrides, run_dir, steps, save_every, seed, thread
     from transformers import AutoModelForCausalLM, TrainerCallback
     cfg = asyncopd.load_config(config, [*overrides, f"seed={seed}", f"steps={steps}", "eval_size=0"])
     tok, train, _ = asyncopd.validate(cfg)  # asyncopd's checks; its tokenizer and encoded prompts
-    order = [i for u in range(steps * asyncopd.units_per_batch(cfg)) for i in asyncopd.unit_prompt_indices(cfg, len(train), u)]
+    order = [i for u in range(steps * asyncopd.units_per_batch(cfg))
+             for i in asyncopd.unit_prompt_indices(cfg, len(train), u)]
 
     def collate(rows):  # prompt ids only (GKD's own collator wants chat messages; the task has no template). No
         ids = torch.tensor([r["ids"] for r in rows])  # labels, so the loss is the token mean over the sampled
@@ -498,10 +487,10 @@ def trl_run(trainer, config, overrides, run_dir, steps, save_every, seed, thread
     # asyncopd's optimizer, not TRL's defaults (lr 2e-5 or 1e-6 decaying linearly, bf16, activation checkpointing:
     # settings for billion-parameter models that would handicap TRL here); float32 on the CPU like asyncopd's learner
     common = dict(output_dir=run_dir, max_steps=steps, per_device_train_batch_size=cfg.batch_size, seed=seed, beta=1.0,
-                  temperature=cfg.temperature, learning_rate=cfg.lr, lr_scheduler_type="constant", adam_beta1=cfg.betas[0],
-                  adam_beta2=cfg.betas[1], weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, bf16=False,
-                  gradient_checkpointing=False, use_cpu=True, save_strategy="no", report_to="none",
-                  logging_steps=max(1, steps // 10), disable_tqdm=True)
+                  temperature=cfg.temperature, learning_rate=cfg.lr, lr_scheduler_type="constant",
+                  adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], weight_decay=cfg.weight_decay,
+                  max_grad_norm=cfg.grad_clip, bf16=False, gradient_checkpointing=False, use_cpu=True,
+                  save_strategy="no", report_to="none", logging_steps=max(1, steps // 10), disable_tqdm=True)
     if trainer == "gkd":  # each run imports only its trainer: imports are on the clock
         from trl.experimental.gkd import GKDConfig, GKDTrainer as Trainer
         args = GKDConfig(**common, lmbda=1.0, max_new_tokens=cfg.max_new_tokens, train_sampling_strategy="sequential")
@@ -510,7 +499,7 @@ def trl_run(trainer, config, overrides, run_dir, steps, save_every, seed, thread
         from trl import DistillationConfig, DistillationTrainer as Trainer
         args = DistillationConfig(**common, max_completion_length=cfg.max_new_tokens, shuffle_dataset=False)
         extra = dict(train_dataset=Dataset.from_dict({"prompt": [train[i]["prompt"] for i in order]}))
-    student, teacher = AutoModelForCausalLM.from_pretrained(cfg.student), AutoModelForCausalLM.from_pretrained(cfg.teacher)
+    student, teacher = (AutoModelForCausalLM.from_pretrained(d) for d in (cfg.student, cfg.teacher))
     Trainer(model=student, teacher_model=teacher, args=args, processing_class=tok, callbacks=[Saver()], **extra).train()
     log.close()
 
@@ -521,7 +510,8 @@ def cmd_peer(args):
     off the clock. Times are seconds from the launch of the process to the end of the checkpoint's step."""
     systems, seeds = args.systems.split(","), [int(x) for x in args.seeds.split(",")]
     if any(s not in PEER_SYSTEMS for s in systems):
-        raise SystemExit(f"bench.py peer: unknown system in --systems {args.systems}; use some of {','.join(PEER_SYSTEMS)}")
+        raise SystemExit(f"bench.py peer: unknown system in --systems {args.systems}; "
+                         f"use some of {','.join(PEER_SYSTEMS)}")
     if any(isinstance(PEER_SYSTEMS[s], str) for s in systems):
         try:
             import trl  # noqa: F401
@@ -529,58 +519,58 @@ def cmd_peer(args):
             raise SystemExit("bench.py peer: the trl-* systems need TRL: .venv/bin/python -m pip install trl==1.16.0 "
                              "(or leave them out of --systems)") from None
     import asyncopd
-    import task
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(args.cpus)
     cfg, out = asyncopd.load_config(args.config, args.overrides), os.path.abspath(args.out)
-    tok, rows = AutoTokenizer.from_pretrained(cfg.student), task.load_prompts("addition", "test", args.eval_n)
-    grade = lambda d: task.evaluate(AutoModelForCausalLM.from_pretrained(d), tok, rows)  # noqa: E731
-    results = []
+    grade, results = _grader(cfg, args.eval_n), []
     for seed in seeds:
         for name in systems:
             run_dir = os.path.join(out, f"{name}-{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts from scratch
             if isinstance(PEER_SYSTEMS[name], str):
                 os.makedirs(run_dir)
-                spec = dict(trainer=PEER_SYSTEMS[name], config=args.config, overrides=args.overrides, run_dir=run_dir,
-                            steps=args.steps, save_every=args.save_every, seed=seed, threads=args.trl_threads or args.cpus)
-                t0, _, _ = _asyncopd(["_trl", json.dumps(spec)], "bench.py", args.cpus)
+                spec = dict(trainer=PEER_SYSTEMS[name], config=args.config, overrides=args.overrides,
+                            run_dir=run_dir, steps=args.steps, save_every=args.save_every, seed=seed,
+                            threads=args.trl_threads or args.cpus)
+                t0, _, _ = _run_script(["_trl", json.dumps(spec)], "bench.py", args.cpus)
             else:
-                t0, _, _ = _asyncopd(["train", args.config, *PEER_SYSTEMS[name], *args.overrides, f"steps={args.steps}",
-                                      f"save_every={args.save_every}", "eval_size=0", "progress=false", f"seed={seed}",
-                                      f"out_dir={out}", f"run_name={name}-{seed}"], cpus=args.cpus)
-            with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-                times = {r["step"]: r["time"] - t0 for r in map(json.loads, f) if r["kind"] == "step"}
-            last = max(times)
-            points = [(k, times[k], grade(os.path.join(run_dir, f"ckpt_{k:05d}"))) for k in sorted(times)
-                      if k % args.save_every == 0 or k == last]
+                t0, _, _ = _run_script(["train", args.config, *PEER_SYSTEMS[name], *args.overrides,
+                                        f"steps={args.steps}", f"save_every={args.save_every}", "eval_size=0",
+                                        "progress=false", f"seed={seed}", f"out_dir={out}", f"run_name={name}-{seed}"],
+                                       cpus=args.cpus)
+            times, points = _graded_points(run_dir, args.save_every, grade, t0)
             for k, _, _ in points:  # graded: the checkpoints are not needed any more
                 shutil.rmtree(os.path.join(run_dir, f"ckpt_{k:05d}"))
-            hits = {th: next(((k, t) for k, t, a in points if a >= th), None) for th in THRESHOLDS}
-            results.append(dict(system=name, seed=seed, start_s=times[1], step_s=(times[last] - times[1]) / max(1, last - 1),
-                                points=points, hits={f"{th:.2f}": hit for th, hit in hits.items()}))
+            last = max(times)
+            hits = {f"{th:.2f}": next(((k, t) for k, t, a in points if a >= th), None) for th in THRESHOLDS}
+            results.append(dict(system=name, seed=seed, start_s=times[1], points=points, hits=hits,
+                                step_s=(times[last] - times[1]) / max(1, last - 1)))
             print(f"{name}-{seed}: {last} steps, graded {len(points)} checkpoints", flush=True)
     with open(os.path.join(out, "peer.json"), "w") as f:
         json.dump(results, f)
-    print(f"\n{args.steps} steps x {cfg.batch_size} prompts, {args.cpus} cores each (TRL: {args.trl_threads or args.cpus} "
-          f"threads; asyncopd: {cfg.threads} per process), checkpoints every {args.save_every} "
-          f"steps graded on {args.eval_n} held-out problems (greedy), student before {100 * grade(cfg.student):.1f}%")
+    _peer_report(args, cfg, out, grade(cfg.student), systems, seeds, results)
+    return results
+
+
+def _peer_report(args, cfg, out, acc0, systems, seeds, results):
+    print(f"\n{args.steps} steps x {cfg.batch_size} prompts, {args.cpus} cores each "
+          f"(TRL: {args.trl_threads or args.cpus} threads; asyncopd: {cfg.threads} per process), checkpoints every "
+          f"{args.save_every} steps graded on {args.eval_n} held-out problems (greedy), "
+          f"student before {100 * acc0:.1f}%")
     print(f"{'system':<15} {'seed':>4} {'start s':>7} {'s/step':>6} "
           + " ".join(f"{f'{100 * th:.0f}%: s (step)':>16}" for th in THRESHOLDS) + f" {'final':>6}")
     for r in results:
         cells = [f"{h[1]:.1f} ({h[0]})" if h else "not reached" for h in r["hits"].values()]
-        print(f"{r['system']:<15} {r['seed']:>4} {r['start_s']:>7.1f} {r['step_s']:>6.3f} " + " ".join(f"{c:>16}" for c in cells)
-              + f" {100 * r['points'][-1][2]:>5.1f}%")
-    print("start s: launch to the end of step 1; s/step: after it. s (step): seconds from launch and learner step of the "
-          "first checkpoint at that held-out accuracy.")
+        print(f"{r['system']:<15} {r['seed']:>4} {r['start_s']:>7.1f} {r['step_s']:>6.3f} "
+              + " ".join(f"{c:>16}" for c in cells) + f" {100 * r['points'][-1][2]:>5.1f}%")
+    print("start s: launch to the end of step 1; s/step: after it. s (step): seconds from launch and learner step of "
+          "the first checkpoint at that held-out accuracy.")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
-        c = f"C{systems.index(r['system'])}"
-        ax.plot([t for _, t, _ in r["points"]], [a for _, _, a in r["points"]], c, marker=".",
-                label=r["system"] if r["seed"] == seeds[0] else None)
+        ax.plot([t for _, t, _ in r["points"]], [a for _, _, a in r["points"]], f"C{systems.index(r['system'])}",
+                marker=".", label=r["system"] if r["seed"] == seeds[0] else None)
     for th in THRESHOLDS:
         ax.axhline(th, color="grey", lw=0.5, ls="--")
     ax.set(xlabel="seconds since launch", ylabel=f"held-out accuracy (greedy, n={args.eval_n})", ylim=(0, 1),
@@ -588,35 +578,33 @@ def cmd_peer(args):
     ax.legend()
     fig.savefig(os.path.join(out, "peer.png"), dpi=80)
     print(f"plot: {out}/peer.png, points: {out}/peer.json")
-    return results
+
+
 # ----------------------------------------------------------------------------- MC draws inside vLLM
 def cmd_mc_draw(args):
-    import types
-
-    import numpy as np
     from vllm import SamplingParams
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 
     import vllm_engine
     torch.set_num_threads(args.threads)
-    rows_list = [int(r) for r in args.rows.split(",")]
+    rows_list, dev = [int(r) for r in args.rows.split(",")], args.device
     n = max(rows_list)
-    state = LogitsProcRequestState(device=torch.device(args.device), max_num_reqs=n, vocab_size=args.vocab,
+    state = LogitsProcRequestState(device=torch.device(dev), max_num_reqs=n, vocab_size=args.vocab,
                                    all_token_ids=None, prompt_len=None, total_len=None,
                                    prefill_len=types.SimpleNamespace(np=np.zeros(n, dtype=np.int32)))
     proc = vllm_engine.MCDrawProcessor(types.SimpleNamespace(speculative_config=None, watermark_config=None), state)
     for s in range(n):
         extra = {vllm_engine.MC_KEY: {"request": s, "draws": args.samples - 1, "seed": s}}
         proc.add_request(s, SamplingParams(temperature=0.8, extra_args=extra))
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    print(f"MCDrawProcessor.apply per decode step, V={args.vocab}, M={args.samples}, {args.device}, "
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    print(f"MCDrawProcessor.apply per decode step, V={args.vocab}, M={args.samples}, {dev}, "
           f"{torch.get_num_threads()} threads")
     for rows in rows_list:
-        idx = torch.arange(rows, device=args.device)
+        idx = torch.arange(rows, device=dev)
         ctx = LogitsContext(expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=np.arange(rows),
                             expanded_local_pos=torch.zeros_like(idx), input_ids=torch.zeros_like(idx),
-                            pos=torch.full((rows,), 100, device=args.device), seq_lens_upper_bound_np=np.full(rows, 101))
-        logits = torch.randn(rows, args.vocab, device=args.device) * 3
+                            pos=torch.full((rows,), 100, device=dev), seq_lens_upper_bound_np=np.full(rows, 101))
+        logits = torch.randn(rows, args.vocab, device=dev) * 3
         times = []
         for _ in range(args.repeats + 1):  # the first call warms up
             sync()
@@ -629,64 +617,50 @@ def cmd_mc_draw(args):
         print(f"  rows {rows:4d}: {ms:9.2f} ms/step  {ms / rows:7.3f} ms/row")
 
 
+# ----------------------------------------------------------------------------- command line
 def main(argv=None):
+    config, threads, overrides = ("--config", "configs/default.yaml"), ("--threads", 1), "overrides"
+    commands = {  # name: (function, help, arguments as (name, default[, help])); a list default: any number of values
+        "loss": (cmd_loss, "memory and time of the loss path: chunked vs naive student gather", [
+            ("--tokens", "1024,2048,4096", "comma-separated response-token counts"), ("--vocab", 151936),
+            ("--hidden", 896), ("--device", "cpu")]),
+        "pipeline": (cmd_pipeline, "trained tokens/s: sync vs step_off(2) vs async, with the ideal bound", [
+            config, ("--steps", 24), ("--max-staleness", 2),
+            (overrides, [], "key=value config overrides for every schedule")]),
+        "offline": (cmd_offline, "online async vs offline Lightning OPD, and teacher consistency (A vs B)", [
+            config, ("--steps", 60), ("--eval-every", 10, "checkpoint (and grade) every N learner steps"),
+            ("--eval-n", 1000, "held-out problems per grade"),
+            ("--prompts", 3840, "precompute: prompts rolled out once"), ("--chunk-prompts", 256),
+            ("--teacher-b", "/tmp/asyncopd_teacher_b", "a different teacher (not committed)"),
+            ("--out", "/tmp/asyncopd_bench_offline"), threads,
+            (overrides, [], "key=value config overrides for every run, e.g. lr=0.0003")]),
+        "memory": (lambda a: sys.exit(0 if cmd_memory(a) else 1),
+                   "modelled peak GPU memory per role of each shipped GPU config, from measured layers", [
+            ("configs", GPU_CONFIGS), ("--tokens", 256, "sequence length of the measured layer forward"), threads]),
+        "peer": (cmd_peer, "asyncopd vs TRL (GKD, Distillation): seconds and steps to 80/90/95%% held-out accuracy", [
+            config, ("--systems", ",".join(PEER_SYSTEMS), "comma-separated keys of PEER_SYSTEMS"), ("--seeds", "0,1,2"),
+            ("--steps", 2000), ("--save-every", 50, "checkpoint (and grade) every N learner steps"),
+            ("--eval-n", 500, "held-out problems per grade"),
+            ("--cpus", 2, "cores every run is pinned to (asyncopd: threads per process from the config)"),
+            ("--trl-threads", 0, "TRL's torch threads (0 = --cpus; 1 can be 4x faster on a busy machine)"),
+            ("--out", "/tmp/asyncopd_bench_peer"),
+            (overrides, [], "key=value overrides for every system "
+                            "(TRL takes models, data, batch, lengths, optimizer)")]),
+        "_trl": (lambda a: trl_run(**json.loads(a.spec)), argparse.SUPPRESS, [("spec", None)]),  # one TRL run
+        "mc-draw": (cmd_mc_draw, "cost of the vLLM MC-draw logits processor per decode step", [
+            ("--rows", "1,8,32,128", "logits rows (requests) per step"), ("--vocab", 151936),
+            ("--samples", 64, "M (M-1 draws per row)"), ("--device", "cpu"), ("--threads", 2), ("--repeats", 3)]),
+        "_loss_point": (lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))), argparse.SUPPRESS,
+                        [("spec", None)]),  # internal, like _trl: one measurement in a fresh process
+    }
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("loss", help="memory and time of the loss path: chunked vs naive student gather")
-    p.add_argument("--tokens", default="1024,2048,4096", help="comma-separated response-token counts")
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(fn=cmd_loss)
-    p = sub.add_parser("pipeline", help="trained tokens/s: sync vs step_off(2) vs async, with the ideal bound")
-    p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--max-staleness", type=int, default=2)
-    p.add_argument("overrides", nargs="*", help="key=value config overrides for every schedule")
-    p.set_defaults(fn=cmd_pipeline)
-    p = sub.add_parser("offline", help="online async vs offline Lightning OPD, and teacher consistency (A vs B)")
-    p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--eval-every", type=int, default=10, help="checkpoint (and grade) every N learner steps")
-    p.add_argument("--eval-n", type=int, default=1000, help="held-out problems per grade")
-    p.add_argument("--prompts", type=int, default=3840, help="precompute: prompts rolled out once")
-    p.add_argument("--chunk-prompts", type=int, default=256)
-    p.add_argument("--teacher-b", default="/tmp/asyncopd_teacher_b", help="a different teacher (not committed)")
-    p.add_argument("--out", default="/tmp/asyncopd_bench_offline")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run, e.g. lr=0.0003")
-    p.set_defaults(fn=cmd_offline)
-    p = sub.add_parser("memory", help="modelled peak GPU memory per role of each shipped GPU config, from measured layers")
-    p.add_argument("configs", nargs="*", default=GPU_CONFIGS)
-    p.add_argument("--tokens", type=int, default=256, help="sequence length of the measured layer forward")
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(fn=lambda a: sys.exit(0 if cmd_memory(a) else 1))
-    p = sub.add_parser("peer", help="asyncopd vs TRL (GKD, Distillation): seconds and steps to 80/90/95%% held-out accuracy")
-    p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--systems", default=",".join(PEER_SYSTEMS), help="comma-separated keys of PEER_SYSTEMS")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint (and grade) every N learner steps")
-    p.add_argument("--eval-n", type=int, default=500, help="held-out problems per grade")
-    p.add_argument("--cpus", type=int, default=2, help="cores every run is pinned to (asyncopd: threads per process from the config)")
-    p.add_argument("--trl-threads", type=int, default=0, help="TRL's torch threads (0 = --cpus; 1 can be 4x faster on a busy machine)")
-    p.add_argument("--out", default="/tmp/asyncopd_bench_peer")
-    p.add_argument("overrides", nargs="*", help="key=value overrides for every system (TRL takes models, data, batch, lengths, optimizer)")
-    p.set_defaults(fn=cmd_peer)
-    p = sub.add_parser("_trl", help=argparse.SUPPRESS)  # internal: one TRL run, fresh process
-    p.add_argument("spec")
-    p.set_defaults(fn=lambda a: trl_run(**json.loads(a.spec)))
-    p = sub.add_parser("mc-draw", help="cost of the vLLM MC-draw logits processor per decode step")
-    p.add_argument("--rows", default="1,8,32,128", help="logits rows (requests) per step")
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--samples", type=int, default=64, help="M (M-1 draws per row)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.set_defaults(fn=cmd_mc_draw)
-    p = sub.add_parser("_loss_point", help=argparse.SUPPRESS)  # internal: one measurement, fresh process
-    p.add_argument("spec")
-    p.set_defaults(fn=lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))))
+    for name, (fn, summary, arguments) in commands.items():
+        p = sub.add_parser(name, help=summary)
+        p.set_defaults(fn=fn)
+        for arg, default, *help_text in arguments:
+            kind = {"nargs": "*"} if isinstance(default, list) else {} if default is None else {"type": type(default)}
+            p.add_argument(arg, default=default, help=help_text[0] if help_text else None, **kind)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,9 +1,10 @@
-"""Supervised fine-tuning: the embedded teacher and the teacher-consistent student.
+r"""Supervised fine-tuning: the embedded teacher and the teacher-consistent student.
 
 Reproduce the shipped models (CPU, one thread of a busy 2-core machine: 12 min and 1.5 min):
 
     python sft.py teacher --out models/teacher --steps 1200 --seed 0 --threads 1
-    python sft.py student --teacher models/teacher --out models/student --steps 1000 --target-accuracy 0.2 --seed 0 --threads 1
+    python sft.py student --teacher models/teacher --out models/student --steps 1000 --target-accuracy 0.2 \
+        --seed 0 --threads 1
 
 The teacher learns the written additions of task.py from the ground truth. The student is
 smaller and learns from the teacher's own samples (temperature 1), so the teacher that scores
@@ -34,13 +35,13 @@ SIZES = {
     "student": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=2),
 }
-
-
-def make_model(size: str, tokenizer) -> Qwen2ForCausalLM:
-    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=128, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=None, **SIZES[size])
-    return Qwen2ForCausalLM(config)
+# Per-stage defaults. The student stops early once its greedy accuracy on the VAL_PROBLEMS validation problems reaches
+# --target-accuracy: its accuracy stays near 0% for ~250-400 steps (the step varies with seed and data), then climbs
+# to >90% within ~100-150 steps as the digit-copying attention forms, so a fixed step count would land on either side
+# of the window OPD needs.
+STAGE_DEFAULTS = {"teacher": dict(steps=1200, log_every=100, target_accuracy=None),
+                  "student": dict(steps=1000, log_every=5, target_accuracy=0.2)}
+VAL_PROBLEMS = 200  # train-split problems after the training ones: never trained on, never held out
 
 
 def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
@@ -107,9 +108,8 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], temperature: fl
                              temperature=temperature, top_k=None, top_p=None, max_new_tokens=max_new_tokens,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         for row in gen[:, ids.shape[1]:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id) + 1]
-            out.append(row)
+            eos = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+            out.append(row[:eos])
     return out
 
 
@@ -128,12 +128,28 @@ def heldout_eval(model, tokenizer, n: int) -> float:
     return task.evaluate(model, tokenizer, task.load_prompts("addition", "test", n))
 
 
-# Per-stage defaults. The student stops early once its greedy accuracy on 200 unseen train-split
-# problems reaches --target-accuracy: its accuracy stays near 0% for ~250-400 steps (the step varies
-# with seed and data), then climbs to >90% within ~100-150 steps as the digit-copying attention
-# forms, so a fixed step count would land on either side of the window OPD needs.
-STAGE_DEFAULTS = {"teacher": dict(steps=1200, log_every=100, target_accuracy=None),
-                  "student": dict(steps=1000, log_every=5, target_accuracy=0.2)}
+def training_data(args, steps: int):
+    """(tokenizer, prompts, responses, info) of the teacher or student stage; prompts has VAL_PROBLEMS more
+    entries than responses, the validation problems."""
+    if args.stage == "teacher":  # ground truth: the written solution followed by <eos>
+        tokenizer = task.build_tokenizer()
+        pairs = task.addition_problems("train", steps * args.batch_size + VAL_PROBLEMS)
+        prompts = [task.encode_prompt(tokenizer, task.addition_prompt(a, b), False) for a, b in pairs]
+        responses = [tokenizer(task.addition_solution(a, b), add_special_tokens=False)["input_ids"]
+                     + [tokenizer.eos_token_id] for a, b in pairs[:-VAL_PROBLEMS]]
+        return tokenizer, prompts, responses, {"data": "ground truth"}
+    if not args.teacher or not os.path.isfile(os.path.join(args.teacher, "model.safetensors")):
+        raise ValueError(f"--teacher {args.teacher} has no model.safetensors; train one with "
+                         "`python sft.py teacher --out models/teacher`")
+    tokenizer, teacher = AutoTokenizer.from_pretrained(args.teacher), AutoModelForCausalLM.from_pretrained(args.teacher)
+    prompts = [task.encode_prompt(tokenizer, r["prompt"], False)
+               for r in task.load_prompts("addition", "train", args.samples + VAL_PROBLEMS)]
+    t0 = time.time()
+    responses = sample_responses(teacher, tokenizer, prompts[:-VAL_PROBLEMS], args.temperature, batch_size=500)
+    print(f"sampled {len(responses)} teacher responses at temperature {args.temperature} in {time.time() - t0:.0f}s")
+    return tokenizer, prompts, responses, {"teacher_fingerprint": fingerprint(args.teacher),
+                                           "teacher_dir": args.teacher, "teacher_temperature": args.temperature,
+                                           "samples": args.samples}
 
 
 def main():
@@ -159,7 +175,6 @@ def main():
     torch.manual_seed(args.seed)
     print("reproduce: python " + " ".join(sys.argv), flush=True)
     t0 = time.time()
-
     if args.stage == "eval":
         if not args.model or not os.path.isdir(args.model):
             raise ValueError(f"--model {args.model} is not a model dir; pass e.g. --model models/student")
@@ -171,33 +186,13 @@ def main():
     defaults = STAGE_DEFAULTS[args.stage]
     steps = args.steps or defaults["steps"]
     target = defaults["target_accuracy"] if args.target_accuracy is None else (args.target_accuracy or None)
-
-    if args.stage == "teacher":
-        tokenizer = task.build_tokenizer()
-        pairs = task.addition_problems("train", steps * args.batch_size + 200)
-        prompts = [task.encode_prompt(tokenizer, task.addition_prompt(a, b), False) for a, b in pairs]
-        # ground truth: the written solution followed by <eos>
-        responses = [tokenizer(task.addition_solution(a, b), add_special_tokens=False)["input_ids"]
-                     + [tokenizer.eos_token_id] for a, b in pairs[:-200]]
-        info = {"data": "ground truth"}
-    else:
-        if not args.teacher or not os.path.isfile(os.path.join(args.teacher, "model.safetensors")):
-            raise ValueError(f"--teacher {args.teacher} has no model.safetensors; train one with "
-                             "`python sft.py teacher --out models/teacher`")
-        tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-        teacher = AutoModelForCausalLM.from_pretrained(args.teacher)
-        prompts = [task.encode_prompt(tokenizer, r["prompt"], False)
-                   for r in task.load_prompts("addition", "train", args.samples + 200)]
-        t1 = time.time()
-        responses = sample_responses(teacher, tokenizer, prompts[:-200], args.temperature, batch_size=500)
-        print(f"sampled {len(responses)} teacher responses at temperature {args.temperature} "
-              f"in {time.time() - t1:.0f}s")
-        info = {"teacher_fingerprint": fingerprint(args.teacher), "teacher_dir": args.teacher,
-                "teacher_temperature": args.temperature, "samples": args.samples}
-    # validation: the 200 train-split problems after the training ones (never trained on, never held out)
-    val = task.load_prompts("addition", "train", len(prompts))[-200:]
-    model = make_model(args.size or args.stage, tokenizer)
-    taken = train(model, list(zip(prompts[:-200], responses)), steps, args.batch_size, args.lr,
+    tokenizer, prompts, responses, info = training_data(args, steps)
+    val = task.load_prompts("addition", "train", len(prompts))[-VAL_PROBLEMS:]
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=128,
+                                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                                         **SIZES[args.size or args.stage]))
+    taken = train(model, list(zip(prompts[:-VAL_PROBLEMS], responses)), steps, args.batch_size, args.lr,
                   tokenizer.pad_token_id, args.seed, args.log_every or defaults["log_every"],
                   eval_fn=lambda: task.evaluate(model, tokenizer, val), stop_at=target)
     accuracy = heldout_eval(model, tokenizer, args.n)
