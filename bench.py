@@ -32,7 +32,10 @@ import types
 import numpy as np
 import torch
 
+import config
 import estimators as E
+import offline
+import schedule
 
 # loss: ids per token (M), student_logp chunk; naive is skipped above NAIVE_MAX_TOKENS (~2.3 MB/token)
 SAMPLES, CHUNK_SIZE, NAIVE_MAX_TOKENS, EXTRAPOLATE = 64, 1024, 2048, 16384
@@ -114,7 +117,7 @@ def cmd_loss(args):
 
 
 # ----------------------------------------------------------------------------- pipeline throughput
-def throughput(overrides, schedules, config="configs/default.yaml"):
+def throughput(overrides, schedules, config_path="configs/default.yaml"):
     """Run the real pipeline once per schedule on the same config; trained tokens/s at steady state.
 
     The first schedule must be `sync`: nothing overlaps there, so its per-step seconds are each stage's busy time
@@ -123,11 +126,11 @@ def throughput(overrides, schedules, config="configs/default.yaml"):
     import asyncopd
     rows = []
     for name, extra in schedules:
-        cfg = asyncopd.load_config(config, [*overrides, *extra, "progress=false", "eval_size=0",
+        cfg = config.load_config(config_path, [*overrides, *extra, "progress=false", "eval_size=0",
                                           f"run_name=bench-{name}-{time.strftime('%H%M%S')}"])
         steps = asyncopd.run(cfg)["steps"][2:]  # skip start-up (process spawn, first batches)
         span, timed = steps[-1]["time"] - steps[0]["time"], steps[1:]  # the steps that end inside the span
-        mean = lambda k: sum(r[k] for r in timed) / len(timed)  # noqa: E731
+        mean = lambda k, timed=timed: sum(r[k] for r in timed) / len(timed)  # noqa: E731 - a one-line helper
         row = {"schedule": name, "tokens_per_s": sum(r["tokens"] for r in timed) / span, "step_s": span / len(timed),
                "gen_s": mean("gen_s"), "score_s": mean("score_s"), "train_s": mean("train_s") + mean("sync_s"),
                "stale_mean": mean("stale_mean")}
@@ -170,8 +173,9 @@ def _run_script(argv, script="asyncopd.py", cpus=0):
 
 def _grader(cfg, n):
     """grade(model dir) -> greedy accuracy on the first n held-out problems."""
-    import task
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import task
     tok, rows = AutoTokenizer.from_pretrained(cfg.student), task.load_prompts("addition", "test", n)
     return lambda model_dir: task.evaluate(AutoModelForCausalLM.from_pretrained(model_dir), tok, rows)
 
@@ -192,9 +196,8 @@ def cmd_offline(args):
     then the teacher-consistency ablation: teacher B (not the SFT teacher) online and offline. Runs checkpoint every
     --eval-every steps with evaluation off; checkpoints are graded afterwards on --eval-n held-out problems
     (greedy), so grading never slows a timed run."""
-    import asyncopd
     torch.set_num_threads(args.threads)
-    cfg, out = asyncopd.load_config(args.config, args.overrides), os.path.abspath(args.out)
+    cfg, out = config.load_config(args.config, args.overrides), os.path.abspath(args.out)
     if not os.path.isfile(os.path.join(args.teacher_b, "config.json")):
         raise ValueError(f"--teacher-b {args.teacher_b}: no model; train one: "
                          f"python sft.py teacher --out {args.teacher_b} --seed 1")
@@ -205,17 +208,17 @@ def cmd_offline(args):
     specs = [("online A", "A", False, []), ("offline A", "A", True, []), ("offline A, Lightning", "A", True, lightning),
              ("offline B", "B", True, []), ("online B", "B", False, [])]
     teachers, pre_s, runs = {"A": cfg.teacher, "B": args.teacher_b}, {}, {}
-    for name, who, offline, extra in specs:
+    for name, who, is_offline, extra in specs:
         tag = name.replace(", ", "_").replace(" ", "_")
         teacher = [f"teacher={teachers[who]}", f"cache_dir={out}/cache_{who}"]
         shutil.rmtree(os.path.join(out, tag), ignore_errors=True)  # a rerun starts from scratch
-        if offline and who not in pre_s:
+        if is_offline and who not in pre_s:
             shutil.rmtree(os.path.join(out, f"cache_{who}"), ignore_errors=True)
             _, pre_s[who], msg = _run_script(["precompute", *common, *teacher])
             print(f"precompute {who}: {msg} [{pre_s[who]:.1f}s with start-up]", flush=True)
-        schedule = ["schedule=offline"] if offline else []
-        t0, wall, _ = _run_script(["train", *common, *schedule, *teacher, f"run_name={tag}", *extra])
-        runs[name] = (os.path.join(out, tag), pre_s[who] if offline else 0.0, t0, wall)
+        offline_args = ["schedule=offline"] if is_offline else []
+        t0, wall, _ = _run_script(["train", *common, *offline_args, *teacher, f"run_name={tag}", *extra])
+        runs[name] = (os.path.join(out, tag), pre_s[who] if is_offline else 0.0, t0, wall)
     _offline_report(args, cfg, out, runs)
 
 
@@ -239,7 +242,7 @@ def _offline_report(args, cfg, out, runs):
         hit = next((f"{s:.1f}" for _, s, a in r["points"] if a >= target), "-")
         print(f"{name:<21} {r['pre']:>12.1f} {r['rate']:>8.2f} {r['wall']:>8.1f} {hit:>10}  "
               + " ".join(f"{100 * a:>5.1f}%" for _, _, a in r["points"]))
-    cache, meta = teacher_cache.load_dir(f"{out}/cache_A")
+    cache, meta = offline.load_dir(f"{out}/cache_A")
     disk = sum(os.path.getsize(os.path.join(f"{out}/cache_A", n)) for n in os.listdir(f"{out}/cache_A"))
     single = {k: v for k, v in cache.items() if not k.startswith("mc_")}  # what a reverse_kl_pg precompute writes
     print(f"cache A: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens, M={cfg.loss.samples}: "
@@ -297,7 +300,7 @@ def measure_model(name, tokens=256):
         run = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT) if ckpt else layer
         seen = {}
 
-        def pack(t):
+        def pack(t, seen=seen):
             s = t.untyped_storage()
             if s.data_ptr() not in param_storages:
                 seen[s.data_ptr()] = s.nbytes()
@@ -323,7 +326,6 @@ def cache_bytes_per_token(cfg):
 
 def learner_terms(cfg, m):
     """Peak bytes on one learner rank (FSDP2, bf16 compute, fp32 master weights), term by term."""
-    import asyncopd
     W, P, PL, H, L, V = len(cfg.learner_devices), m["params"], m["layer_params"], m["hidden"], m["layers"], VOCAB
     root = P - L * PL  # embeddings (+ untied lm_head) + final norm: FSDP2's root group, unsharded for fwd+bwd
     S = cfg.max_prompt_len + cfg.max_new_tokens  # longest padded sequence
@@ -350,7 +352,7 @@ def learner_terms(cfg, m):
         "micro-batch cache tensors": T * cache_bytes_per_token(cfg),
         "publish: one full fp32 parameter (the embedding) gathered": 4 * V * H,
         "rank 0, weight_transport=handoff: the rollout's weight buffer":
-            dtype * P * (asyncopd.resolve_transport(cfg) == "handoff"),
+            dtype * P * (config.resolve_transport(cfg) == "handoff"),
     }
 
 
@@ -395,7 +397,6 @@ def rollout_terms(cfg, m):
 
 
 def cmd_memory(args):
-    import asyncopd
     torch.set_num_threads(args.threads)
     print(f"saved activations per token, one real-size decoder layer, bf16, CPU, {args.tokens} tokens "
           "(saved_tensors_hooks; ckpt: what the checkpoint keeps)")
@@ -407,7 +408,7 @@ def cmd_memory(args):
               f"params {m['params'] / 1e9:.3f} B ({m['layer_params'] / 1e6:.1f} M per layer)")
     ok = True
     for path in args.configs:
-        cfg = asyncopd.load_config(path)
+        cfg = config.load_config(path)
         cfg.rollout_batch_size = cfg.rollout_batch_size or cfg.batch_size
         s, t = measured[os.path.basename(cfg.student)], measured[os.path.basename(cfg.teacher)]
         rollout = f"rollout worker ({'vLLM' if cfg.engine == 'vllm' else 'HF'})"
@@ -456,7 +457,7 @@ PEER_SYSTEMS = {
 THRESHOLDS = (0.80, 0.90, 0.95)
 
 
-def trl_run(trainer, config, overrides, run_dir, steps, save_every, seed, threads):
+def trl_run(trainer, config_path, overrides, run_dir, steps, save_every, seed, threads):
     """TRL's GKDTrainer or DistillationTrainer in this process with asyncopd's models, prompts (in the same order per
     step), batch, lengths, temperature and optimizer (AdamW, constant lr, betas, weight decay, grad clip). Every batch
     is sampled from the student (GKD: lmbda=1); beta=1: TRL's generalized JSD is then KL(student || teacher) over the
@@ -464,13 +465,12 @@ def trl_run(trainer, config, overrides, run_dir, steps, save_every, seed, thread
     Writes metrics.jsonl step times and ckpt_NNNNN like asyncopd."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is local; never reach the hub
     torch.set_num_threads(threads)
-    import asyncopd
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
-    cfg = asyncopd.load_config(config, [*overrides, f"seed={seed}", f"steps={steps}", "eval_size=0"])
-    tok, train, _ = asyncopd.validate(cfg)  # asyncopd's checks; its tokenizer and encoded prompts
-    order = [i for u in range(steps * asyncopd.units_per_batch(cfg))
-             for i in asyncopd.unit_prompt_indices(cfg, len(train), u)]
+    cfg = config.load_config(config_path, [*overrides, f"seed={seed}", f"steps={steps}", "eval_size=0"])
+    tok, train, _ = config.validate(cfg)  # asyncopd's checks; its tokenizer and encoded prompts
+    order = [i for u in range(steps * schedule.units_per_batch(cfg))
+             for i in schedule.unit_prompt_indices(cfg, len(train), u)]
 
     def collate(rows):  # prompt ids only (GKD's own collator wants chat messages; the task has no template). No
         ids = torch.tensor([r["ids"] for r in rows])  # labels, so the loss is the token mean over the sampled
@@ -492,11 +492,13 @@ def trl_run(trainer, config, overrides, run_dir, steps, save_every, seed, thread
                   max_grad_norm=cfg.grad_clip, bf16=False, gradient_checkpointing=False, use_cpu=True,
                   save_strategy="no", report_to="none", logging_steps=max(1, steps // 10), disable_tqdm=True)
     if trainer == "gkd":  # each run imports only its trainer: imports are on the clock
-        from trl.experimental.gkd import GKDConfig, GKDTrainer as Trainer
+        from trl.experimental.gkd import GKDConfig
+        from trl.experimental.gkd import GKDTrainer as Trainer
         args = GKDConfig(**common, lmbda=1.0, max_new_tokens=cfg.max_new_tokens, train_sampling_strategy="sequential")
         extra = dict(data_collator=collate, train_dataset=Dataset.from_dict({"ids": [train[i]["ids"] for i in order]}))
     else:  # takes text prompts; counts the loss's tokens after sampling (huggingface/trl#6478)
-        from trl import DistillationConfig, DistillationTrainer as Trainer
+        from trl import DistillationConfig
+        from trl import DistillationTrainer as Trainer
         args = DistillationConfig(**common, max_completion_length=cfg.max_new_tokens, shuffle_dataset=False)
         extra = dict(train_dataset=Dataset.from_dict({"prompt": [train[i]["prompt"] for i in order]}))
     student, teacher = (AutoModelForCausalLM.from_pretrained(d) for d in (cfg.student, cfg.teacher))
@@ -518,9 +520,8 @@ def cmd_peer(args):
         except ImportError:
             raise SystemExit("bench.py peer: the trl-* systems need TRL: .venv/bin/python -m pip install trl==1.16.0 "
                              "(or leave them out of --systems)") from None
-    import asyncopd
     torch.set_num_threads(args.cpus)
-    cfg, out = asyncopd.load_config(args.config, args.overrides), os.path.abspath(args.out)
+    cfg, out = config.load_config(args.config, args.overrides), os.path.abspath(args.out)
     grade, results = _grader(cfg, args.eval_n), []
     for seed in seeds:
         for name in systems:
@@ -528,7 +529,7 @@ def cmd_peer(args):
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts from scratch
             if isinstance(PEER_SYSTEMS[name], str):
                 os.makedirs(run_dir)
-                spec = dict(trainer=PEER_SYSTEMS[name], config=args.config, overrides=args.overrides,
+                spec = dict(trainer=PEER_SYSTEMS[name], config_path=args.config, overrides=args.overrides,
                             run_dir=run_dir, steps=args.steps, save_every=args.save_every, seed=seed,
                             threads=args.trl_threads or args.cpus)
                 t0, _, _ = _run_script(["_trl", json.dumps(spec)], "bench.py", args.cpus)

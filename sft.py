@@ -47,10 +47,10 @@ VAL_PROBLEMS = 200  # train-split problems after the training ones: never traine
 def response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
     """Right-padded prompt+response ids and labels that are -100 except on response tokens.
     Right padding needs no attention mask: causal attention never looks at later pad tokens."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
     ids = torch.full((len(prompts), width), pad_id)
     labels = torch.full((len(prompts), width), -100)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         ids[i, :len(p) + len(r)] = torch.tensor(p + r)
         labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
     return ids, labels
@@ -192,7 +192,7 @@ def main():
                                          tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
                                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                                          **SIZES[args.size or args.stage]))
-    taken = train(model, list(zip(prompts[:-VAL_PROBLEMS], responses)), steps, args.batch_size, args.lr,
+    taken = train(model, list(zip(prompts[:-VAL_PROBLEMS], responses, strict=True)), steps, args.batch_size, args.lr,
                   tokenizer.pad_token_id, args.seed, args.log_every or defaults["log_every"],
                   eval_fn=lambda: task.evaluate(model, tokenizer, val), stop_at=target)
     accuracy = heldout_eval(model, tokenizer, args.n)
