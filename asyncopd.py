@@ -95,7 +95,7 @@ def rollout_role(ch, cfg, worker, tok, train, evals, start_dir, start_step, star
         for unit in units:
             need = required_version(cfg, unit)
             with span(ch, role, "wait (admission)"):
-                if not wait_until(ch, lambda: ch.version.value >= need):
+                if not wait_until(ch, lambda need=need: ch.version.value >= need):
                     return
             load_latest(ch, role, engine, weights, device)
             evaluate(ch, cfg, role, worker, engine, tok, evals, evaluated)

@@ -36,9 +36,9 @@ class Config:
     temperature: float = 1.0  # sampling temperature; the student's s and b use the same one
     top_p: float = 1.0  # nucleus sampling; < 1 breaks the support assumption of IS estimators
     # devices (one node)
-    rollout_devices: list = field(default_factory=lambda: ["cpu"])  # one rollout worker per entry, e.g. [cuda:0, cuda:1]
+    rollout_devices: list = field(default_factory=lambda: ["cpu"])  # a rollout worker each, e.g. [cuda:0, cuda:1]
     teacher_device: str = "cpu"  # e.g. "cuda:4"
-    teacher_dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "bfloat16" or "float32"; online and precompute agree
+    teacher_dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "bfloat16", "float32"; precompute too
     learner_devices: list = field(default_factory=lambda: ["cpu"])  # one FSDP rank per entry
     threads: int = 1  # torch CPU threads per process (2-core laptops: 1)
     # schedule
@@ -58,11 +58,11 @@ class Config:
     mixed_precision: bool = False  # bf16 compute with fp32 master weights (GPU); the rollout then runs in bf16 too
     weight_transport: str = "auto"  # learner -> rollout weights: "shared" (host shared memory; cpu, vLLM), "handoff"
     #   (a buffer on learner rank 0's device handed to each rollout worker: CUDA IPC), "auto" (handoff iff hf on cuda)
-    activation_checkpointing: bool = False  # learner: recompute each decoder layer in backward (keeps only layer inputs)
+    activation_checkpointing: bool = False  # learner: recompute each decoder layer in backward (saves its input)
     micro_batch_tokens: int = 0  # learner: padded tokens per forward/backward (0 = off; a longer sequence runs alone)
-    teacher_batch_tokens: int = 0  # teacher: padded tokens per scoring forward (0 = a whole unit; longer sequences alone)
+    teacher_batch_tokens: int = 0  # teacher: padded tokens per scoring forward (0 = a unit; longer ones alone)
     dist_timeout_s: int = 600  # learner process-group timeout: a collective waiting longer than this fails the run
-    stall_timeout_s: float = 600.0  # a role silent (no heartbeat) this long, or 5x its longest stage so far, is hung: the run stops
+    stall_timeout_s: float = 600.0  # a role without heartbeat this long (or 5x its longest stage) is hung: stop
     gpu_memory_utilization: float = 0.8  # vLLM rollout: fraction of its GPU that vllm.LLM may take (weights, KV cache)
     loss: LossOptions = field(default_factory=LossOptions)  # the estimator (see estimators.py)
     # offline (Lightning OPD)
@@ -84,7 +84,8 @@ RANGES = [
     ("steps batch_size mini_batches eval_every max_prompt_len max_new_tokens threads precompute_prompts chunk_prompts "
      "dist_timeout_s",
      lambda v: v >= 1, "must be >= 1"),
-    ("eval_size queue_size save_every rollout_batch_size step_off max_staleness micro_batch_tokens teacher_batch_tokens",
+    ("eval_size queue_size save_every rollout_batch_size step_off max_staleness micro_batch_tokens "
+     "teacher_batch_tokens",
      lambda v: v >= 0, "is negative: must be >= 0 (see --help for what 0 means)"),
     ("lr stall_timeout_s", lambda v: v > 0, "must be > 0"),
     ("weight_decay grad_clip", lambda v: v >= 0, "must be >= 0"),
@@ -309,7 +310,8 @@ def check_values(cfg):
     cfg.queue_size = cfg.queue_size or 2 * max(1, cfg.batch_size // cfg.rollout_batch_size)
     world = len(cfg.learner_devices)
     if cfg.batch_size % cfg.rollout_batch_size:
-        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of rollout_batch_size={cfg.rollout_batch_size}")
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of rollout_batch_size="
+                         f"{cfg.rollout_batch_size}")
     if cfg.batch_size % (cfg.mini_batches * world):
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by mini_batches*learner ranks="
                          f"{cfg.mini_batches * world}")

@@ -136,7 +136,7 @@ class Watch:
         """Roles silent longer than the stall limit (longest silent first: a peer blocked on it goes quiet later)
         are recorded and the run is stopped; the learner then checkpoints its last finished step."""
         now, limit = time.time(), max(cfg.stall_timeout_s, 5 * self.longest)
-        silent = sorted((now - beat, role) for role, beat in zip(ch.roles, ch.beats[:])
+        silent = sorted((now - beat, role) for role, beat in zip(ch.roles, ch.beats[:], strict=True)
                         if beat and procs[role].exitcode is None)  # beat 0: still importing or loading
         for age, role in reversed(silent):
             if age > limit and role not in dict(self.stalled):
@@ -287,7 +287,7 @@ def plot_run(run_dir):
     ax[0, 1].set(xlabel="learner step", ylabel="held-out accuracy", title="student accuracy", ylim=(0, 1))
     hist = [0] * max(len(r["stale_hist"]) for r in steps)
     for r in steps:
-        hist = [h + c for h, c in zip(hist, r["stale_hist"] + [0] * len(hist))]
+        hist = [h + c for h, c in zip(hist, r["stale_hist"] + [0] * len(hist), strict=False)]  # padded with 0s
     ax[1, 0].bar(range(len(hist)), hist)
     ax[1, 0].set(xlabel="staleness (optimizer steps)", ylabel="trained tokens", title="token staleness histogram")
     ax[1, 1].plot(x, [r["tokens_per_s"] for r in steps])
