@@ -45,7 +45,8 @@ def checksum(cache, meta):
 
 
 def save(cache, path, meta):
-    """One safetensors file, written atomically; meta (+ format_version, fields, widths, sizes, sha256) as json under "asyncopd"."""
+    """One safetensors file, written atomically; meta (+ format_version, fields, widths, sizes, sha256) as json
+    under "asyncopd"."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"save: meta lacks {missing} (needed to guard offline training); add them")
@@ -54,7 +55,8 @@ def save(cache, path, meta):
                 num_tokens=int(cache["cu_seqlens"][-1]), num_sequences=cache["cu_seqlens"].numel() - 1)
     meta["sha256"] = checksum(cache, meta)  # flipped bytes in a tensor or the meta are refused on load
     tmp = f"{path}.tmp-{os.getpid()}"  # never matches CHUNK_NAME, so a crash leaves no "finished" chunk
-    save_file({k: v.detach().cpu().contiguous() for k, v in cache.items()}, tmp, metadata={"asyncopd": json.dumps(meta)})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in cache.items()}
+    save_file(tensors, tmp, metadata={"asyncopd": json.dumps(meta)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())  # bytes on disk before the rename makes the file look finished
     os.replace(tmp, path)
@@ -68,12 +70,13 @@ def load(path, mmap=True):
             cache = {k: f.get_tensor(k) for k in f.keys()}
         vocab_size = meta["vocab_size"]
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: truncated, corrupt or not an asyncopd cache ({type(e).__name__}: {e}); delete it and recompute") from None
+        raise ValueError(f"{path}: truncated, corrupt or not an asyncopd cache ({type(e).__name__}: {e}); delete it "
+                         "and recompute") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: cache format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}: "
-                         "delete the cache and rerun `python asyncopd.py precompute` to rebuild it")
+        raise ValueError(f"{path}: cache format_version {meta.get('format_version')}, this code reads "
+                         f"{FORMAT_VERSION}: delete the cache and rerun `python asyncopd.py precompute` to rebuild it")
     if meta.get("sha256") != checksum(cache, meta):
-        raise ValueError(f"{path}: sha256 mismatch, the file was altered or damaged; delete it and rerun the precompute")
+        raise ValueError(f"{path}: sha256 mismatch, the file was altered or damaged; delete it, rerun the precompute")
     if not mmap:
         cache = {k: v.clone() for k, v in cache.items()}
     validate(cache, vocab_size=vocab_size, where=os.fspath(path))
@@ -107,14 +110,16 @@ def load_dir(directory):
     parts = [load(p) for p in paths]  # each chunk is checksummed and validated by load()
     meta0 = {k: v for k, v in parts[0][1].items() if k not in PER_CHUNK_META}
     first = 0
-    for i, (p, (_, m)) in enumerate(zip(paths, parts)):
+    for i, (p, (_, m)) in enumerate(zip(paths, parts, strict=True)):
         if (m.get("chunk_index"), m.get("first_sequence")) != (i, first):
-            raise ValueError(f"{p}: holds chunk {m.get('chunk_index')} (sequences from {m.get('first_sequence')}) where chunk "
-                             f"{i} (sequences from {first}) belongs: a chunk was copied or moved; delete it and rerun the precompute")
+            raise ValueError(f"{p}: holds chunk {m.get('chunk_index')} (sequences from {m.get('first_sequence')}) "
+                             f"where chunk {i} (sequences from {first}) belongs: a chunk was copied or moved; "
+                             "delete it and rerun the precompute")
         first += m["num_sequences"]
         for k in sorted(set(meta0) | (set(m) - set(PER_CHUNK_META))):
             if m.get(k) != meta0.get(k):
-                raise ValueError(f"{p}: meta '{k}' = {m.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; chunks from different runs cannot be mixed")
+                raise ValueError(f"{p}: meta '{k}' = {m.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; chunks from "
+                                 "different runs cannot be mixed")
     cache = concat([c for c, _ in parts])
     return cache, dict(meta0, num_tokens=int(cache["cu_seqlens"][-1]),
                        num_sequences=cache["cu_seqlens"].numel() - 1, num_chunks=len(paths))
@@ -154,7 +159,8 @@ def check_offline_cache(cfg, student_dir, tok, fields):
         raise ValueError(f"teacher consistency: {student_dir} has no asyncopd_sft.json naming its SFT teacher: SFT it "
                          "with `python sft.py student --teacher DIR`, or allow_teacher_mismatch=true")
     if sft != meta["teacher_fingerprint"] and not cfg.allow_teacher_mismatch:
-        raise ValueError(f"teacher consistency: cache {cfg.cache_dir} was scored by teacher {meta['teacher_fingerprint']} "
+        raise ValueError(f"teacher consistency: cache {cfg.cache_dir} was scored by teacher "
+                         f"{meta['teacher_fingerprint']} "
                          f"but the student's SFT data came from teacher {sft} ({student_dir}/asyncopd_sft.json); "
                          "use the SFT teacher, or allow_teacher_mismatch=true for the ablation")
 
@@ -193,7 +199,8 @@ def precompute(cfg):
         old = load(os.path.join(cfg.cache_dir, f"chunk_{min(done):05d}.safetensors"))[1]
         diff = [k for k in meta if old.get(k) != meta[k]]
         if diff:
-            raise ValueError(f"{cfg.cache_dir} holds chunks of another precompute ({diff[0]} {old.get(diff[0])!r} there, "
+            raise ValueError(f"{cfg.cache_dir} holds chunks of another precompute ({diff[0]} {old.get(diff[0])!r} "
+                             "there, "
                              f"{meta[diff[0]]!r} now): use another cache_dir or delete it")
     for name in os.listdir(cfg.cache_dir) if os.path.isdir(cfg.cache_dir) else []:
         if ".safetensors.tmp-" in name:  # a write cut short by an interruption
@@ -202,11 +209,12 @@ def precompute(cfg):
     for c in tqdm([c for c in chunks if c not in done], desc="precompute", disable=not cfg.progress):
         idx = list(range(c * cfg.chunk_prompts, min(n, (c + 1) * cfg.chunk_prompts)))
         traj = schedule.rollout_unit(cfg, engine, train, idx, c, cfg.rollout_devices[0])
-        scored = schedule.score_unit(cfg, teacher, traj, c, tok.pad_token_id)  # exactly what the teacher role sends online
+        scored = schedule.score_unit(cfg, teacher, traj, c, tok.pad_token_id)  # what the teacher role sends online
         write_chunk(cfg.cache_dir, c, scored, meta, first_sequence=idx[0])
     cache, meta = load_dir(cfg.cache_dir)
-    return (f"cache {cfg.cache_dir}: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens in {meta['num_chunks']} "
-            f"chunks, {teacher_cache.bytes_per_token(cache):.0f} bytes/token ({len(chunks) - len(done)} chunks computed "
+    return (f"cache {cfg.cache_dir}: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens in "
+            f"{meta['num_chunks']} chunks, {teacher_cache.bytes_per_token(cache):.0f} bytes/token "
+            f"({len(chunks) - len(done)} chunks computed "
             f"in {time.time() - t0:.1f}s, {len(done)} reused)")
 
 
