@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # asyncopd in one command. Creates .venv (if missing), installs requirements.txt, then
 #   bash run.sh [key=value ...]        asynchronous OPD on the embedded CPU default (configs/default.yaml)
-#   bash run.sh test [pytest args]     the test suite (first installs requirements-test.txt: vllm, no GPU deps)
+#   bash run.sh test [pytest args]     ruff, then the test suite (first installs requirements-test.txt: vllm, ruff)
 #   bash run.sh gpu-check [--steps N]  every GPU path on this box (.venv-gpu from requirements-gpu.txt, or GPU_PYTHON=...)
 #   bash run.sh CONFIG.yaml [k=v ...]  any other config
 set -euo pipefail
@@ -40,6 +40,8 @@ if [ "${1:-}" = "test" ] && ! cmp -s requirements-test.txt .venv/.installed-test
   cp requirements-test.txt .venv/.installed-test
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ "${1:-}" = "test" ]; then shift; exec .venv/bin/python -m pytest -q "${@:-tests}"; fi  # no args: every test
+if [ "${1:-}" = "test" ]; then  # lint (ruff.toml), then the tests (no args: every test)
+  shift; .venv/bin/ruff check --quiet . && exec .venv/bin/python -m pytest -q "${@:-tests}"
+fi
 if [ "${1:-}" != "" ] && [[ "$1" == *.yaml ]]; then cfg=$1; shift; else cfg=configs/default.yaml; fi
 exec .venv/bin/python asyncopd.py train "$cfg" "$@"
