@@ -107,14 +107,20 @@ class Watch:
         self.bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True,
                         desc=cfg.schedule)
         self.log = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self.trace = open(os.path.join(run_dir, "trace.jsonl"), "w")  # streamed: no event is kept in memory
+        # trace.json (chrome://tracing, ui.perfetto.dev): one row per role, its busy spans; streamed, not kept
+        self.trace, self.pids, self.t0, self.sep = open(os.path.join(run_dir, "trace.json"), "w"), {}, time.time(), ""
+        self.trace.write('{"traceEvents": [\n')
 
     def take(self, kind, rec):
         """One record from a role: a trace span, or a metrics line (step, eval, teacher_eval, checkpoint)."""
         if kind == "trace":
             if not rec["name"].startswith(("wait", "hold")):  # the longest busy stage sets the stall limit
                 self.longest = max(self.longest, rec["t1"] - rec["t0"])
-            self.trace.write(json.dumps(rec) + "\n")
+            if rec["role"] not in self.pids:
+                self.pids[rec["role"]] = len(self.pids)
+                self.trace_event({"name": "process_name", "ph": "M", "args": {"name": rec["role"]}}, rec["role"])
+            self.trace_event({"name": rec["name"], "ph": "X", "ts": (rec["t0"] - self.t0) * 1e6,
+                              "dur": (rec["t1"] - rec["t0"]) * 1e6}, rec["role"])
             return
         self.log.write(json.dumps({"kind": kind, **rec}) + "\n")
         self.log.flush()
@@ -132,6 +138,10 @@ class Watch:
                                  tok_s=f"{last['tokens_per_s']:.0f}",
                                  acc=f"{evals[-1]['accuracy']:.2f}" if evals else "-")
 
+    def trace_event(self, event, role):
+        self.trace.write(self.sep + json.dumps(dict(event, pid=self.pids[role], tid=0)) + "\n")
+        self.sep = ","
+
     def check_stalls(self, cfg, ch, procs):
         """Roles silent longer than the stall limit (longest silent first: a peer blocked on it goes quiet later)
         are recorded and the run is stopped; the learner then checkpoints its last finished step."""
@@ -148,7 +158,7 @@ def watch(cfg, ch, procs, run_dir, start_step):
     """Coordinator loop: log metrics, drive the progress bar, notice a failed role within a second, a hung one
     (no heartbeat) within its stall limit, and stop on SIGTERM/SIGINT with a checkpoint (a second signal: at once).
     Returns the summary; raises RuntimeError naming the failed role."""
-    w, error, t0 = Watch(cfg, run_dir, start_step), None, time.time()
+    w, error = Watch(cfg, run_dir, start_step), None
     old = {s: signal.signal(s, lambda signum, _: w.stopping.append((signum, time.time())))  # the loop acts
            for s in (signal.SIGINT, signal.SIGTERM)}
     learners = [p for r, p in procs.items() if r.startswith("learner")]
@@ -184,9 +194,9 @@ def watch(cfg, ch, procs, run_dir, start_step):
     finally:
         w.bar.close()
         w.log.close()
+        w.trace.write("]}\n")
         w.trace.close()
         end_children(ch, procs, [r for r, _ in w.stalled], quick=error is not None or bool(w.stalled))
-        write_trace(run_dir, t0)
         for s, h in old.items():  # last: a signal during the clean-up above is recorded, not fatal
             signal.signal(s, h)
     if w.stalled:
@@ -246,24 +256,6 @@ def diagnose(ch, procs):
         return reports[0]
     role, code = next((r, p.exitcode) for r, p in procs.items() if p.exitcode not in (None, 0))
     return role, f"the {role} process exited with code {code} without a report", ""
-
-
-def write_trace(run_dir, t0):
-    """Chrome trace (chrome://tracing, ui.perfetto.dev) from the streamed trace.jsonl: one row per role, busy
-    intervals. Converted at the end one event at a time (nothing held in memory)."""
-    pids, sep = {}, ""
-    with open(os.path.join(run_dir, "trace.jsonl")) as src, open(os.path.join(run_dir, "trace.json"), "w") as f:
-        f.write('{"traceEvents": [')
-        for line in src:
-            e = json.loads(line)
-            f.write(sep + json.dumps({"name": e["name"], "ph": "X", "pid": pids.setdefault(e["role"], len(pids)),
-                                      "tid": 0, "ts": (e["t0"] - t0) * 1e6, "dur": (e["t1"] - e["t0"]) * 1e6}))
-            sep = ","
-        for r, p in pids.items():
-            f.write(sep + json.dumps({"name": "process_name", "ph": "M", "pid": p, "args": {"name": r}}))
-            sep = ","
-        f.write("]}")
-    os.remove(os.path.join(run_dir, "trace.jsonl"))
 
 
 def plot_run(run_dir):
