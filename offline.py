@@ -125,6 +125,23 @@ def load_dir(directory):
                        num_sequences=cache["cu_seqlens"].numel() - 1, num_chunks=len(paths))
 
 
+def fingerprint(model_dir):
+    """sha256 over config.json, every *.safetensors (sorted) and tokenizer.json if present; 16 hex."""
+    config_path = os.path.join(model_dir, "config.json")
+    weights = sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    if not os.path.isfile(config_path) or not weights:
+        raise ValueError(f"fingerprint: {model_dir} needs config.json and *.safetensors "
+                         "(save_pretrained with safe_serialization)")
+    tok = os.path.join(model_dir, "tokenizer.json")
+    h = hashlib.sha256()
+    for path in [config_path] + weights + ([tok] if os.path.isfile(tok) else []):
+        h.update(os.path.basename(path).encode() + b"\0")  # names too: a renamed shard is another model
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def sft_teacher(student_dir):
     """Teacher fingerprint recorded by sft.py in the student it produced (None if absent)."""
     path = os.path.join(student_dir, "asyncopd_sft.json")
@@ -184,9 +201,9 @@ def precompute(cfg):
     fields = estimators.required_fields(cfg.loss)
     engine = rollout.engine_from_config(cfg, cfg.student, cfg.rollout_devices[0], tok)
     teacher = config.load_teacher(cfg)
-    meta = {"teacher_fingerprint": teacher_cache.fingerprint(cfg.teacher), "teacher_dtype": str(config.teacher_dtype(cfg)),
+    meta = {"teacher_fingerprint": fingerprint(cfg.teacher), "teacher_dtype": str(config.teacher_dtype(cfg)),
             "tokenizer_fingerprint": teacher_cache.tokenizer_fingerprint(tok), "vocab_size": teacher.config.vocab_size,
-            "student_version": 0, "student_fingerprint": teacher_cache.fingerprint(cfg.student),
+            "student_version": 0, "student_fingerprint": fingerprint(cfg.student),
             "estimator": cfg.loss.name, "seed": cfg.seed}
     n = min(cfg.precompute_prompts, len(train))
     # everything that decides a chunk's content: a rerun must match it to reuse the finished chunks

@@ -10,14 +10,14 @@ for v in the nucleus, else 0: a token is in the nucleus iff the mass of the toke
 is < top_p (top_p = 1 keeps all; no top-k truncation). b = log pi_b(y) is the log-prob of exactly
 the distribution y was drawn from, so importance ratios pi_theta / pi_b are exact.
 
-Row r of every per-token field describes response token y_r, the model output at absolute position
-P + r - 1 (teacher_cache.py's shift convention). The trajectory (CPU tensors) holds the behaviour-side
-fields of teacher_cache.py's contract; student_topk_* if student_topk > 0, mc_* if mc_samples > 0
-(column 0 = the generated token, columns 1..M-1 i.i.d. draws from pi_b, duplicates kept).
-
-The vLLM engine (vllm_engine.py, GPU only, imported lazily) draws the MC columns inside vLLM with a
-logits processor; engine_supports() checks its settings before any process starts.
+The trajectory (CPU tensors, rows by teacher_cache.py's shift convention) holds the behaviour-side fields of its
+contract; student_topk_* if student_topk > 0, mc_* if mc_samples > 0 (column 0 = the generated token, columns 1..M-1
+i.i.d. draws from pi_b, duplicates kept). The vLLM engine (vllm_engine.py, GPU only, imported lazily) draws the MC
+columns inside vLLM with a logits processor; engine_supports() checks its settings before any process starts.
 """
+import importlib.metadata
+import os
+
 import torch
 
 ENGINES = ("hf", "vllm")
@@ -25,13 +25,12 @@ VLLM_VERSION = "0.33.0"  # vllm_engine.py is written against exactly this releas
 
 
 def engine_supports(kind, fields, mc_samples=None, temperature=None, top_p=1.0, devices=()):
-    """Raise ValueError (naming the fix) if engine `kind` cannot produce the cache `fields` the estimator
-    needs with these settings. Called at config validation, before any process starts; does not import vllm."""
+    """Raise ValueError (naming the fix) if engine `kind` cannot produce the cache `fields` the estimator needs with
+    these settings. Called at config validation, before any process starts; does not import vllm."""
     if kind not in ENGINES:
         raise ValueError(f"unknown rollout engine {kind!r}: use one of {', '.join(ENGINES)}")
     if kind != "vllm":
         return
-    import importlib.metadata
     try:
         version = importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
@@ -54,9 +53,9 @@ def engine_supports(kind, fields, mc_samples=None, temperature=None, top_p=1.0, 
 
 def make_engine(model, kind="hf", device="cpu", temperature=1.0, top_p=1.0, max_new_tokens=64,
                 eos_token_id=None, pad_token_id=None, dtype=None, **vllm_kwargs):
-    """Build a rollout engine from a model directory or (hf only) a built transformers model, moved
-    to `device` in place. dtype: torch dtype for hf (None = the built model's, float32 from a directory),
-    vLLM dtype string for vllm (None = "auto"). vllm_kwargs go to vllm.LLM (e.g. max_logprobs)."""
+    """Build a rollout engine from a model directory or (hf only) a built transformers model, moved to `device` in
+    place. dtype: torch dtype for hf (None = the built model's, float32 from a directory), vLLM dtype string for vllm
+    (None = "auto"). vllm_kwargs go to vllm.LLM (e.g. max_logprobs)."""
     engine_supports(kind, ())  # unknown kind
     if not temperature > 0:
         raise ValueError(f"temperature={temperature}: must be > 0 (greedy decoding has no behaviour distribution)")
@@ -69,7 +68,6 @@ def make_engine(model, kind="hf", device="cpu", temperature=1.0, top_p=1.0, max_
     pad_token_id = eos_token_id if pad_token_id is None else pad_token_id  # pads are masked; any id works
     if kind == "vllm":
         engine_supports(kind, (), temperature=temperature, devices=(device,))
-        import os
         # before vllm is imported: engine core in this process (weights and MC draws pass as objects),
         # Model Runner V2 (the logits-processor interface vllm_engine.MCDrawProcessor implements)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -90,7 +88,6 @@ def engine_from_config(cfg, model, device, tokenizer):
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **vllm_options)
 
 
-# ----------------------------------------------------------------------------- sampling math
 def behaviour_logp(logits, temperature, top_p):
     """log pi_b over the vocabulary, float32 [B, V] (see the module docstring)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -140,13 +137,10 @@ def _pack(prompts, prompt_index, lengths, finished, policy_version, per_token):
             **{k: v.cpu().to(torch.int64 if k.endswith("ids") else torch.float32) for k, v in per_token.items()}}
 
 
-# ----------------------------------------------------------------------------- transformers engine
 class HFEngine:
-    """Own batched sampling loop over a transformers causal LM with its KV cache (CPU or GPU).
-
-    Prompts are left-padded and position ids count real tokens only, so every logit equals that of a
-    plain right-padded forward over prompt + response. Sequences past EOS run on (fed pad); packing
-    drops their rows."""
+    """Own batched sampling loop over a transformers causal LM with its KV cache (CPU or GPU). Prompts are left-padded
+    and position ids count real tokens only, so every logit equals that of a plain right-padded forward over prompt +
+    response. Sequences past EOS run on (fed pad); packing drops their rows."""
 
     def __init__(self, model, device, temperature, top_p, max_new_tokens, eos_token_id, pad_token_id, dtype):
         if isinstance(model, str):
@@ -157,22 +151,20 @@ class HFEngine:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.policy_version = 0
+        self.eos_token_id, self.pad_token_id, self.policy_version = eos_token_id, pad_token_id, 0
 
     @torch.no_grad()
-    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None, greedy=False):
+    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None,
+                 greedy=False):
         """greedy=True (evaluation) takes the argmax; b is then still log pi_b of that token."""
         _check_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
         B, width = len(prompts), max(len(p) for p in prompts)
-        # left padding: real tokens flush right
         ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         if student_topk > out.logits.shape[-1]:
             raise ValueError(f"student_topk={student_topk} exceeds the vocabulary ({out.logits.shape[-1]}): lower it")
-
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         steps = []  # one {field: [B, ...]} per decoding step
         for t in range(self.max_new_tokens):
@@ -193,7 +185,6 @@ class HFEngine:
             pos = pos[:, -1:] + 1
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
                              past_key_values=out.past_key_values, use_cache=True)
-
         alive = torch.stack([s.pop("alive") for s in steps], dim=1)  # [B, T]; row-major = token-major packing
         per_token = {k: torch.stack([s[k] for s in steps], dim=1)[alive] for k in steps[0]}
         return _pack(prompts, prompt_index, alive.sum(1).tolist(), done.cpu(), policy_version, per_token)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 import task
-from teacher_cache import fingerprint
+from offline import fingerprint
 
 # Shapes of the two embedded models (Qwen2 = Llama-style decoder with RoPE, RMSNorm, SwiGLU).
 SIZES = {

@@ -9,15 +9,13 @@ Step i (least significant digit first) shows digit a_i, digit b_i, the carry-in
 c_i and the two-digit column sum s_i = a_i + b_i + c_i; its first digit is the
 carry-out c_{i+1}, its second the answer digit. After '>' comes the answer
 without leading zeros. 43 tokens with DIGITS = 4, so generation dominates the
-step time, as it does for real reasoning models. Real data sets (GSM8K, MATH,
-DeepMath) come in through load_prompts and are graded by the "math" checker.
+step time, as it does for real reasoning models.
+
+Real data sets (GSM8K, MATH, DeepMath) come in through load_prompts and are graded by the "math" checker: both
+live in math_task.py, imported only by a run that uses one.
 """
 import hashlib
-import json
-import os
 import random
-import re
-from fractions import Fraction
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -28,7 +26,6 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 TASK_CHARS = list("0123456789+=;>")
 SPLIT_SEEDS = {"train": 1234, "test": 5678}
 DEFAULT_LIMIT = {"train": 20000, "test": 1000}
-MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 # ----------------------------------------------------------------------------- addition task
@@ -68,83 +65,28 @@ def addition_problems(split: str, n: int) -> list[tuple[int, int]]:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: one WordLevel token per task character, plus <pad>, <eos>, <unk>.
-    Pads on the left, as batched generation needs; save_pretrained(dir) makes it loadable with
-    AutoTokenizer.from_pretrained(dir)."""
+    """Character-level tokenizer: one WordLevel token per task character, plus <pad>, <eos>, <unk>. Pads on the left,
+    as batched generation needs; save_pretrained(dir) makes it loadable by AutoTokenizer.from_pretrained(dir)."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + TASK_CHARS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every char a word
     tok.decoder = decoders.Fuse()                                              # join without spaces
     tok.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="left",
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left", clean_up_tokenization_spaces=False)
 
 
 # ----------------------------------------------------------------------------- prompt data
 
 def load_prompts(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Rows {"prompt", "answer", "checker"} from
-    - "addition": the built-in task (seeded; limit None -> DEFAULT_LIMIT[split]),
-    - a .jsonl / .parquet path (fields prompt|question|problem and answer|final_answer|solution;
-      "{split}" in the path is replaced by split), graded by the "math" checker,
-    - "hf:NAME[:config]": a Hugging Face dataset split (needs `datasets` and network)."""
-    if source == "addition":
-        pairs = addition_problems(split, limit if limit is not None else DEFAULT_LIMIT[split])
-        return [{"prompt": addition_prompt(a, b), "answer": str(a + b), "checker": "addition"}
-                for a, b in pairs]
-    if source.startswith("hf:"):
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(f"{source} needs the datasets library: `pip install datasets` "
-                             "(and network access), or pass a local .jsonl/.parquet file") from None
-        name, _, config = source[3:].partition(":")
-        records, where = list(datasets.load_dataset(name, config or None, split=split)), source
-    else:
-        where = source.replace("{split}", split)
-        if not os.path.isfile(where):
-            raise ValueError(f"prompt file {where} not found; pass an existing .jsonl/.parquet "
-                             "file, 'addition', or 'hf:NAME[:config]'")
-        if where.endswith(".jsonl"):
-            records = []
-            with open(where, encoding="utf-8", errors="replace") as f:
-                for n, line in enumerate(f, 1):
-                    try:
-                        records += [json.loads(line)] if line.strip() else []
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{where} line {n}: not valid JSON ({e.msg}, column {e.colno}): "
-                                         "fix or remove that line") from None
-        elif where.endswith(".parquet"):
-            import pyarrow.parquet as pq
-            try:
-                records = pq.read_table(where).to_pylist()
-            except Exception as e:  # pyarrow's own error types
-                raise ValueError(f"{where}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        else:
-            raise ValueError(f"prompt file {where} must end in .jsonl or .parquet")
-    if not records:
-        raise ValueError(f"{where} has no rows; point it at a non-empty data set")
-    rows = [_math_row(r, f"{where} row {n}") for n, r in enumerate(records, 1)]
-    return rows if limit is None else rows[:limit]
-
-
-def _math_row(record: dict, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where} is a {type(record).__name__}, not an object with prompt and answer fields")
-    prompt = next((record[k] for k in ("prompt", "question", "problem") if k in record), None)
-    answer = next((record[k] for k in ("answer", "final_answer", "solution") if k in record), None)
-    if prompt is None or answer is None:
-        raise ValueError(f"{where} has fields {sorted(record)}; it needs prompt|question|"
-                         "problem and answer|final_answer|solution")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):  # chat-formatted: the last message's text
-        prompt = prompt[-1].get("content")
-    if not isinstance(prompt, str) or not isinstance(answer, (str, int, float)):
-        raise ValueError(f"{where}: the prompt must be text (or chat messages) and the answer text or a number, "
-                         f"got {type(prompt).__name__} and {type(answer).__name__}")
-    if "boxed" not in prompt:
-        prompt = prompt + MATH_INSTRUCTION
-    return {"prompt": prompt, "answer": str(answer), "checker": "math"}
+    """Rows {"prompt", "answer", "checker"}: "addition" is the built-in task (seeded; limit None ->
+    DEFAULT_LIMIT[split]); any other source is a real data set, read by math_task.load_prompts
+    (a .jsonl / .parquet file or "hf:NAME[:config]") and graded by the "math" checker."""
+    if source != "addition":
+        import math_task  # only real data sets need the file readers and the \boxed{} grader
+        return math_task.load_prompts(source, split, limit)
+    pairs = addition_problems(split, limit if limit is not None else DEFAULT_LIMIT[split])
+    return [{"prompt": addition_prompt(a, b), "answer": str(a + b), "checker": "addition"} for a, b in pairs]
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool, known: set | None = None,
@@ -152,7 +94,7 @@ def encode_prompt(tokenizer, text: str, chat_template: bool, known: set | None =
     """Prompt token ids: the raw characters for the synthetic task, or the model's chat template
     (one user turn + generation prompt) for instruct models. Text the tokenizer cannot represent is
     refused, not dropped: a tokenizer without <unk> silently skips unknown characters ('１２+３４=' -> '+=').
-    `known`: characters already found representable (validate() shares one set across rows)."""
+    `known`: characters already found representable (config.load_prompts shares one set across rows)."""
     raw = text
     if chat_template:
         if tokenizer.chat_template is None:
@@ -188,73 +130,16 @@ def check_addition(response: str, answer: str) -> bool:
     return ">" in response and response.rsplit(">", 1)[1].strip() == answer.strip()
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, matching nested braces; None if there is none."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = start + len("\\boxed")
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text) or text[i] != "{":
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None  # unbalanced: the response was cut off inside the box
-
-
-def _normalise(s: str) -> str:
-    s = s.strip().strip("$").strip()
-    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\dfrac", "\\frac"),
-                     ("\\tfrac", "\\frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""),
-                     ("%", ""), ("\\$", "")):
-        s = s.replace(old, new)
-    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
-    return s.replace(" ", "").rstrip(".")
-
-
-def _as_number(s: str) -> Fraction | None:
-    """Exact value of "42", "-3.50", "1,234", "3/4", "\\frac{3}{4}", "-\\frac34"; None otherwise."""
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")  # thousands separators only, never "1,2" (a tuple)
-    m = re.fullmatch(r"(-?)\\frac\{?(-?\d+)\}?\{?(-?\d+)\}?", s) or re.fullmatch(r"(-?)(-?\d+)/(-?\d+)", s)
-    try:
-        if m:
-            value = Fraction(int(m.group(2)), int(m.group(3)))
-            return -value if m.group(1) else value
-        return Fraction(s) if re.fullmatch(r"-?\d*\.?\d+(e-?\d+)?", s) else None
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def check_math(response: str, answer: str) -> bool:
-    """Last \\boxed{} of the response vs the reference (text after '####' for GSM8K, its last
-    \\boxed{} for MATH-style solutions): equal as exact numbers when both parse, else equal as
-    normalised strings."""
-    if "####" in answer:
-        answer = answer.rsplit("####", 1)[1]
-    elif "\\boxed" in answer:
-        answer = last_boxed(answer) or answer
-    got = last_boxed(response)
-    if got is None:
-        return False
-    got, want = _normalise(got), _normalise(answer)
-    x, y = _as_number(got), _as_number(want)
-    if x is not None and y is not None:
-        return x == y
-    return got == want
-
-
-CHECKERS = {"addition": check_addition, "math": check_math}
+CHECKERS = ("addition", "math")
 
 
 def check(checker: str, response_text: str, answer: str) -> bool:
-    if checker not in CHECKERS:
-        raise ValueError(f"unknown checker {checker!r}; use one of {sorted(CHECKERS)}")
-    return CHECKERS[checker](response_text, answer)
+    if checker == "addition":
+        return check_addition(response_text, answer)
+    if checker == "math":
+        import math_task  # the \boxed{} grader, loaded on the first real-data row
+        return math_task.check_math(response_text, answer)
+    raise ValueError(f"unknown checker {checker!r}; use one of {sorted(CHECKERS)}")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -275,5 +160,5 @@ def evaluate(model, tokenizer, prompts: list[dict], batch_size: int = 250,
         cu = traj["cu_seqlens"].tolist()
         texts = tokenizer.batch_decode([traj["token_ids"][cu[j]:cu[j + 1]].tolist() for j in range(len(rows))],
                                        skip_special_tokens=True)
-        correct += sum(check(r["checker"], t, r["answer"]) for r, t in zip(rows, texts))
+        correct += sum(check(r["checker"], t, r["answer"]) for r, t in zip(rows, texts, strict=True))
     return correct / max(1, len(prompts))

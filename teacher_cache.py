@@ -1,14 +1,13 @@
 """Finite teacher-score cache: a packed, token-major dict of plain tensors.
 
 THE shift convention (stated here once; everything else calls `response_positions`):
-A sequence is a prompt x_0..x_{P-1} followed by a response y_0..y_{L-1} (y_{L-1} may be EOS).
-Row r of every per-token field describes y_r and the distribution that generated it, i.e. the model
-output at absolute position  P + r - 1  of the concatenated sequence. So rows use positions P-1 ..
-P+L-2: the first response token (scored from the last prompt position) and the last (EOS) are both
-included, and nothing is one position off.
+A sequence is a prompt x_0..x_{P-1} followed by a response y_0..y_{L-1} (y_{L-1} may be EOS). Row r of every
+per-token field describes y_r and the distribution that generated it, i.e. the model output at absolute position
+P + r - 1  of the concatenated sequence. So rows use positions P-1 .. P+L-2: the first response token (scored from
+the last prompt position) and the last (EOS) are both included, and nothing is one position off.
 
-Layout: N = total response tokens, B = sequences. No [B, S, K] padding: per-token fields are
-stacked sequence after sequence, and `cu_seqlens` says where each sequence's rows start and end.
+Layout: N = total response tokens, B = sequences. No [B, S, K] padding: per-token fields are stacked sequence after
+sequence, and `cu_seqlens` says where each sequence's rows start and end.
 
   sequence fields                    shape      dtype
   prompt_ids                         [sum P]    int64   all prompts, concatenated
@@ -28,13 +27,11 @@ stacked sequence after sequence, and `cu_seqlens` says where each sequence's row
   teacher_mc_ids / _logp             [N, Mt]    i64/f32 Mt i.i.d. draws from the teacher, with t
   teacher_dense_logp                 [N, V]     f32     full teacher log-softmax (tests only)
 
-Bytes per response token, by field group (int64 ids, as the contract fixes):
-  core (token_ids, behavior_logp, teacher_logp, policy_version, loss_mask)   25
-  teacher top-K  12 K      student support  16 Ks      rollout MC  16 M (+4 M proximal)
-  teacher MC     12 Mt     dense            4 V
-  sequence fields: 8 per prompt token + 25 per sequence + 16 per cache, amortised over N.
-A dict of CPU tensors crosses torch.multiprocessing queues through shared memory as is; offline.py writes it
-to disk (safetensors chunks, checksummed) for Lightning OPD.
+Bytes per response token (int64 ids, as the contract fixes): core (token_ids, behavior_logp, teacher_logp,
+policy_version, loss_mask) 25, teacher top-K 12 K, student support 16 Ks, rollout MC 16 M (+4 M proximal), teacher MC
+12 Mt, dense 4 V; sequence fields add 8 per prompt token + 25 per sequence + 16 per cache, amortised over N.
+A dict of CPU tensors crosses torch.multiprocessing queues through shared memory as is; offline.py writes it to disk
+(safetensors chunks, checksummed) for Lightning OPD.
 """
 import hashlib
 import itertools
@@ -44,13 +41,14 @@ import os
 import torch
 
 I64, F32, BOOL = torch.int64, torch.float32, torch.bool
-# name -> dtype, what its first dim counts ("N" response tokens, "B" sequences, "B+1" offsets,
-# "P" prompt tokens), and its second dim's width name (None = rank 1).
+# name -> dtype, rows its first dim counts ("N" response tokens, "B" sequences, "B+1" offsets, "P" prompt tokens)
+# and the width group of its second dim (None = rank 1).
 FIELD_SPECS = {name: dict(dtype=dtype, rows=rows, width=width) for rows, width, group in [
     ("P", None, dict(prompt_ids=I64)),
     ("B+1", None, dict(prompt_cu_seqlens=I64, cu_seqlens=I64)),
     ("B", None, dict(finished=BOOL, prompt_index=I64)),
-    ("N", None, dict(token_ids=I64, behavior_logp=F32, teacher_logp=F32, policy_version=I64, loss_mask=BOOL, proximal_logp=F32)),
+    ("N", None, dict(token_ids=I64, behavior_logp=F32, teacher_logp=F32, policy_version=I64, loss_mask=BOOL,
+                     proximal_logp=F32)),
     ("N", "K", dict(teacher_topk_ids=I64, teacher_topk_logp=F32)),
     ("N", "Ks", dict(student_topk_ids=I64, student_topk_behavior_logp=F32, student_topk_teacher_logp=F32)),
     ("N", "M", dict(mc_ids=I64, mc_behavior_logp=F32, mc_teacher_logp=F32, mc_proximal_logp=F32)),
@@ -65,7 +63,6 @@ MAY_BE_NEG_INF = {"student_topk_behavior_logp"}
 GATHERED = {"student_topk_teacher_logp": "student_topk_ids", "mc_teacher_logp": "mc_ids"}  # t at rollout ids
 
 
-# ----------------------------------------------------------------------------- the shift
 def _segments(lens):
     """(segment [n], index within its segment [n]) for segments of these lengths laid end to end."""
     seg = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
@@ -83,8 +80,8 @@ def response_positions(prompt_lens, response_lens):
 
 
 def pad_batch(cache, pad_token_id=0):
-    """Right-padded prompt+response (input_ids, attention_mask [B,S]) and rows [N] = b*S + P_b + r - 1, the flat
-    index into hidden.reshape(B*S, H) of each response row. Right padding keeps positions; causal attention skips pads."""
+    """Right-padded prompt+response (input_ids, attention_mask [B,S]) and rows [N] = b*S + P_b + r - 1, the flat index
+    into hidden.reshape(B*S, H) of each response row. Right padding keeps positions; causal attention skips pads."""
     P, L = cache["prompt_cu_seqlens"].diff(), cache["cu_seqlens"].diff()
     if P.numel() == 0:
         raise ValueError("pad_batch: empty batch (B = 0); drop it before the forward pass")
@@ -97,7 +94,6 @@ def pad_batch(cache, pad_token_id=0):
     return input_ids, attention_mask, b * S + pos
 
 
-# ----------------------------------------------------------------------------- checks and sizes
 def widths(cache):
     """{"K": .., "Ks": .., "M": .., "Mt": .., "V": ..} for the width groups present in cache."""
     out = {}
@@ -110,10 +106,8 @@ def widths(cache):
 
 def validate(cache, vocab_size=None, where=""):
     """Check names, shapes, dtypes and ranges; raise ValueError (one line) at the first problem."""
-    at = f" in {where}" if where else ""
-
     def bad(name, problem):
-        raise ValueError(f"field '{name}'{at}: {problem}")
+        raise ValueError(f"field '{name}'{' in ' + where if where else ''}: {problem}")
 
     for name in [n for n in REQUIRED_FIELDS if n not in cache]:
         bad(name, f"missing (every cache needs {', '.join(REQUIRED_FIELDS)})")
@@ -169,7 +163,6 @@ def bytes_per_token(cache):
     return sum(t.numel() * t.element_size() for t in cache.values()) / N
 
 
-# ----------------------------------------------------------------------------- slicing
 def select_sequences(cache, seq_idx):
     """Cache holding only sequences seq_idx (in that order): mini-batches, FSDP rank shards."""
     seq_idx = torch.as_tensor(seq_idx, dtype=I64, device=cache["cu_seqlens"].device).reshape(-1)
@@ -183,16 +176,13 @@ def select_sequences(cache, seq_idx):
         seg, within = _segments(lens)
         index[rows] = cu[seq_idx][seg] + within  # flat rows of the selected sequences, in order
         out[cu_name] = torch.cat([torch.zeros(1, dtype=I64, device=cu.device), torch.cumsum(lens, 0)])
-    for name, t in cache.items():
-        if FIELD_SPECS[name]["rows"] != "B+1":
-            out[name] = t[index[FIELD_SPECS[name]["rows"]]]
-    return out
+    return out | {name: t[index[FIELD_SPECS[name]["rows"]]] for name, t in cache.items()
+                  if FIELD_SPECS[name]["rows"] != "B+1"}
 
 
 def split_by_tokens(cache, budget, seq_idx=None):
-    """Groups of sequence indices (from seq_idx, default all) whose right-padded prompt+response tokens,
-    len(group) * longest, stay within `budget`: longest first, greedy. A sequence longer than the budget
-    forms a group alone (it still runs, over budget). budget 0: one group, seq_idx in the given order."""
+    """Groups of sequence indices (seq_idx, default all), longest first, greedy, each padding to len(group) * longest
+    <= `budget` prompt+response tokens; a longer sequence runs alone, over budget. budget 0: one group, as given."""
     seq_idx = list(range(cache["cu_seqlens"].numel() - 1)) if seq_idx is None else [int(i) for i in seq_idx]
     if budget <= 0 or not seq_idx:
         return [seq_idx] if seq_idx else []
@@ -220,24 +210,22 @@ def concat(caches):
                                  f"cache 0 has {first[n].dtype}{tuple(first[n].shape)}")
     out = {n: torch.cat([c[n] for c in caches]) for n in first if FIELD_SPECS[n]["rows"] != "B+1"}
     for n in [n for n in first if FIELD_SPECS[n]["rows"] == "B+1"]:  # offsets: shift by the rows before
-        offsets = itertools.accumulate((int(c[n][-1]) for c in caches), initial=0)
-        out[n] = torch.cat([first[n][:1]] + [c[n][1:] + o for c, o in zip(caches, offsets)])
+        before = itertools.accumulate((int(c[n][-1]) for c in caches[:-1]), initial=0)
+        out[n] = torch.cat([first[n][:1]] + [c[n][1:] + o for c, o in zip(caches, before, strict=True)])
     return out
 
 
-# ----------------------------------------------------------------------------- teacher scoring
 @torch.no_grad()
 def score(teacher_model, traj, fields, teacher_topk=0, teacher_mc=0, generator=None, chunk_size=1024, pad_token_id=0,
           batch_tokens=0):
-    """Teacher forward over the padded batch; returns a new dict = traj + the requested fields. t = the
-    teacher's log_softmax at temperature 1 in float32, `chunk_size` rows at a time (no [N, V] unless teacher_dense_logp
-    is asked for); teacher_mc_ids: `teacher_mc` i.i.d. draws with replacement from softmax(t), using `generator`.
-    batch_tokens > 0: the forward runs over sub-batches of at most that many padded tokens (split_by_tokens) whose
-    response rows are gathered into one [N, H] before the row chunks, so the output equals one forward's (the draws
-    too: the row chunks and the generator see the same rows in the same order)."""
+    """Teacher forward over the padded batch: traj + the requested fields. t = the teacher's float32 log_softmax
+    (temperature 1), `chunk_size` rows at a time: no [N, V] unless teacher_dense_logp is asked for. teacher_mc_ids:
+    `teacher_mc` i.i.d. draws with replacement from softmax(t) by `generator`. batch_tokens > 0: one forward per
+    split_by_tokens group, the rows gathered back into one [N, H] first, so the output (draws too) is one forward's."""
     fields = set(fields)
     if fields - TEACHER_FIELDS:
-        raise ValueError(f"score: {sorted(fields - TEACHER_FIELDS)} are not teacher fields; choose from {sorted(TEACHER_FIELDS)}")
+        raise ValueError(f"score: {sorted(fields - TEACHER_FIELDS)} are not teacher fields; "
+                         f"choose from {sorted(TEACHER_FIELDS)}")
     if teacher_model.training:
         raise ValueError("score: teacher_model is in training mode; call teacher_model.eval() first")
     V = teacher_model.lm_head.out_features
@@ -249,20 +237,21 @@ def score(teacher_model, traj, fields, teacher_topk=0, teacher_mc=0, generator=N
     if fields & {"teacher_mc_ids", "teacher_mc_logp"} and teacher_mc < 1:  # with replacement: may exceed V
         raise ValueError(f"score: teacher MC fields need teacher_mc >= 1, got {teacher_mc}")
     validate(traj, vocab_size=V, where="score input")
-    device, out_device = teacher_model.lm_head.weight.device, traj["token_ids"].device
+    device, cu = teacher_model.lm_head.weight.device, traj["cu_seqlens"]
     groups = split_by_tokens(traj, batch_tokens) or [[]]  # B = 0: pad_batch refuses it below
-    hidden, cu = None, traj["cu_seqlens"]
+    hidden = None
     for group in groups:
         sub = select_sequences(traj, group) if len(groups) > 1 else traj
         input_ids, attention_mask, rows = pad_batch(sub, pad_token_id)
-        h = teacher_model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)[0]
+        h = teacher_model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                use_cache=False)[0]
         h = h.reshape(-1, h.shape[-1])[rows.to(device)]  # [n, H], row r = position P+r-1
         if len(groups) == 1:
             hidden = h
             break
         if hidden is None:
             hidden = h.new_empty(int(cu[-1]), h.shape[-1])
-        hidden[torch.cat([torch.arange(int(cu[i]), int(cu[i + 1])) for i in group]).to(device)] = h  # back to traj's rows
+        hidden[torch.cat([torch.arange(int(cu[i]), int(cu[i + 1])) for i in group]).to(device)] = h  # traj's rows
     parts = {f: [] for f in fields}
     for lo in range(0, max(hidden.shape[0], 1), chunk_size):  # N = 0 still runs one (empty) chunk: right shapes
         sl = slice(lo, lo + chunk_size)
@@ -278,26 +267,9 @@ def score(teacher_model, traj, fields, teacher_topk=0, teacher_mc=0, generator=N
             got["teacher_mc_logp"] = t.gather(1, got["teacher_mc_ids"])
         for f in fields:
             parts[f].append(got[f])
-    out = dict(traj, **{f: torch.cat(p).to(out_device) for f, p in parts.items()})
+    out = dict(traj, **{f: torch.cat(p).to(traj["token_ids"].device) for f, p in parts.items()})
     validate(out, vocab_size=V, where="score output")
     return out
-
-
-# ----------------------------------------------------------------------------- identities
-def fingerprint(model_dir):
-    """sha256 over config.json, every *.safetensors (sorted) and tokenizer.json if present; 16 hex."""
-    config = os.path.join(model_dir, "config.json")
-    weights = sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if n.endswith(".safetensors"))
-    if not os.path.isfile(config) or not weights:
-        raise ValueError(f"fingerprint: {model_dir} needs config.json and *.safetensors (save_pretrained with safe_serialization)")
-    tok = os.path.join(model_dir, "tokenizer.json")
-    h = hashlib.sha256()
-    for path in [config] + weights + ([tok] if os.path.isfile(tok) else []):
-        h.update(os.path.basename(path).encode() + b"\0")  # names too: a renamed shard is another model
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer_or_dir):
@@ -306,7 +278,8 @@ def tokenizer_fingerprint(tokenizer_or_dir):
         import tokenizers
         path = os.path.join(tokenizer_or_dir, "tokenizer.json") if os.path.isdir(tokenizer_or_dir) else tokenizer_or_dir
         if not os.path.isfile(path):
-            raise ValueError(f"tokenizer_fingerprint: no tokenizer.json at {path}; pass the tokenizer object instead")
+            raise ValueError(f"tokenizer_fingerprint: no tokenizer.json at {path}; "
+                             "pass the tokenizer object instead")
         vocab = tokenizers.Tokenizer.from_file(os.fspath(path)).get_vocab(with_added_tokens=True)
     else:  # an HF / tokenizers tokenizer
         vocab = tokenizer_or_dir.get_vocab()

@@ -45,7 +45,7 @@ def models(tiny_models, tmp_path_factory):
     """(student SFT'd on the tiny teacher, teacher, work folder)."""
     student, teacher = tiny_models
     root = tmp_path_factory.mktemp("offline")
-    return sft_student(student, root / "student", teacher_cache.fingerprint(teacher)), teacher, root
+    return sft_student(student, root / "student", offline.fingerprint(teacher)), teacher, root
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_cache_round_trips_exactly(models, cache_dir, tmp_path, loss, dtype):
         assert needed <= set(got) and set(got) == set(want), (sorted(got), sorted(want))
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (c, k)
-        assert meta["teacher_fingerprint"] == teacher_cache.fingerprint(teacher) and meta["chunk_index"] == c
+        assert meta["teacher_fingerprint"] == offline.fingerprint(teacher) and meta["chunk_index"] == c
         assert meta["teacher_dtype"] == str(config.teacher_dtype(cfg))
     whole, meta = offline.load_dir(directory)
     for k, v in teacher_cache.concat(online).items():
@@ -217,7 +217,7 @@ def refused(student, teacher, cache, **kw):
 
 def test_teacher_consistency_guard(models, cache_dir, tiny_models, tmp_path):
     student, teacher, root = models
-    fp = teacher_cache.fingerprint(teacher)
+    fp = offline.fingerprint(teacher)
     other = sft_student(student, tmp_path / "other", "0123456789abcdef")
     msg = refused(other, teacher, cache_dir)
     assert "teacher consistency" in msg and fp in msg and "0123456789abcdef" in msg and "allow_teacher_mismatch" in msg
@@ -233,7 +233,7 @@ def test_teacher_consistency_guard(models, cache_dir, tiny_models, tmp_path):
 
 def test_cache_vocabulary_and_fields_guards(models, cache_dir, tmp_path):
     student, teacher, _ = models
-    fp = teacher_cache.fingerprint(teacher)
+    fp = offline.fingerprint(teacher)
     tok = task.build_tokenizer()
     tok.add_tokens(["@"])  # one more token: another vocabulary
     other_tok = make_model_dir(tmp_path / "tok", tok, 32, 1)

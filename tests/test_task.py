@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+import math_task
 import task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,8 +115,16 @@ def test_math_checker(response, answer, ok):
 
 
 def test_last_boxed_nested():
-    assert task.last_boxed("a \\boxed{\\{1, \\frac{2}{3}\\}} b") == "\\{1, \\frac{2}{3}\\}"
-    assert task.last_boxed("no box") is None
+    assert math_task.last_boxed("a \\boxed{\\{1, \\frac{2}{3}\\}} b") == "\\{1, \\frac{2}{3}\\}"
+    assert math_task.last_boxed("no box") is None
+
+
+def test_addition_never_loads_math_task():
+    """The default run's line budget counts what it imports: real-data support is loaded only on use."""
+    code = "\n".join(["import sys", "import task", "rows = task.load_prompts('addition', 'test', 5)",
+                      "assert all(task.check(r['checker'], '>' + r['answer'], r['answer']) for r in rows)",
+                      "assert 'math_task' not in sys.modules, 'task imported math_task for the addition task'"])
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_load_prompts_files(tmp_path):
@@ -137,7 +148,7 @@ def test_load_prompts_files(tmp_path):
     (tmp_path / "gsm_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = task.load_prompts(str(tmp_path / "gsm_{split}.jsonl"), "test")
     assert [r["checker"] for r in got] == ["math", "math"]
-    assert got[0]["prompt"] == "What is 6*7?" + task.MATH_INSTRUCTION
+    assert got[0]["prompt"] == "What is 6*7?" + math_task.MATH_INSTRUCTION
     assert got[1]["prompt"] == rows[1]["question"]               # already asks for \boxed{}
     assert task.check("math", "\\boxed{42}", got[0]["answer"]) and task.check("math", "\\boxed{3/2}", got[1]["answer"])
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm.parquet")
@@ -154,7 +165,7 @@ def test_hf_source_without_datasets():
 
 
 def test_shipped_models():
-    from teacher_cache import fingerprint   # the same hash the pipeline's teacher guard uses
+    from offline import fingerprint  # the same hash the pipeline's teacher guard uses
     models = {}
     for d in (TEACHER, STUDENT):
         assert os.path.getsize(os.path.join(d, "model.safetensors")) <= 10 * 2**20

@@ -367,16 +367,16 @@ def test_cache_crosses_a_spawn_multiprocessing_queue(tmp_path):
 # ----------------------------------------------------------------------------- identities
 def test_fingerprint_tracks_weights_config_and_tokenizer(tmp_path, teacher):
     teacher.save_pretrained(tmp_path / "m")
-    fp = tc.fingerprint(tmp_path / "m")
-    assert len(fp) == 16 and int(fp, 16) >= 0 and fp == tc.fingerprint(tmp_path / "m")
+    fp = offline.fingerprint(tmp_path / "m")
+    assert len(fp) == 16 and int(fp, 16) >= 0 and fp == offline.fingerprint(tmp_path / "m")
     from transformers import Qwen2ForCausalLM
     other = Qwen2ForCausalLM.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         other.model.norm.weight[0] += 1e-3
     other.save_pretrained(tmp_path / "m2")
-    assert tc.fingerprint(tmp_path / "m2") != fp
+    assert offline.fingerprint(tmp_path / "m2") != fp
     with pytest.raises(ValueError, match="needs config.json and \\*.safetensors"):
-        tc.fingerprint(tmp_path)
+        offline.fingerprint(tmp_path)
 
 
 def _word_tokenizer(words):
