@@ -198,8 +198,8 @@ def get_shard(ch, cfg, rank):
             if ch.stop.is_set():
                 stopped = stopped or time.time()
                 if time.time() - stopped > cfg.dist_timeout_s:
-                    raise RuntimeError(f"learner rank {rank}: no batch or stop marker from rank 0 within dist_timeout_s="
-                                       f"{cfg.dist_timeout_s} s of the stop: see rank 0's error") from None
+                    why = f"no batch or stop marker from rank 0 within dist_timeout_s={cfg.dist_timeout_s} s of a stop"
+                    raise RuntimeError(f"learner rank {rank}: {why}: see rank 0's error") from None
 
 
 def publish_weights(ch, student, weights, version, rank):
@@ -347,7 +347,7 @@ def check_checkpoint(cfg):
         raise ValueError(f"{where} has version {version} but step {step} * mini_batches {cfg.mini_batches} = "
                          f"{step * cfg.mini_batches}: the file was edited; resume from another ckpt_* folder")
     if cfg.steps <= step:
-        raise ValueError(f"resume: steps={cfg.steps} is not above the checkpoint's step {step}: raise steps to continue")
+        raise ValueError(f"resume: steps={cfg.steps} is not above the checkpoint's step {step}: raise steps")
 
 
 def load_optimizer(student, opt, resume, rank):
