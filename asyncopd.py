@@ -23,6 +23,7 @@ Run:  python asyncopd.py train configs/default.yaml [key=value ...]
       python asyncopd.py precompute configs/offline.yaml     (offline teacher cache)
       python asyncopd.py --help                              (every config key)
 """
+import childguard  # noqa: F401, I001 - first: a child of the run dies with the coordinator from here on
 import json
 import os
 import signal

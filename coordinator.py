@@ -4,6 +4,7 @@ asyncopd.run() uses it; nothing here knows about OPD.
 """
 import dataclasses
 import json
+import math
 import os
 import queue
 import signal
@@ -17,16 +18,13 @@ import torch
 import yaml
 
 import channels
+import childguard
 
 
 def child_main(role, fn, ch, *args):
     """Entry of every child: die with the coordinator, turn SIGTERM/SIGINT into a clean stop of the whole run,
     report any exception to the coordinator as (role, error, traceback)."""
-    if sys.platform == "linux":
-        import ctypes
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans if the coordinator dies
-    if os.getppid() != ch.coordinator:  # it died while this child was importing (before the prctl): nobody left
-        os._exit(1)
+    childguard.die_with(ch.coordinator)  # again: the main module may not be asyncopd.py (bench, lab, tests)
     channels.ROLE = role  # its first beat comes with its first wait or stage: model loading is not watched
     received = []
 
@@ -65,6 +63,7 @@ def start_children(ch, roles, run_dir):
     import torch.multiprocessing as mp
     spawn, procs, stop_signals = mp.get_context("spawn"), {}, {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    os.environ[childguard.COORDINATOR_ENV] = str(os.getpid())  # read by childguard in each child, first thing
     try:
         for role, fn, args in roles:  # not daemonic: vLLM starts a process of its own
             procs[role] = spawn.Process(target=child_main, args=(role, fn, ch, *args), name=f"asyncopd-{role}")
@@ -75,6 +74,7 @@ def start_children(ch, roles, run_dir):
         raise
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        os.environ.pop(childguard.COORDINATOR_ENV, None)
     with open(os.path.join(run_dir, "pids.json"), "w") as f:
         json.dump({"coordinator": os.getpid(), **{r: p.pid for r, p in procs.items()}}, f)
     return procs
@@ -102,7 +102,8 @@ class Watch:
 
     def __init__(self, cfg, run_dir, start_step):
         from tqdm import tqdm
-        self.summary = {"evals": [], "teacher_accuracy": None, "steps": []}
+        # bounded: the last step record and running staleness figures, not every step (metrics.jsonl has them)
+        self.summary = {"evals": [], "teacher_accuracy": None, "last_step": None, "stale": [math.inf, 0.0, 0.0, 0]}
         self.stopping, self.stalled, self.longest = [], [], 0.0  # (signal, time) received; (role, seconds silent)
         self.bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True,
                         desc=cfg.schedule)
@@ -127,13 +128,17 @@ class Watch:
         if kind == "teacher_eval":
             self.summary["teacher_accuracy"] = rec["accuracy"]
         elif kind == "checkpoint":
-            self.summary["checkpoint"] = rec["path"]
+            self.summary["checkpoint"], self.summary["checkpoint_step"] = rec["path"], rec["step"]
         elif kind in ("step", "eval"):
-            self.summary[kind + "s"].append(rec)
-            if kind == "step":
+            if kind == "eval":
+                self.summary["evals"].append(rec)
+            else:  # staleness: min, sum of batch means, max, batches
+                self.summary["last_step"], old = rec, self.summary["stale"]
+                self.summary["stale"] = [min(old[0], rec["stale_min"]), old[1] + rec["stale_mean"],
+                                         max(old[2], rec["stale_max"]), old[3] + 1]
                 self.bar.update(1)
-            steps, evals = self.summary["steps"], self.summary["evals"]
-            last = steps[-1] if steps else {"loss": 0, "stale_mean": 0, "tokens_per_s": 0}
+            evals = self.summary["evals"]
+            last = self.summary["last_step"] or {"loss": 0, "stale_mean": 0, "tokens_per_s": 0}
             self.bar.set_postfix(loss=f"{last['loss']:.3f}", stale=f"{last['stale_mean']:.1f}",
                                  tok_s=f"{last['tokens_per_s']:.0f}",
                                  acc=f"{evals[-1]['accuracy']:.2f}" if evals else "-")
@@ -200,7 +205,7 @@ def watch(cfg, ch, procs, run_dir, start_step):
         for s, h in old.items():  # last: a signal during the clean-up above is recorded, not fatal
             signal.signal(s, h)
     if w.stalled:
-        error = stall_error(cfg, w.stalled[0], w.summary, start_step)
+        error = stall_error(cfg, w.stalled[0], w.summary)
     if error:
         role, msg, tb = error
         with open(os.path.join(run_dir, "error.log"), "w") as f:
@@ -230,10 +235,10 @@ def end_children(ch, procs, stalled, quick):
         q.cancel_join_thread()
 
 
-def stall_error(cfg, stalled, summary, start_step):
+def stall_error(cfg, stalled, summary):
     role, silent = stalled
     ckpt = summary.get("checkpoint")
-    then = (f"checkpoint of step {summary['steps'][-1]['step'] if summary['steps'] else start_step} in {ckpt}; "
+    then = (f"checkpoint of step {summary.get('checkpoint_step')} in {ckpt}; "
             f"resume with resume={ckpt}") if ckpt else "no checkpoint: the learner hung before it could save"
     return role, (f"the {role} process made no progress for {silent:.0f} s (stopped or hung; stall_timeout_s="
                   f"{cfg.stall_timeout_s:g}): {then}"), ""
@@ -290,17 +295,15 @@ def plot_run(run_dir):
 
 
 def summary_table(cfg, s):
-    steps, evals = s["steps"], s["evals"]
+    last, evals, (low, total, high, n) = s["last_step"], s["evals"], s["stale"]
     fmt = lambda a: "-" if a is None else f"{100 * a:.1f}%"  # noqa: E731
     rows = [("schedule / estimator", f"{cfg.schedule} / {cfg.loss.name}"),
             ("teacher accuracy", fmt(s["teacher_accuracy"])),
             ("student accuracy before", fmt(evals[0]["accuracy"] if evals else None)),
             ("student accuracy after", fmt(evals[-1]["accuracy"] if len(evals) > 1 else None)),
-            ("learner steps", f"{steps[-1]['step'] if steps else 0}"),
-            ("trained tokens / s", f"{steps[-1]['tokens_per_s']:.0f}" if steps else "-"),
-            ("staleness min / mean / max", "-" if not steps else
-             f"{min(r['stale_min'] for r in steps):.0f} / {sum(r['stale_mean'] for r in steps) / len(steps):.2f} / "
-             f"{max(r['stale_max'] for r in steps):.0f}"),
+            ("learner steps", f"{last['step'] if last else 0}"),
+            ("trained tokens / s", f"{last['tokens_per_s']:.0f}" if last else "-"),
+            ("staleness min / mean / max", f"{low:.0f} / {total / n:.2f} / {high:.0f}" if n else "-"),
             ("run folder", s["run_dir"] + "  (metrics.jsonl, plots.png, trace.json, ckpt_*)")]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
