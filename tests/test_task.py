@@ -55,7 +55,8 @@ def test_encode_prompt():
         task.encode_prompt(tok, "0012+0003=", True)
     with pytest.raises(ValueError, match="vocabulary"):
         task.encode_prompt(tok, "12 + x", False)
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}={% endif %}")
     assert tok.decode(task.encode_prompt(tok, "0012+0003", True)) == "0012+0003="
 
 
@@ -154,7 +155,7 @@ def test_hf_source_without_datasets():
 
 
 def test_shipped_models():
-    from teacher_cache import fingerprint   # the same hash the pipeline's teacher guard uses
+    from teacher_cache import fingerprint  # the same hash the pipeline's teacher guard uses
     models = {}
     for d in (TEACHER, STUDENT):
         assert os.path.getsize(os.path.join(d, "model.safetensors")) <= 10 * 2**20
