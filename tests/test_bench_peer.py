@@ -15,13 +15,14 @@ def test_peer_table(tmp_path, capsys, monkeypatch):
     [r] = bench.main(["peer", "--systems", "asyncopd", "--seeds", "0", "--steps", "4", "--save-every", "2", "--eval-n",
                       "16", "--out", str(tmp_path), f"student={shipped}", f"teacher={shipped}", "batch_size=8",
                       "rollout_batch_size=8", "lr=1e-6"])
-    steps, times, _ = zip(*r["points"])
+    steps, times, _ = zip(*r["points"], strict=True)
     assert steps == (2, 4) and 0 < r["start_s"] < times[0] < times[1] and r["step_s"] > 0  # times grow with steps
     assert [r["hits"][k] for k in ("0.50", "0.80", "1.01")] == [(2, times[0]), (2, times[0]), None]
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("asyncopd "))
     assert row.count(f"{times[0]:.1f} (2)") == 2 and row.count("not reached") == 1
     assert not any(n.startswith("ckpt_") for n in os.listdir(tmp_path / "asyncopd-0"))  # graded, then removed
-    assert (tmp_path / "peer.png").is_file() and json.load(open(tmp_path / "peer.json"))[0]["points"] == [list(p) for p in r["points"]]
+    assert (tmp_path / "peer.png").is_file()
+    assert json.load(open(tmp_path / "peer.json"))[0]["points"] == [list(p) for p in r["points"]]
 
 
 def test_peer_refuses_without_trl(tmp_path):
@@ -29,6 +30,7 @@ def test_peer_refuses_without_trl(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('no trl here')\n")  # TRL missing, even where it is installed
     out = subprocess.run([sys.executable, "bench.py", "peer", "--systems", "asyncopd,trl-gkd", "--out", str(tmp_path)],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                         timeout=120)
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "pip install trl==1.16.0" in out.stderr and not os.path.exists(tmp_path / "asyncopd-0")

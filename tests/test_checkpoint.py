@@ -1,22 +1,22 @@
 """Durable checkpoints, in-process: written to a temp folder and renamed, a manifest (sha256 of every file) checked
 on resume before any process starts, trainer_state.json checked against the resumed config."""
-from types import SimpleNamespace
 import dataclasses
 import json
 import os
 import queue
 import shutil
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import asyncopd
 import config
 import coordinator
+import estimators
 import learner
 import offline
-import asyncopd
-import estimators
 import rollout
 from test_pipeline import scored_batch
 
@@ -27,7 +27,8 @@ def fsdp_student(tiny_models):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)
     cfg = config.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4, rollout_batch_size=4, lr=0.01,
-                          max_new_tokens=6, schedule="sync", loss=estimators.LossOptions(name="reverse_kl_mc", samples=4))
+                        max_new_tokens=6, schedule="sync",
+                        loss=estimators.LossOptions(name="reverse_kl_mc", samples=4))
     student, opt, device = learner.build_learner(cfg, 0, 1, cfg.student)
     yield cfg, student, opt
     dist.destroy_process_group()
@@ -52,7 +53,8 @@ def test_checkpoint_is_renamed_into_place_and_damage_is_refused(fsdp_student, tm
     assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "config.json"} <= set(files)
     learner.check_checkpoint(dataclasses.replace(cfg, resume=path, steps=4))  # intact: accepted
     inode = os.stat(os.path.join(path, "model.safetensors")).st_ino
-    save(dataclasses.replace(cfg, resume=path), student, opt, 2, tmp_path)  # resumed into the same folder, stopped at once
+    # resumed into the same folder, stopped at once
+    save(dataclasses.replace(cfg, resume=path), student, opt, 2, tmp_path)
     assert os.stat(os.path.join(path, "model.safetensors")).st_ino == inode  # the start checkpoint was not rewritten
     save(cfg, student, opt, 2, tmp_path)  # another run under this run_name: replaced whole, by a rename
     assert os.stat(os.path.join(path, "model.safetensors")).st_ino != inode and os.listdir(tmp_path) == ["ckpt_00002"]

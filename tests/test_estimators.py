@@ -54,7 +54,8 @@ for _name, _tag in (("reverse_kl_pg", "pg"), ("reverse_kl_mc", "mc")):
     }
 # estimators that are a divergence of two complete distributions, or whose gradient -r A grad s has A = 0:
 # they have zero gradient at teacher == student; bare truncations and single MC draws do not
-ZERO_GRAD_AT_EQUALITY = {k for k in CONFIGS if k not in ("fwd_topk", "fwd_mc", "rev_support_student", "rev_support_teacher")}
+ZERO_GRAD_AT_EQUALITY = {k for k in CONFIGS
+                         if k not in ("fwd_topk", "fwd_mc", "rev_support_student", "rev_support_teacher")}
 
 
 def cu_seqlens(lengths):
@@ -81,11 +82,14 @@ def make_case(seed, lengths=LENGTHS, V=60, K=8, Ks=6, M=5, Mt=7, stale=0.7, mask
     y = mc_ids[:, :1]
     cache = {
         "cu_seqlens": cu_seqlens(lengths), "loss_mask": mask, "token_ids": y[:, 0],
-        "behavior_logp": b.gather(1, y)[:, 0], "teacher_logp": t.gather(1, y)[:, 0], "proximal_logp": prox.gather(1, y)[:, 0],
+        "behavior_logp": b.gather(1, y)[:, 0], "teacher_logp": t.gather(1, y)[:, 0],
+        "proximal_logp": prox.gather(1, y)[:, 0],
         "teacher_topk_ids": top_t.indices, "teacher_topk_logp": top_t.values,
-        "student_topk_ids": s_top, "student_topk_behavior_logp": b.gather(1, s_top), "student_topk_teacher_logp": t.gather(1, s_top),
+        "student_topk_ids": s_top, "student_topk_behavior_logp": b.gather(1, s_top),
+        "student_topk_teacher_logp": t.gather(1, s_top),
         "mc_ids": mc_ids, "mc_behavior_logp": b.gather(1, mc_ids), "mc_teacher_logp": t.gather(1, mc_ids),
-        "mc_proximal_logp": prox.gather(1, mc_ids), "teacher_mc_ids": t_mc_ids, "teacher_mc_logp": t.gather(1, t_mc_ids),
+        "mc_proximal_logp": prox.gather(1, mc_ids),
+        "teacher_mc_ids": t_mc_ids, "teacher_mc_logp": t.gather(1, t_mc_ids),
         "teacher_dense_logp": t,
     }
     return z.requires_grad_(), cache
@@ -113,7 +117,8 @@ def _m2po_bounds_bisection(log_ratio, adv, valid, o):
     lo, hi = 0.0, float(d2.max())
     for _ in range(200):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if float(torch.minimum(d2, torch.tensor(mid)).sum()) < o.m2po_budget * d2.numel() else (lo, mid)
+        within = float(torch.minimum(d2, torch.tensor(mid)).sum()) < o.m2po_budget * d2.numel()
+        lo, hi = (mid, hi) if within else (lo, mid)
     tau = math.sqrt(lo)
     return max(1 - math.exp(-tau), o.m2po_floor_low), max(math.exp(tau) - 1, o.m2po_floor_high)
 
@@ -133,13 +138,15 @@ def reference(o, z, cache):
         ids = cache["teacher_mc_ids"]
         value = (torch.log(P.gather(1, ids)) - torch.log(q.gather(1, ids))).mean(-1)
     elif o.name in E.FINITE_SUPPORT_ESTIMATORS:
-        ids = cache["student_topk_ids"] if o.name != "forward_kl_topk" and o.support == "student_topk" else cache["teacher_topk_ids"]
+        on_student = o.name != "forward_kl_topk" and o.support == "student_topk"
+        ids = cache["student_topk_ids"] if on_student else cache["teacher_topk_ids"]
         Pk, Qk = (P, q) if o.support == "dense" and o.name == "jsd" else (P.gather(1, ids), q.gather(1, ids))
         if o.renormalize:
             Pk, Qk = Pk / Pk.sum(-1, keepdim=True), Qk / Qk.sum(-1, keepdim=True)
         if o.tail_bucket:  # the mass outside the support, summed over the complement (not 1 - sum)
             outside = torch.ones_like(P).scatter(1, ids, 0.0)
-            Pk, Qk = torch.cat([Pk, (P * outside).sum(-1, keepdim=True)], -1), torch.cat([Qk, (q * outside).sum(-1, keepdim=True)], -1)
+            Pk = torch.cat([Pk, (P * outside).sum(-1, keepdim=True)], -1)
+            Qk = torch.cat([Qk, (q * outside).sum(-1, keepdim=True)], -1)
         if o.name == "forward_kl_topk":
             value = (Pk * torch.log(Pk / Qk)).sum(-1)
         elif o.name == "reverse_kl_support":
@@ -150,7 +157,8 @@ def reference(o, z, cache):
             value = (Qk * torch.log(Qk / Pk) - Qk + Pk).sum(-1)
         else:
             Mx = o.beta * Pk + (1 - o.beta) * Qk
-            value = (o.beta * (Pk * torch.log(Pk / Mx)).sum(-1) + (1 - o.beta) * (Qk * torch.log(Qk / Mx)).sum(-1)) / (o.beta * (1 - o.beta))
+            value = (o.beta * (Pk * torch.log(Pk / Mx)).sum(-1)
+                     + (1 - o.beta) * (Qk * torch.log(Qk / Mx)).sum(-1)) / (o.beta * (1 - o.beta))
     else:  # reverse_kl_pg / reverse_kl_mc, per sample then mean over samples
         mc = o.name == "reverse_kl_mc"
         ids = cache["mc_ids"] if mc else cache["token_ids"][:, None]
@@ -223,7 +231,7 @@ def test_seq_mean_aggregation(seed):
     per_token, _ = E.reverse_kl_mc(student_inputs(z, cache, o), cache, o)
     got = E.aggregate(per_token, cache["loss_mask"], cache["cu_seqlens"], "seq_mean")
     means, cu = [], cache["cu_seqlens"].tolist()
-    for a, b in zip(cu[:-1], cu[1:]):
+    for a, b in zip(cu[:-1], cu[1:], strict=True):
         keep = cache["loss_mask"][a:b]
         if keep.any():
             means.append(per_token[a:b][keep].mean())
@@ -236,9 +244,11 @@ def test_seq_mean_aggregation(seed):
 def test_topk_equals_dense_when_k_is_v(seed):
     V = 40
     z, cache = make_case(seed, V=V, K=V, Ks=V)
-    dense_f, dense_r = estimator_loss(z, cache, CONFIGS["fwd_dense"])[0], estimator_loss(z, cache, CONFIGS["rev_dense"])[0]
+    dense_f = estimator_loss(z, cache, CONFIGS["fwd_dense"])[0]
+    dense_r = estimator_loss(z, cache, CONFIGS["rev_dense"])[0]
     for key, dense in (("fwd_topk", dense_f), ("fwd_topk_tail", dense_f), ("fwd_topk_renorm", dense_f),
-                       ("rev_support_teacher", dense_r), ("rev_support_student", dense_r), ("rev_support_tail", dense_r)):
+                       ("rev_support_teacher", dense_r), ("rev_support_student", dense_r),
+                       ("rev_support_tail", dense_r)):
         loss = estimator_loss(z, cache, CONFIGS[key])[0]
         torch.testing.assert_close(loss, dense, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(grad_of(loss, z), grad_of(dense, z), rtol=1e-8, atol=1e-12)
@@ -257,7 +267,8 @@ def test_teacher_equals_student_gives_zero(key):
         assert float(g.abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("key", [k for k in CONFIGS if k.startswith(("pg_", "mc_")) and not k.endswith(("old", "noratio"))])
+@pytest.mark.parametrize("key", [k for k in CONFIGS
+                                 if k.startswith(("pg_", "mc_")) and not k.endswith(("old", "noratio"))])
 def test_a_theta_is_zero_at_teacher_equals_student_even_when_stale(key):
     """A_theta = t - s vanishes when the teacher equals the current student, however stale b is."""
     z, cache = make_case(5, stale=1.5)
@@ -282,13 +293,16 @@ def test_jsd_is_continuous_at_the_endpoints(support, renorm):
         assert gaps[-1][0] < 1e-4 * abs(at_end.item()) and gaps[-1][1] < 1e-4 * float(g_end.abs().max())
         assert gaps[-1][0] < 0.03 * gaps[0][0] and gaps[-1][1] < 0.03 * gaps[0][1]
     if support == "dense":  # the endpoints are exactly the forward and reverse KLs
-        torch.testing.assert_close(estimator_loss(z, cache, replace(o, beta=0.0))[0], estimator_loss(z, cache, CONFIGS["fwd_dense"])[0])
-        torch.testing.assert_close(estimator_loss(z, cache, replace(o, beta=1.0))[0], estimator_loss(z, cache, CONFIGS["rev_dense"])[0])
+        torch.testing.assert_close(estimator_loss(z, cache, replace(o, beta=0.0))[0],
+                                   estimator_loss(z, cache, CONFIGS["fwd_dense"])[0])
+        torch.testing.assert_close(estimator_loss(z, cache, replace(o, beta=1.0))[0],
+                                   estimator_loss(z, cache, CONFIGS["rev_dense"])[0])
     if renorm:
         torch.testing.assert_close(estimator_loss(z, cache, replace(o, beta=0.0))[0],
                                    estimator_loss(z, cache, CONFIGS["fwd_topk_renorm"])[0])
+        rev_renorm = opts("reverse_kl_support", support="teacher_topk", renormalize=True)
         torch.testing.assert_close(estimator_loss(z, cache, replace(o, beta=1.0))[0],
-                                   estimator_loss(z, cache, opts("reverse_kl_support", support="teacher_topk", renormalize=True))[0])
+                                   estimator_loss(z, cache, rev_renorm)[0])
 
 
 # ----------------------------------------------------------------------------- unbiasedness and variance
@@ -362,8 +376,9 @@ PROMPTS, RESPONSES = [[5, 9, 11], [7, 3, 20, 21, 8], [30, 4]], [4, 1, 3]  # resp
 def tiny_qwen(seed):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=V_ALIGN, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, tie_word_embeddings=False, max_position_embeddings=64)
+    cfg = Qwen2Config(vocab_size=V_ALIGN, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                      max_position_embeddings=64)
     model = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)  # peaked distributions: neighbouring positions differ clearly
@@ -382,7 +397,7 @@ def build_aligned_batch():
     g = torch.Generator().manual_seed(0)
     rows = {"s": [], "t": [], "s_next": [], "t_next": [], "y": []}
     with torch.no_grad():
-        for prompt, L in zip(PROMPTS, RESPONSES):
+        for prompt, L in zip(PROMPTS, RESPONSES, strict=True):
             seq = list(prompt)
             for r in range(L):
                 s = torch.log_softmax(student(torch.tensor([seq])).logits[0, -1].double(), -1)
@@ -408,7 +423,8 @@ def cache_from(traj, s_true, t_true, seed=0, K=6, M=8):
     top, stop = t_true.topk(K, -1), s_true.topk(K, -1).indices
     return dict(traj, behavior_logp=s_true.gather(1, y)[:, 0], teacher_logp=t_true.gather(1, y)[:, 0],
                 proximal_logp=s_true.gather(1, y)[:, 0], teacher_topk_ids=top.indices, teacher_topk_logp=top.values,
-                student_topk_ids=stop, student_topk_behavior_logp=s_true.gather(1, stop), student_topk_teacher_logp=t_true.gather(1, stop),
+                student_topk_ids=stop, student_topk_behavior_logp=s_true.gather(1, stop),
+                student_topk_teacher_logp=t_true.gather(1, stop),
                 mc_ids=mc, mc_behavior_logp=s_true.gather(1, mc), mc_teacher_logp=t_true.gather(1, mc),
                 mc_proximal_logp=s_true.gather(1, mc), teacher_mc_ids=tmc, teacher_mc_logp=t_true.gather(1, tmc),
                 teacher_dense_logp=t_true)
@@ -472,7 +488,7 @@ def test_first_and_last_response_tokens_are_trained(key, aligned_batch):
     loss = E.compute_loss(s, cache, o)[0]
     trained = grad_of(loss, hidden).norm(dim=-1) > 0  # [B, S]
     expected = torch.zeros_like(trained)
-    for i, (prompt, L) in enumerate(zip(PROMPTS, RESPONSES)):
+    for i, (prompt, L) in enumerate(zip(PROMPTS, RESPONSES, strict=True)):
         expected[i, len(prompt) - 1:len(prompt) + L - 1] = True
     assert torch.equal(trained, expected)
 
@@ -528,7 +544,8 @@ def pg_case(log_s, log_b, adv, log_prox=None, mask=None):
     """Rows given directly as s (leaf), b, A_theta (t = s + A) and proximal log-probs, for reverse_kl_pg."""
     s = torch.tensor(log_s, dtype=torch.float64, requires_grad=True)
     n = len(log_s)
-    cache = {"behavior_logp": torch.tensor(log_b, dtype=torch.float64), "teacher_logp": s.detach() + torch.tensor(adv, dtype=torch.float64),
+    cache = {"behavior_logp": torch.tensor(log_b, dtype=torch.float64),
+             "teacher_logp": s.detach() + torch.tensor(adv, dtype=torch.float64),
              "loss_mask": torch.ones(n, dtype=torch.bool) if mask is None else torch.tensor(mask),
              "cu_seqlens": torch.tensor([0, n])}
     if log_prox is not None:
@@ -551,7 +568,8 @@ def test_ppo_clip_by_hand():
     #   (1.1, .5): -0.55                    d/ds = -0.55
     # token mean = 0.55 / 5 = 0.11, gradient = per-row d/ds / 5, clip_frac = 2/5
     L = math.log
-    s, cache = pg_case([L(.5), L(.5), L(.25), L(.25), L(.55)], [L(.25), L(.25), L(.5), L(.5), L(.5)], [1, -1, 1, -1, .5])
+    s, cache = pg_case([L(.5), L(.5), L(.25), L(.25), L(.55)], [L(.25), L(.25), L(.5), L(.5), L(.5)],
+                       [1, -1, 1, -1, .5])
     per_token, g, metrics = run_pg(s, cache, opts("reverse_kl_pg", clip_eps=0.2))
     torch.testing.assert_close(per_token, torch.tensor([-1.2, 2, -.5, .8, -.55], dtype=torch.float64))
     torch.testing.assert_close(g, torch.tensor([0, 2, -.5, 0, -.55], dtype=torch.float64) / 5)
@@ -577,7 +595,8 @@ def test_decoupled_ppo_by_hand():
     #   s=.45 prox=.5 b=.4 : r=.9,  w=1.25, A=.5: -0.45 -> -0.5625, d/ds = -0.5625
     # token mean = -1.9625 / 4 = -0.490625; zeroed fraction 1/4
     L = math.log
-    s, cache = pg_case([L(.6), L(.5), L(.3), L(.45)], [L(.2), L(.05), L(.6), L(.4)], [1, 1, -2, .5], [L(.4), L(.5), L(.3), L(.5)])
+    s, cache = pg_case([L(.6), L(.5), L(.3), L(.45)], [L(.2), L(.05), L(.6), L(.4)], [1, 1, -2, .5],
+                       [L(.4), L(.5), L(.3), L(.5)])
     per_token, g, metrics = run_pg(s, cache, opts("reverse_kl_pg", decoupled=True, clip_eps=0.2, behave_cap=5.0))
     torch.testing.assert_close(per_token, torch.tensor([-2.4, 0, 1.0, -.5625], dtype=torch.float64))
     torch.testing.assert_close(g, torch.tensor([0, 0, 1.0, -.5625], dtype=torch.float64) / 4)
@@ -603,10 +622,12 @@ def test_m2po_by_hand_on_tokens():
     torch.testing.assert_close(per_token[:5], torch.tensor(M2PO_LOSS, dtype=torch.float64), rtol=0, atol=1e-6)
     torch.testing.assert_close(g, torch.tensor(M2PO_GRAD + [0.0], dtype=torch.float64) / 5, rtol=0, atol=1e-6)
     assert math.isclose(m["m2po_m2"], 0.325) and math.isclose(m["m2po_tau"], math.sqrt(0.175))
-    assert math.isclose(m["m2po_eps_low"], 0.341855, abs_tol=1e-6) and math.isclose(m["m2po_eps_high"], 0.519422, abs_tol=1e-6)
+    assert math.isclose(m["m2po_eps_low"], 0.341855, abs_tol=1e-6)
+    assert math.isclose(m["m2po_eps_high"], 0.519422, abs_tol=1e-6)
     # within budget: no clipping at all
     per_token, _, m = run_pg(s, cache, opts("reverse_kl_pg", m2po_budget=0.5))
-    torch.testing.assert_close(per_token[:5], torch.tensor([-1.105171, 0.818731, -1.648721, 0.367879, 2.225541], dtype=torch.float64), rtol=0, atol=1e-6)
+    unclipped = torch.tensor([-1.105171, 0.818731, -1.648721, 0.367879, 2.225541], dtype=torch.float64)
+    torch.testing.assert_close(per_token[:5], unclipped, rtol=0, atol=1e-6)
     assert "m2po_eps_low" not in m
 
 
@@ -614,13 +635,16 @@ def test_m2po_by_hand_on_samples():
     """The same entries in the [N, M] layout: rows (e1, e2), (e3, e4), (e5, e5), and a masked row (e6, e6)."""
     pick = [[0, 1], [2, 3], [4, 4], [5, 5]]
     s = torch.full((4, 2), -1.0, dtype=torch.float64, requires_grad=True)
-    log_r, adv = torch.tensor(M2PO_LOG_R, dtype=torch.float64)[torch.tensor(pick)], torch.tensor(M2PO_ADV, dtype=torch.float64)[torch.tensor(pick)]
-    cache = {"mc_behavior_logp": -1.0 - log_r, "mc_teacher_logp": -1.0 + adv, "loss_mask": torch.tensor([True, True, True, False]),
-             "cu_seqlens": torch.tensor([0, 4])}
+    log_r = torch.tensor(M2PO_LOG_R, dtype=torch.float64)[torch.tensor(pick)]
+    adv = torch.tensor(M2PO_ADV, dtype=torch.float64)[torch.tensor(pick)]
+    cache = {"mc_behavior_logp": -1.0 - log_r, "mc_teacher_logp": -1.0 + adv,
+             "loss_mask": torch.tensor([True, True, True, False]), "cu_seqlens": torch.tensor([0, 4])}
     per_token, _, m = run_pg(s, cache, opts("reverse_kl_mc", m2po_budget=0.1), name="reverse_kl_mc", key="mc_ids")
     loss = torch.tensor(M2PO_LOSS, dtype=torch.float64)
-    torch.testing.assert_close(per_token[:3], torch.stack([loss[:2].mean(), loss[2:4].mean(), loss[4]]), rtol=0, atol=1e-6)
-    assert math.isclose(m["m2po_eps_low"], 0.341855, abs_tol=1e-6) and math.isclose(m["m2po_eps_high"], 0.519422, abs_tol=1e-6)
+    torch.testing.assert_close(per_token[:3], torch.stack([loss[:2].mean(), loss[2:4].mean(), loss[4]]),
+                               rtol=0, atol=1e-6)
+    assert math.isclose(m["m2po_eps_low"], 0.341855, abs_tol=1e-6)
+    assert math.isclose(m["m2po_eps_high"], 0.519422, abs_tol=1e-6)
 
 
 # ----------------------------------------------------------------------------- chunked student gather
@@ -635,7 +659,8 @@ def test_chunked_gather_equals_naive(chunk, temperature):
     N, H, V = 11, 16, 300
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
-    ids = {"token_ids": torch.randint(0, V, (N,), generator=g), "mc_ids": torch.randint(0, 5, (N, 9), generator=g),  # duplicates
+    ids = {"token_ids": torch.randint(0, V, (N,), generator=g),
+           "mc_ids": torch.randint(0, 5, (N, 9), generator=g),  # duplicates
            "teacher_topk_ids": torch.randint(0, V, (N, 4), generator=g)}
     coef = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in ids.items()}
     got = E.student_logp(hidden, weight, ids, temperature=temperature, chunk_size=chunk)
@@ -645,7 +670,7 @@ def test_chunked_gather_equals_naive(chunk, temperature):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-12)
     total = lambda d: sum((d[k] * coef[k]).sum() for k in ids)  # noqa: E731
     g_got, g_ref = torch.autograd.grad(total(got), (hidden, weight)), torch.autograd.grad(total(ref), (hidden, weight))
-    for a, b in zip(g_got, g_ref):
+    for a, b in zip(g_got, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -661,7 +686,8 @@ def test_chunked_gather_through_an_estimator_equals_naive():
         losses = [E.compute_loss(s, cache, o)[0] for s in (E.student_logp(hidden, weight, fields, chunk_size=2),
                                                            naive_logp(hidden, weight, fields))]
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
-        for a, b in zip(torch.autograd.grad(losses[0], (hidden, weight)), torch.autograd.grad(losses[1], (hidden, weight))):
+        grads = [torch.autograd.grad(loss, (hidden, weight)) for loss in losses]
+        for a, b in zip(*grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
@@ -671,7 +697,8 @@ def test_chunked_gather_at_qwen_vocabulary():
     N, H, V = 5, 8, 151936
     hidden = torch.randn(N, H, generator=g, requires_grad=True)
     weight = (2 * torch.randn(V, H, generator=g)).requires_grad_()
-    ids = {"teacher_topk_ids": torch.randint(0, V, (N, 64), generator=g), "mc_ids": torch.randint(0, 50, (N, 64), generator=g)}
+    ids = {"teacher_topk_ids": torch.randint(0, V, (N, 64), generator=g),
+           "mc_ids": torch.randint(0, 50, (N, 64), generator=g)}
     coef = {k: torch.randn(v.shape, generator=g) for k, v in ids.items()}
     got = E.student_logp(hidden, weight, ids, chunk_size=2)
     ref = naive_logp(hidden, weight, ids)
@@ -681,7 +708,7 @@ def test_chunked_gather_at_qwen_vocabulary():
     naive32 = {k: full32.gather(1, v) for k, v in ids.items()}
     grads = [torch.autograd.grad(sum((d[k] * coef[k].to(d[k].dtype)).sum() for k in ids), (hidden, weight))
              for d in (got, naive32, ref)]
-    for a, b, exact in zip(*grads):  # float32 sums over 151,936 terms: no worse than naive float32
+    for a, b, exact in zip(*grads, strict=True):  # float32 sums over 151,936 terms: no worse than naive float32
         err, err_naive = [float((x.double() - exact).norm() / exact.norm()) for x in (a, b)]
         assert err < max(2 * err_naive, 1e-6), (err, err_naive)
 
@@ -760,7 +787,8 @@ def test_declarations_follow_the_cache_contract():
         for role, names in (("rollout", f.rollout + f.behavior), ("teacher", f.teacher), ("learner", f.proximal)):
             assert set(names) <= set(teacher_cache.FIELD_SPECS), (f, role)
             assert all((name in teacher_cache.TEACHER_FIELDS) == (role == "teacher") for name in names), (f, role)
-        assert all(teacher_cache.GATHERED[name] in f.rollout for name in set(f.teacher) & set(teacher_cache.GATHERED)), f
+        gathered = set(f.teacher) & set(teacher_cache.GATHERED)
+        assert all(teacher_cache.GATHERED[name] in f.rollout for name in gathered), f
         assert set(f.ids) - {"dense"} <= set(f.rollout + f.teacher), f
         assert len(f.proximal) in (0, len(f.ids)), f
 
@@ -781,7 +809,8 @@ def test_each_role_computes_what_needs_says(key, roles):
     traj = engine.generate(PROMPTS, list(range(len(PROMPTS))), 0, need.student_topk, need.mc_samples,
                            torch.Generator().manual_seed(0))
     assert set(E.CORE) | need.rollout <= set(traj)
-    batch = teacher_cache.score(teacher, traj, need.teacher, o.teacher_topk, o.samples, torch.Generator().manual_seed(1))
+    batch = teacher_cache.score(teacher, traj, need.teacher, o.teacher_topk, o.samples,
+                                torch.Generator().manual_seed(1))
     assert set(batch) - set(traj) == need.teacher
     input_ids, attention_mask, rows = teacher_cache.pad_batch(batch)
     with torch.no_grad():
@@ -795,5 +824,7 @@ def test_each_role_computes_what_needs_says(key, roles):
 def test_default_options_are_the_recommended_surrogate():
     o = E.LossOptions()
     E.validate_options(o)
-    assert (o.name, o.advantage, o.ratio, o.clip_eps, o.aggregation) == ("reverse_kl_mc", "theta", True, 0.0, "token_mean")
-    assert E.required_fields(o) == {"token_ids", "loss_mask", "cu_seqlens", "mc_ids", "mc_teacher_logp", "mc_behavior_logp"}
+    assert (o.name, o.advantage, o.ratio, o.clip_eps, o.aggregation) \
+        == ("reverse_kl_mc", "theta", True, 0.0, "token_mean")
+    assert E.required_fields(o) \
+        == {"token_ids", "loss_mask", "cu_seqlens", "mc_ids", "mc_teacher_logp", "mc_behavior_logp"}

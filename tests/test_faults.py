@@ -69,7 +69,8 @@ def _finish(case, proc, run, pids, family, shm_before, t0, timeout=60):
     shm = sorted(set(os.listdir("/dev/shm")) - shm_before)
     ROWS.append((case, f"{took:.1f}", proc.returncode, ckpts[-1] if ckpts else "-", len(orphans), len(shm)))
     print(f"\n{'case':<34} {'exit s':>6} {'code':>5}  {'checkpoint':<11} {'orphans':>7} {'shm':>4}")
-    print(f"{case:<34} {took:>6.1f} {proc.returncode:>5}  {ckpts[-1] if ckpts else '-':<11} {len(orphans):>7} {len(shm):>4}")
+    last = ckpts[-1] if ckpts else "-"
+    print(f"{case:<34} {took:>6.1f} {proc.returncode:>5}  {last:<11} {len(orphans):>7} {len(shm):>4}")
     for p in orphans:  # do not leave them to the next test
         os.kill(p, signal.SIGKILL)
     return out, err, took, ckpts, orphans, shm
@@ -122,7 +123,8 @@ def test_a_second_signal_exits_at_once(tmp_path, tiny_models):
     time.sleep(1.5)
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
-    out, err, took, ckpts, orphans, shm = _finish("SIGTERM, SIGTERM 1.5 s later", proc, run, pids, family, shm_before, t0)
+    out, err, took, ckpts, orphans, shm = _finish("SIGTERM, SIGTERM 1.5 s later",
+                                                  proc, run, pids, family, shm_before, t0)
     assert proc.returncode == 1 and "second SIGTERM: stopped at once, without a checkpoint" in err, err[-2000:]
     assert took < 20 and not orphans  # 10 s goal; 20 s: a loaded 2-core CI machine
 

@@ -2,19 +2,18 @@
 several rollout workers, its owner outliving the readers, publish order (copy, device sync, then the version),
 the training dtype of published weights, the CUDA_VISIBLE_DEVICES a child writes, and one teacher dtype for
 online scoring and offline precompute."""
-from types import SimpleNamespace
 import json
 import os
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import config
 import coordinator
-import learner
-import asyncopd
 import estimators
+import learner
 from test_pipeline import records, train
 
 
@@ -140,7 +139,7 @@ def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
     for n in range(1, 9):
         runs = gpu_check.plan(n, with_vllm=True)
         assert len(runs) == 10 and {s for _, s, _ in runs} == {"sync", "async"}
-        for name, schedule, over in runs:
+        for name, _, over in runs:
             cfg = config.load_config(None, gpu_check.COMMON + over)
             devices = [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices]
             assert all(d.startswith("cuda:") and int(d.split(":")[1]) < n for d in devices), (n, name)
@@ -153,15 +152,17 @@ def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
 def test_vllm_settings_refused_before_any_process_starts(tmp_path, tiny_models):
     """What vLLM would reject (or silently change) inside the rollout child is refused by validate(), in the
     parent, in one line: a cpu device, a temperature outside [0.01, 2], MC draws under top-p truncation."""
-    import sys
     import subprocess
+    import sys
+
     from conftest import ROOT
     student, teacher = tiny_models
     base = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}", "engine=vllm"]
     with pytest.raises(ValueError, match="runs on a GPU"):
         config.validate(config.load_config(None, base))
     import rollout
-    for kw, msg in [(dict(temperature=3.0), "0.01 <= temperature <= 2"), (dict(temperature=0.005), "0.01 <= temperature"),
+    for kw, msg in [(dict(temperature=3.0), "0.01 <= temperature <= 2"),
+                    (dict(temperature=0.005), "0.01 <= temperature"),
                     (dict(top_p=0.9), "top_p=0.9")]:
         with pytest.raises(ValueError, match=msg):
             rollout.engine_supports("vllm", {"mc_ids"}, **{"mc_samples": 8, "devices": ["cuda:0"], **kw})
@@ -179,7 +180,8 @@ def test_publish_gathers_a_tied_embedding_once_and_fills_both_names(tmp_path, mo
     from transformers import Qwen2Config, Qwen2ForCausalLM
     tok = __import__("task").build_tokenizer()
     conf = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True)
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                       tie_word_embeddings=True)
     Qwen2ForCausalLM(conf).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)

@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
+import asyncopd
 import config
 import coordinator
 import offline
-import asyncopd
 import task
 from conftest import ROOT, make_model_dir
 
@@ -46,7 +46,8 @@ def env(tmp_path_factory, tiny_models):
         "dup.yaml": "steps: 3\nlr: 0.1\nsteps: 5\n", "dupsub.yaml": "loss:\n  name: jsd\n  name: reverse_kl_mc\n",
         "tab.yaml": "steps:\t\t3\n\tlr: 1\n", "intkey.yaml": "1: 2\n", "section.yaml": "loss: jsd\n",
         "typo.yaml": "stpes: 3\n", "badtype.yaml": "batch_size: [4]\n",
-        "fullwidth.jsonl": json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n" + json.dumps({"prompt": "１２+３４=", "answer": "46"}) + "\n",
+        "fullwidth.jsonl": json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n"
+                           + json.dumps({"prompt": "１２+３４=", "answer": "46"}) + "\n",
         "control.jsonl": json.dumps({"prompt": "a\x00b", "answer": "1"}) + "\n",
         "malformed.jsonl": json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n\n{\"prompt\": \"1+3=\", \"answer\": \n",
         "notobject.jsonl": "[1, 2]\n", "numberprompt.jsonl": json.dumps({"prompt": 12, "answer": "3"}) + "\n",
@@ -64,7 +65,8 @@ def env(tmp_path_factory, tiny_models):
     paths = {name: str(d / name) for name in files}
     student, teacher = tiny_models
     paths.update(d=str(d), student=student, teacher=teacher, runs=str(d / "runs"),
-                 astudent=make_model_dir(d / "astudent", tok, 32, 1, 0), ateacher=make_model_dir(d / "ateacher", tok, 32, 1, 1))
+                 astudent=make_model_dir(d / "astudent", tok, 32, 1, 0),
+                 ateacher=make_model_dir(d / "ateacher", tok, 32, 1, 1))
     for name, file in (("badconfig", "config.json"), ("badtokenizer", "tokenizer.json")):  # corrupt model files
         shutil.copytree(student, d / name)
         (d / name / file).write_text("{not json")
@@ -136,7 +138,8 @@ CASES = [
     ("engine-vllm-on-cpu", None, ["engine=vllm"], "vllm"),
     ("resume-not-a-checkpoint", None, ["resume=<d>"], "no trainer_state.json there"),
     ("student-corrupt-config", None, ["student=<badconfig>"], "student <d>/badconfig: cannot load its config ("),
-    ("student-corrupt-tokenizer", None, ["student=<badtokenizer>"], "student <d>/badtokenizer: cannot load its tokenizer ("),
+    ("student-corrupt-tokenizer", None, ["student=<badtokenizer>"],
+     "student <d>/badtokenizer: cannot load its tokenizer ("),
     ("teacher-corrupt-config", None, ["teacher=<badconfig>"], "teacher <d>/badconfig: cannot load its config ("),
     # where the run goes
     ("out_dir-file", None, ["out_dir=<afile>"], "afile is a file, not a folder"),
@@ -240,7 +243,8 @@ CLI = [
     ("out_dir-file", ["train", "out_dir=<afile>"], "is a file, not a folder"),
     ("run_name-reused", ["train", "run_name=taken"], "choose another run_name"),
     ("malformed-jsonl", ["train", "data=<malformed.jsonl>"], "malformed.jsonl line 3"),
-    ("precompute-chunk_prompts-0", ["precompute", "chunk_prompts=0", "cache_dir=<d>/c"], "chunk_prompts=0 must be >= 1"),
+    ("precompute-chunk_prompts-0", ["precompute", "chunk_prompts=0", "cache_dir=<d>/c"],
+     "chunk_prompts=0 must be >= 1"),
 ]
 
 

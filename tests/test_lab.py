@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import asyncopd
-import learner
 import lab
+import learner
 import task
 from conftest import ROOT
 
@@ -61,7 +61,8 @@ def quick_report(tmp_path_factory):
 
 def table(text):
     """Rows (lists of cells) of the markdown tables in text, header and separator rows dropped."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("|")]
     return [r for r in rows if not set("".join(r)) <= set("-") and r[0] not in ("estimator", "k", "schedule")]
 
 

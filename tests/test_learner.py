@@ -1,9 +1,9 @@
 """The learner at scale, on tiny float64 models in-process: activation checkpointing and token-budget
 micro-batches give the plain gradient, rank shards travel only to their rank over queues, the stop marker
 ends the other ranks, and the teacher's token-budget sub-batches give one forward's scores."""
-from types import SimpleNamespace
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,9 +12,8 @@ import torch.multiprocessing as mp
 
 import config
 import coordinator
-import learner
-import asyncopd
 import estimators
+import learner
 import teacher_cache
 
 # (prompt, response) lengths; with mini_batches=2 mini-batch 0 is sequences 0, 2, 4, 6 and 1 is 1, 3, 5, 7
@@ -74,9 +73,9 @@ def fresh_grads(cfg, batch):
 
 def assert_same(a, b, atol, bitwise=False):
     assert len(a) == len(b) == 2  # one list per mini-batch
-    for ga, gb in zip(a, b):
+    for ga, gb in zip(a, b, strict=True):
         assert len(ga) == len(gb) and any(float(g.abs().max()) > 0 for g in ga)
-        for x, y in zip(ga, gb):
+        for x, y in zip(ga, gb, strict=True):
             if bitwise:
                 assert torch.equal(x, y)
             else:
@@ -117,7 +116,7 @@ def test_checkpointing_and_micro_batches_give_the_plain_gradient(group, tiny_mod
     shard["count"] = [[c + 1 for c in counts] for counts in shard["count"]]
     student, opt, _ = learner.build_learner(cfg, 0, 1, cfg.student, dtype=torch.float64)
     wrong, _ = step_grads(cfg, student, opt, shard)
-    assert max(float((x - y).abs().max()) for x, y in zip(wrong[0], plain[0])) > 1e-6
+    assert max(float((x - y).abs().max()) for x, y in zip(wrong[0], plain[0], strict=True)) > 1e-6
 
 
 def test_filler_pass_adds_exactly_nothing(group, tiny_models, vocab):
@@ -143,13 +142,15 @@ def test_plan_batch_shards_counts_and_fillers(vocab):
     for r, shard in enumerate(shards):
         index = shard["cache"]["prompt_index"].tolist()
         assert index == sorted(index, key=lambda i: (i % 2, -sum(lengths[i]), i))  # mini-batch 0 first, longest first
-        assert set(index) == {i for i in range(8) if (i // 2) % 2 == r}  # mini-batch i = i, i+2, ...; every 2nd to a rank
+        # mini-batch i = i, i+2, ...; every 2nd to a rank
+        assert set(index) == {i for i in range(8) if (i // 2) % 2 == r}
         seen += index
         assert int(shard["cache"]["cu_seqlens"][-1]) == sum(lengths[i][1] for i in index)  # only its rows
     assert sorted(seen) == list(range(8))
     for i in range(2):
         assert len(shards[0]["plan"][i]) == len(shards[1]["plan"][i])
-        assert sum(sum(s["count"][i]) for s in shards) == shards[0]["denom"][i] == sum(lengths[j][1] for j in range(i, 8, 2))
+        denom = sum(lengths[j][1] for j in range(i, 8, 2))
+        assert sum(sum(s["count"][i]) for s in shards) == shards[0]["denom"][i] == denom
     assert [live for _, _, live in shards[0]["plan"][0]] == [True, True]  # 2 x 16 tokens > 20
     assert [live for _, _, live in shards[1]["plan"][0]] == [True, False]  # 2 x 4 tokens: one pass + a filler
     assert shards[1]["count"][0][1] == 0
@@ -190,7 +191,8 @@ def test_get_shard_stop_marker_and_timeout():
     assert learner.get_shard(ch, cfg, 1) == {"plan": "x"}
     assert learner.get_shard(ch, cfg, 1) is None
     t0 = time.time()
-    with pytest.raises(RuntimeError, match="learner rank 1: no batch or stop marker from rank 0 within dist_timeout_s=1"):
+    with pytest.raises(RuntimeError,
+                       match="learner rank 1: no batch or stop marker from rank 0 within dist_timeout_s=1"):
         learner.get_shard(ch, cfg, 1)
     assert time.time() - t0 < 5
 
@@ -249,7 +251,8 @@ def test_teacher_sub_batches_equal_one_forward(tiny_models):
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models[1], dtype=torch.float32).eval()
     traj = synthetic_batch(teacher.config.vocab_size)
     traj = {k: v for k, v in traj.items() if not k.startswith("mc_") or k == "mc_ids"}
-    fields = {"teacher_logp", "teacher_topk_ids", "teacher_topk_logp", "mc_teacher_logp", "teacher_mc_ids", "teacher_mc_logp"}
+    fields = {"teacher_logp", "teacher_topk_ids", "teacher_topk_logp", "mc_teacher_logp", "teacher_mc_ids",
+              "teacher_mc_logp"}
     run = lambda budget: teacher_cache.score(teacher, traj, fields, 4, 3, generator=torch.Generator().manual_seed(3),  # noqa: E731
                                              chunk_size=5, batch_tokens=budget)
     one = run(0)

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import config
-import offline
-import schedule
-import asyncopd
 import estimators
+import offline
 import rollout
+import schedule
 import task
 import teacher_cache
 from conftest import ROOT, make_model_dir
@@ -96,7 +95,8 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert sum(r["tokens"] for r in steps) == meta["num_tokens"]  # one epoch: every cached token once
     assert [(r["stale_min"], r["stale_max"]) for r in steps] == [(k, k) for k in range(4)]  # all made by version 0
-    roles = {e["args"]["name"] for e in json.load(open(os.path.join(run, "trace.json")))["traceEvents"] if e["ph"] == "M"}
+    trace = json.load(open(os.path.join(run, "trace.json")))["traceEvents"]
+    roles = {e["args"]["name"] for e in trace if e["ph"] == "M"}
     assert roles == {"learner"}  # no rollout, no teacher
     s0, s4 = logp_at_tokens(student, cache), logp_at_tokens(os.path.join(run, "ckpt_00004"), cache)
     torch.testing.assert_close(s0.float(), cache["behavior_logp"], atol=1e-5, rtol=1e-5)  # b = the SFT student
@@ -106,7 +106,8 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
     if ratio:  # no rollout role evaluates: the coordinator grades the start and the end
         from transformers import AutoModelForCausalLM, AutoTokenizer
         final = task.evaluate(AutoModelForCausalLM.from_pretrained(os.path.join(run, "ckpt_00004")),
-                              AutoTokenizer.from_pretrained(student), task.load_prompts("addition", "test", 8), max_new_tokens=12)
+                              AutoTokenizer.from_pretrained(student), task.load_prompts("addition", "test", 8),
+                              max_new_tokens=12)
         assert [(r["step"], r["accuracy"]) for r in records(run, "eval")][1:] == [(4, final)]
         assert records(run, "eval")[0]["step"] == 0 and "student accuracy after" in out.stdout
         assert abs(steps[0]["ratio_mean"] - 1) < 1e-5 and abs(steps[-1]["ratio_mean"] - 1) > 1e-3
@@ -192,7 +193,8 @@ def test_interrupted_precompute_resumes_without_recomputing(models, cache_dir, t
     assert offline.finished_chunks(directory) == {0, 1}
     assert any(".tmp-" in n for n in os.listdir(directory))
     assert "holds 8 of the 16 sequences" in refused(student, teacher, directory)  # unfinished: not trainable
-    mtimes = {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in os.listdir(directory) if n.startswith("chunk_0000")}
+    mtimes = {n: os.stat(os.path.join(directory, n)).st_mtime_ns
+              for n in os.listdir(directory) if n.startswith("chunk_0000")}
     message = offline.precompute(cfg())
     assert "2 chunks computed" in message and "2 reused" in message
     for n, t in mtimes.items():
@@ -221,7 +223,8 @@ def test_teacher_consistency_guard(models, cache_dir, tiny_models, tmp_path):
     other = sft_student(student, tmp_path / "other", "0123456789abcdef")
     msg = refused(other, teacher, cache_dir)
     assert "teacher consistency" in msg and fp in msg and "0123456789abcdef" in msg and "allow_teacher_mismatch" in msg
-    config.validate(make_config(other, teacher, TRAIN, cache_dir=cache_dir, allow_teacher_mismatch="true"))  # the ablation
+    # the ablation
+    config.validate(make_config(other, teacher, TRAIN, cache_dir=cache_dir, allow_teacher_mismatch="true"))
     assert "no asyncopd_sft.json" in refused(tiny_models[0], teacher, cache_dir)  # a student sft.py did not make
     config.validate(make_config(student, teacher, TRAIN, cache_dir=cache_dir))  # the consistent pair passes
     # and on the command line: one line, exit code 2, no run started

@@ -10,13 +10,13 @@ import time
 import pytest
 import torch
 
+import asyncopd
 import config
 import coordinator
-import learner
-import schedule
-import asyncopd
 import estimators
+import learner
 import rollout
+import schedule
 import teacher_cache
 from conftest import ROOT, make_model_dir
 
@@ -62,7 +62,8 @@ def test_end_to_end_schedules(tmp_path, tiny_models, schedule, extra, loss):
     assert evals[0]["version"] == 0 and evals[-1]["version"] == 4
     for name in ("plots.png", "trace.json", "config.yaml", "ckpt_00004/model.safetensors"):
         assert os.path.isfile(os.path.join(run, name)), name
-    roles = {e["args"]["name"] for e in json.load(open(os.path.join(run, "trace.json")))["traceEvents"] if e["ph"] == "M"}
+    trace = json.load(open(os.path.join(run, "trace.json")))["traceEvents"]
+    roles = {e["args"]["name"] for e in trace if e["ph"] == "M"}
     assert {"rollout", "teacher", "learner"} <= roles
     assert "teacher accuracy" in out.stdout and "staleness" in out.stdout
 
@@ -100,7 +101,8 @@ def fsdp_student(tiny_models):
 def scored_batch(cfg, engine, teacher, version, seed=0):
     traj = engine.generate([[3, 4, 5, 6], [7, 8], [9, 10, 11], [5]], [0, 1, 2, 3], version, 0, cfg.loss.samples,
                            torch.Generator().manual_seed(seed))
-    return teacher_cache.score(teacher, traj, estimators.needs(cfg.loss).teacher, 0, cfg.loss.samples, generator=torch.Generator().manual_seed(1))
+    return teacher_cache.score(teacher, traj, estimators.needs(cfg.loss).teacher, 0, cfg.loss.samples,
+                               generator=torch.Generator().manual_seed(1))
 
 
 def test_weight_sync_behaviour_equals_learner_logp(fsdp_student):
@@ -213,7 +215,8 @@ def test_sigint_checkpoints_and_exits(tmp_path, tiny_models, world):
 
 def bad(tiny_models, tmp_path, **kw):
     student, teacher = tiny_models
-    overrides = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}"] + [f"{k}={v}" for k, v in kw.items()]
+    overrides = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}"]
+    overrides += [f"{k}={v}" for k, v in kw.items()]
     with pytest.raises(ValueError) as e:
         config.validate(config.load_config(None, overrides))
     return str(e.value)

@@ -191,7 +191,8 @@ def test_top_p_truncates_and_renormalises(model):
     torch.testing.assert_close(ref.logsumexp(-1), torch.zeros(N, dtype=torch.float64))  # renormalised
     assert nucleus[torch.arange(N), traj["token_ids"]].all()  # sampled tokens inside the nucleus
     assert nucleus.gather(1, traj["mc_ids"]).all()
-    torch.testing.assert_close(traj["behavior_logp"].double(), ref[torch.arange(N), traj["token_ids"]], atol=1e-4, rtol=0)
+    torch.testing.assert_close(traj["behavior_logp"].double(), ref[torch.arange(N), traj["token_ids"]],
+                               atol=1e-4, rtol=0)
     torch.testing.assert_close(traj["mc_behavior_logp"].double(), ref.gather(1, traj["mc_ids"]), atol=1e-4, rtol=0)
     # top-K_s beyond the nucleus: those ids have probability 0 under pi_b, b = -inf
     small = nucleus.sum(1) < 4
@@ -236,7 +237,8 @@ def test_bad_input_errors(model):
 def test_engine_supports(monkeypatch):
     """Settings checks run in the parent before any process starts, without importing vllm."""
     import importlib.metadata
-    rollout.engine_supports("hf", {"token_ids", "mc_ids", "mc_behavior_logp", "student_topk_ids"}, 16, 5.0, 0.5, ["cpu"])
+    rollout.engine_supports("hf", {"token_ids", "mc_ids", "mc_behavior_logp", "student_topk_ids"},
+                            16, 5.0, 0.5, ["cpu"])
     ok = dict(mc_samples=16, temperature=1.0, top_p=1.0, devices=["cuda:0"])
     rollout.engine_supports("vllm", {"token_ids", "mc_ids", "mc_behavior_logp"}, **ok)
     for bad, match in ((dict(devices=["cuda:0", "cpu"]), "GPU"), (dict(temperature=0.005), "temperature"),

@@ -58,7 +58,8 @@ def test_encode_prompt():
         task.encode_prompt(tok, "0012+0003=", True)
     with pytest.raises(ValueError, match="vocabulary"):
         task.encode_prompt(tok, "12 + x", False)
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}={% endif %}")
     assert tok.decode(task.encode_prompt(tok, "0012+0003", True)) == "0012+0003="
 
 

@@ -2,8 +2,8 @@
 slicing, the disk format and the multiprocessing round-trip. CPU, tiny random Qwen2, no downloads."""
 import copy
 import json
-import shutil
 import os
+import shutil
 import sys
 
 import pytest
@@ -99,7 +99,8 @@ def test_pad_batch_rows_point_at_the_scoring_position():
 # ----------------------------------------------------------------------------- scoring
 def test_score_matches_float64_reference_per_sequence(teacher):
     traj = make_traj()
-    out = tc.score(teacher, traj, ALL, teacher_topk=8, teacher_mc=M, generator=torch.Generator().manual_seed(1), chunk_size=5)
+    out = tc.score(teacher, traj, ALL, teacher_topk=8, teacher_mc=M, generator=torch.Generator().manual_seed(1),
+                   chunk_size=5)
     assert set(out) == set(traj) | ALL and all(out[k] is traj[k] for k in traj)  # new dict, inputs untouched
     ref = reference_logp(teacher, traj)
     tol = dict(atol=2e-5, rtol=0)
@@ -151,7 +152,8 @@ def test_score_rejects_bad_requests(teacher):
     with pytest.raises(ValueError, match="not teacher fields"):
         tc.score(teacher, traj, {"behavior_logp"})
     with pytest.raises(ValueError, match="needs 'student_topk_ids'"):
-        tc.score(teacher, {k: v for k, v in traj.items() if not k.startswith("student_topk")}, {"student_topk_teacher_logp"})
+        tc.score(teacher, {k: v for k, v in traj.items() if not k.startswith("student_topk")},
+                 {"student_topk_teacher_logp"})
     with pytest.raises(ValueError, match="need teacher_topk in"):
         tc.score(teacher, traj, {"teacher_topk_ids"}, teacher_topk=V + 1)
     with pytest.raises(ValueError, match="need teacher_mc >= 1"):
@@ -169,9 +171,12 @@ def scored_like(traj, K=4, Mt=3):
     """Cheap valid teacher fields (no model): teacher_topk sorted, t <= 0."""
     N = traj["token_ids"].shape[0]
     g = torch.Generator().manual_seed(5)
-    return dict(traj, teacher_logp=-torch.rand(N, generator=g), teacher_topk_ids=torch.rand(N, V, generator=g).argsort(1)[:, :K],
-                teacher_topk_logp=-torch.rand(N, K, generator=g).sort(1).values, mc_teacher_logp=-torch.rand(N, M, generator=g),
-                student_topk_teacher_logp=-torch.rand(N, KS, generator=g), teacher_mc_ids=torch.randint(0, V, (N, Mt), generator=g),
+    return dict(traj, teacher_logp=-torch.rand(N, generator=g),
+                teacher_topk_ids=torch.rand(N, V, generator=g).argsort(1)[:, :K],
+                teacher_topk_logp=-torch.rand(N, K, generator=g).sort(1).values,
+                mc_teacher_logp=-torch.rand(N, M, generator=g),
+                student_topk_teacher_logp=-torch.rand(N, KS, generator=g),
+                teacher_mc_ids=torch.randint(0, V, (N, Mt), generator=g),
                 teacher_mc_logp=-torch.rand(N, Mt, generator=g))
 
 
@@ -193,19 +198,23 @@ def _set(idx, value):
 
 
 @pytest.mark.parametrize("cache_fn, message", [
-    (lambda: _break("cu_seqlens", _set(2, 3)), "field 'cu_seqlens' in here: must be 1-D, start at 0 and never decrease"),
+    (lambda: _break("cu_seqlens", _set(2, 3)),
+     "field 'cu_seqlens' in here: must be 1-D, start at 0 and never decrease"),
     (lambda: _break("cu_seqlens", lambda t: t + 1), "field 'cu_seqlens' in here: must be 1-D, start at 0"),
     (lambda: _break("cu_seqlens", _set(-1, 13)), "field 'cu_seqlens' in here: ends at 13"),
     (lambda: _break("token_ids", _set(0, V)), r"field 'token_ids' in here: ids must lie in \[0, 40\)"),
     (lambda: _break("teacher_mc_ids", _set((0, 0), -1)), r"field 'teacher_mc_ids' in here: ids must lie"),
-    (lambda: _break("teacher_logp", _set(3, float("nan"))), "field 'teacher_logp' in here: non-finite log-prob at row 3"),
+    (lambda: _break("teacher_logp", _set(3, float("nan"))),
+     "field 'teacher_logp' in here: non-finite log-prob at row 3"),
     (lambda: _break("mc_teacher_logp", _set((2, 1), float("-inf"))), "field 'mc_teacher_logp' in here: non-finite"),
     (lambda: _break("behavior_logp", _set(0, 0.5)), "field 'behavior_logp' in here: log-prob 0.5 > 0"),
     (lambda: _break("mc_ids", lambda t: torch.cat([(t[:, :1] + 1) % V, t[:, 1:]], 1)),
      r"field 'mc_ids' in here: column 0 must equal token_ids"),
-    (lambda: _break("behavior_logp", lambda t: t.double()), "field 'behavior_logp' in here: dtype torch.float64, expected a torch.float32 tensor"),
+    (lambda: _break("behavior_logp", lambda t: t.double()),
+     "field 'behavior_logp' in here: dtype torch.float64, expected a torch.float32 tensor"),
     (lambda: _break("token_ids", lambda t: t.int()), "field 'token_ids' in here: dtype torch.int32"),
-    (lambda: _break("mc_teacher_logp", lambda t: t[:, :-1]), "field 'mc_teacher_logp' in here: width 5 disagrees with M = 6"),
+    (lambda: _break("mc_teacher_logp", lambda t: t[:, :-1]),
+     "field 'mc_teacher_logp' in here: width 5 disagrees with M = 6"),
     (lambda: _break("finished", lambda t: t[:-1]), "field 'finished' in here: shape"),
     (lambda: _break("teacher_topk_logp", lambda t: t.flip(1)), "field 'teacher_topk_logp' in here: must be sorted"),
     (lambda: _break("teacher_topk_ids", lambda t: torch.cat([t[:, :1], t[:, :1], t[:, 2:]], 1)),
@@ -246,7 +255,8 @@ def assert_equal_cache(a, b):
 
 def test_select_sequences_and_concat_round_trip():
     c = scored_like(make_traj())
-    assert_equal_cache(tc.concat([tc.select_sequences(c, [0, 1]), tc.select_sequences(c, [2]), tc.select_sequences(c, [3])]), c)
+    parts = [tc.select_sequences(c, [0, 1]), tc.select_sequences(c, [2]), tc.select_sequences(c, [3])]
+    assert_equal_cache(tc.concat(parts), c)
     rev = tc.select_sequences(c, [3, 2, 1, 0])
     tc.validate(rev, vocab_size=V)
     assert_equal_cache(tc.select_sequences(rev, [3, 2, 1, 0]), c)
@@ -304,7 +314,7 @@ def test_chunk_dir_load_equals_concat_and_ignores_tmp_files(tmp_path):
     c = scored_like(make_traj())
     parts = [tc.select_sequences(c, [0]), tc.select_sequences(c, [1, 2]), tc.select_sequences(c, [3])]
     assert offline.finished_chunks(tmp_path / "none") == set()
-    for i, (p, first) in enumerate(zip(parts, [0, 1, 3])):
+    for i, (p, first) in enumerate(zip(parts, [0, 1, 3], strict=True)):
         offline.write_chunk(tmp_path, i, p, META, first)
     (tmp_path / "chunk_00003.safetensors.tmp-999").write_bytes(b"half a chunk")  # an interrupted write
     assert offline.finished_chunks(tmp_path) == {0, 1, 2}
@@ -318,7 +328,8 @@ def test_chunk_dir_refuses_mismatched_meta_and_gaps(tmp_path):
     c = scored_like(make_traj())
     offline.write_chunk(tmp_path, 0, tc.select_sequences(c, [0, 1]), META, 0)
     offline.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), dict(META, teacher_fingerprint="cccc"), 2)
-    with pytest.raises(ValueError, match="chunk_00001.safetensors: meta 'teacher_fingerprint' = 'cccc' but .*chunk_00000.safetensors has 'aaaa'"):
+    with pytest.raises(ValueError, match="chunk_00001.safetensors: meta 'teacher_fingerprint' = 'cccc' "
+                                         "but .*chunk_00000.safetensors has 'aaaa'"):
         offline.load_dir(tmp_path)
     offline.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), META, 2)
     offline.load_dir(tmp_path)  # rewriting the chunk with the right meta fixes it
@@ -422,8 +433,10 @@ def test_flipped_logprob_exponent_is_refused_with_its_path(tmp_path):
     with pytest.raises(ValueError, match=f"{path}: sha256 mismatch"):
         offline.load(path)
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in c.items()}, path, metadata={"asyncopd": json.dumps(dict(META, format_version=1))})
-    with pytest.raises(ValueError, match="format_version 1, this code reads 2: delete the cache and rerun `python asyncopd.py precompute`"):
+    save_file({k: v.contiguous() for k, v in c.items()}, path,
+              metadata={"asyncopd": json.dumps(dict(META, format_version=1))})
+    with pytest.raises(ValueError, match="format_version 1, this code reads 2: "
+                                         "delete the cache and rerun `python asyncopd.py precompute`"):
         offline.load(path)
 
 
@@ -458,9 +471,10 @@ def test_copied_swapped_or_duplicated_chunks_are_refused_with_the_path(tmp_path)
         save_file({k: v.contiguous() for k, v in cache.items()}, d / chunk[1].name,
                   metadata={"asyncopd": json.dumps(dict(meta, first_sequence=7))})
 
-    assert f"{tmp_path}/copied/chunk_00001.safetensors: holds chunk 2 (sequences from 3) where chunk 1 (sequences from 1)" \
-        in refused(copied)
+    assert (f"{tmp_path}/copied/chunk_00001.safetensors: holds chunk 2 (sequences from 3) "
+            "where chunk 1 (sequences from 1)") in refused(copied)
     assert f"{tmp_path}/swapped/chunk_00000.safetensors: holds chunk 1" in refused(swapped)
     assert f"{tmp_path}/duplicated/chunk_00003.safetensors: holds chunk 1" in refused(duplicated)
-    assert f"{tmp_path}/first_sequence_edited/chunk_00001.safetensors: sha256 mismatch" in refused(first_sequence_edited)
+    assert f"{tmp_path}/first_sequence_edited/chunk_00001.safetensors: sha256 mismatch" \
+        in refused(first_sequence_edited)
     offline.load_dir(tmp_path / "good")

@@ -41,7 +41,8 @@ def context(slots, pos):
 
 
 def mc_params(request, draws, seed, temperature=1.0, **kw):
-    return SamplingParams(temperature=temperature, extra_args={MC_KEY: {"request": request, "draws": draws, "seed": seed}}, **kw)
+    return SamplingParams(temperature=temperature,
+                          extra_args={MC_KEY: {"request": request, "draws": draws, "seed": seed}}, **kw)
 
 
 def test_processor_draws_follow_softmax_z_over_t():
@@ -66,7 +67,8 @@ def test_processor_draws_follow_softmax_z_over_t():
     probs = ref.exp()
     exp = counts.sum() * probs
     big = exp >= 5
-    obs_b, exp_b = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)]), torch.cat([exp[big], exp[~big].sum(0, keepdim=True)])
+    obs_b = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)])
+    exp_b = torch.cat([exp[big], exp[~big].sum(0, keepdim=True)])
     stat, df = ((obs_b - exp_b) ** 2 / exp_b).sum().item(), len(obs_b) - 1
     bound = df + 6 * math.sqrt(2 * df) + 10
     assert df > 10 and stat < bound, (stat, df)
@@ -122,7 +124,8 @@ def test_processor_row_filter_recycled_slots_and_assembly():
     assert torch.equal(ids, torch.stack([rec[(7, 5)], rec[(7, 6)], rec[(8, 2)], rec[(8, 3)]]))
     assert not torch.equal(stale, ids[1])  # the resampled row won
     logp = torch.log_softmax(z.double(), -1)
-    torch.testing.assert_close(b.double(), torch.stack([logp[0][ids[0]], logp[0][ids[1]], logp[1][ids[2]], logp[1][ids[3]]]),
+    torch.testing.assert_close(b.double(),
+                               torch.stack([logp[0][ids[0]], logp[0][ids[1]], logp[1][ids[2]], logp[1][ids[3]]]),
                                atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError, match="missing"):
         vllm_engine.collect_draws([7], prompt_lens=[6], lengths=[1], num_draws=3)
@@ -186,7 +189,8 @@ def test_assemble_from_real_request_outputs():
     bad = CompletionOutput(index=0, text="", token_ids=[10, 151643], cumulative_logprob=None,
                            logprobs=[{10: Logprob(0.0)}, {151643: Logprob(0.0)}], finish_reason="stop")
     with pytest.raises(ValueError, match="eos_token_id"):
-        vllm_engine.assemble([RequestOutput("0", None, [3], None, [bad], True)], params[:1], prompts[:1], [0], 0, EOS, 0, 0)
+        vllm_engine.assemble([RequestOutput("0", None, [3], None, [bad], True)], params[:1], prompts[:1], [0], 0, EOS,
+                             0, 0)
 
 
 def test_weights_need_the_in_process_engine_core():
@@ -241,7 +245,8 @@ def test_vllm_api_names_the_adapter_uses():
     from vllm.v1.worker.gpu_worker import Worker
 
     assert {"VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_V2_MODEL_RUNNER"} <= set(vllm.envs.environment_variables)
-    assert {"model", "dtype", "tensor_parallel_size", "logits_processors", "seed"} <= set(inspect.signature(LLM.__init__).parameters)
+    assert {"model", "dtype", "tensor_parallel_size", "logits_processors", "seed"} \
+        <= set(inspect.signature(LLM.__init__).parameters)
     assert {"logprobs_mode", "max_logprobs"} <= {f.name for f in dataclasses.fields(EngineArgs)}
     assert "processed_logprobs" in PROCESSED_LOGPROBS_MODES
     assert {"prompts", "sampling_params", "use_tqdm"} <= set(inspect.signature(LLM.generate).parameters)
