@@ -10,18 +10,28 @@ the cache to the current student's log-probs at those ids (see student_logp); ag
 the scalar that is back-propagated. FIELDS declares, per estimator, the cache fields it reads and the role that writes
 each; needs(opts) derives from it what the rollout, the teacher and the learner compute.
 
-| estimator          | cache fields (+ token_ids, loss_mask, cu_seqlens)          | bias (vs its KL at the current student)                  | variance          | staleness (b != s) |
-|--------------------|-------------------------------------------------------------|----------------------------------------------------------|-------------------|--------------------|
-| forward_kl_topk    | teacher_topk_ids, teacher_topk_logp                         | drops teacher mass outside top-K (tail_bucket: exact KL  | none              | none: teacher weights, b unused |
-|                    |                                                             | of the coarsened distributions; renormalize: KL on top-K)|                   |                    |
-| forward_kl_dense   | teacher_dense_logp                                          | exact                                                    | none              | none               |
-| forward_kl_mc      | teacher_mc_ids, teacher_mc_logp                             | unbiased (value and gradient)                            | ~1/M              | none: teacher samples |
-| reverse_kl_dense   | teacher_dense_logp                                          | exact                                                    | none              | none               |
-| reverse_kl_support | student_topk_ids, student_topk_teacher_logp (or teacher_topk_*) | ignores student mass outside the fixed support S     | none              | biased: S was chosen by the stale student; missing t cannot be recovered |
-| reverse_kl_pg      | teacher_logp, behavior_logp (+ proximal_logp if decoupled)  | A_theta + ratio: unbiased gradient; A_old: O(s - b) bias;| high (1 sample)   | corrected per token by exp(s - b) if p_b covers p_theta; prefix distribution not corrected |
-|                    |                                                             | clip / TIS / decoupled / M2PO: biased where they act     |                   |                    |
-| reverse_kl_mc      | mc_ids, mc_teacher_logp, mc_behavior_logp (+ mc_proximal_logp) | as reverse_kl_pg                                      | ~1/M of pg        | as reverse_kl_pg   |
-| jsd                | teacher_dense_logp, or a finite support as reverse_kl_support | exact on dense; on a finite support, as the support   | none              | dense: none; finite: as reverse_kl_support |
+estimator           cache fields (+ token_ids, loss_mask, cu_seqlens)
+  bias (vs its KL at the current student)                    variance         staleness (b != s)
+forward_kl_topk     teacher_topk_ids, teacher_topk_logp
+  drops teacher mass outside top-K (tail_bucket: exact KL    none             none: teacher weights, b unused
+  of the coarsened distributions; renormalize: KL on top-K)
+forward_kl_dense    teacher_dense_logp
+  exact                                                      none             none
+forward_kl_mc       teacher_mc_ids, teacher_mc_logp
+  unbiased (value and gradient)                              ~1/M             none: teacher samples
+reverse_kl_dense    teacher_dense_logp
+  exact                                                      none             none
+reverse_kl_support  student_topk_ids, student_topk_teacher_logp (or teacher_topk_*)
+  ignores student mass outside the fixed support S           none             biased: S was chosen by the stale student;
+                                                                              missing t cannot be recovered
+reverse_kl_pg       teacher_logp, behavior_logp (+ proximal_logp if decoupled)
+  A_theta + ratio: unbiased gradient; A_old: O(s - b) bias;  high (1 sample)  corrected per token by exp(s - b) if p_b
+  clip / TIS / decoupled / M2PO: biased where they act                        covers p_theta; prefix distribution not
+                                                                              corrected
+reverse_kl_mc       mc_ids, mc_teacher_logp, mc_behavior_logp (+ mc_proximal_logp)
+  as reverse_kl_pg                                           ~1/M of pg       as reverse_kl_pg
+jsd                 teacher_dense_logp, or a finite support as reverse_kl_support
+  exact on dense; on a finite support, as the support        none             dense: none; finite: as reverse_kl_support
 
 The paper's recommended surrogate is reverse_kl_mc with advantage="theta", ratio=True, no clip, M = 64.
 """
@@ -39,7 +49,7 @@ MAX_DENSE_VOCAB = 65536  # a dense [N, V] student log-softmax is for tests and s
 @dataclass
 class LossOptions:
     name: str = "reverse_kl_mc"  # estimator, a key of ESTIMATORS
-    advantage: str = "theta"  # "theta": A = t - s recomputed at learner time, detached | "old": A = t - b frozen at rollout
+    advantage: str = "theta"  # "theta": A = t - s recomputed at learner time, detached | "old": t - b frozen at rollout
     ratio: bool = True  # importance ratio exp(s - b) on the sampled ids (off: plain score function)
     clip_eps: float = 0.0  # PPO clip epsilon on the ratio (0 = off)
     tis_cap: float = 0.0  # truncated-IS cap on the ratio, detached weight min(r, cap) (0 = off)
@@ -166,7 +176,7 @@ def needs(opts):
     return Needs(rollout=rollout, teacher=frozenset(f.teacher), student_ids=f.ids,
                  student_topk=opts.student_topk if rollout & {"student_topk_ids", "student_topk_behavior_logp"} else 0,
                  mc_samples=opts.samples if rollout & {"mc_ids", "mc_behavior_logp"} else 0,
-                 proximal=dict(zip(f.ids, f.proximal)) if opts.decoupled else {})
+                 proximal=dict(zip(f.ids, f.proximal, strict=True)) if opts.decoupled else {})
 
 
 def required_fields(opts):
@@ -258,15 +268,16 @@ def student_logp(hidden, lm_head_weight, ids, temperature=1.0, chunk_size=1024):
             _fail(f"ids[{k!r}] has values outside [0, {V}): the cache and the student disagree on the vocabulary")
     if "dense" in ids:
         if V > MAX_DENSE_VOCAB:
-            _fail(f"dense student log-probs need float32 [N, V] with V={V} > {MAX_DENSE_VOCAB}: use a finite-support estimator")
-        full = torch.log_softmax(_chunk_logits(hidden, lm_head_weight.to(_compute_dtype(lm_head_weight)), temperature), -1)
+            _fail(f"dense student log-probs need float32 [N, V] with V={V} > {MAX_DENSE_VOCAB}: "
+                  "use a finite-support estimator")
+        full = _chunk_logits(hidden, lm_head_weight.to(_compute_dtype(lm_head_weight)), temperature).log_softmax(-1)
         return {"dense": full} | {k: full.gather(1, v.view(N, -1)).view(v.shape) for k, v in sparse.items()}
     if not sparse:
         return {}
     flat = torch.cat([v.view(N, -1) for v in sparse.values()], dim=1)
     gathered = _ChunkedGatherLogProb.apply(hidden, lm_head_weight, flat, float(temperature), int(chunk_size))
     parts = gathered.split([v.view(N, -1).shape[1] for v in sparse.values()], dim=1)
-    return {k: part.reshape(v.shape) for (k, v), part in zip(sparse.items(), parts)}
+    return {k: part.reshape(v.shape) for (k, v), part in zip(sparse.items(), parts, strict=True)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -315,7 +326,8 @@ def _support_logps(s, cache, opts):
     f = fields_of(opts)
     (ids,), (t_name,) = f.ids, [name for name in f.teacher if name not in f.ids]
     s_k, t_k, valid = s[ids], _field(cache, t_name, s[ids], opts), cache["loss_mask"].bool()
-    metrics = {"student_mass": _masked_mean(s_k.exp().sum(-1), valid), "teacher_mass": _masked_mean(t_k.exp().sum(-1), valid)}
+    metrics = {"student_mass": _masked_mean(s_k.exp().sum(-1), valid),
+               "teacher_mass": _masked_mean(t_k.exp().sum(-1), valid)}
     if opts.renormalize:
         return s_k - torch.logsumexp(s_k, -1, keepdim=True), t_k - torch.logsumexp(t_k, -1, keepdim=True), metrics
     if opts.tail_bucket:
@@ -505,8 +517,8 @@ def aggregate(per_token, loss_mask, cu_seqlens, mode="token_mean"):
     if mode != "seq_mean":
         _fail(f"unknown aggregation mode={mode!r}: choose token_mean or seq_mean")
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if int(lengths.sum()) != per_token.shape[0]:
-        _fail(f"cu_seqlens covers {int(lengths.sum())} rows but per_token has {per_token.shape[0]}: pass the batch's cu_seqlens")
+    if (covered := int(lengths.sum())) != per_token.shape[0]:
+        _fail(f"cu_seqlens covers {covered} rows but per_token has {per_token.shape[0]}: pass the batch's cu_seqlens")
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=per_token.device), lengths)
     sums = kept.new_zeros(len(lengths)).index_add(0, seq, kept)
     counts = kept.new_zeros(len(lengths)).index_add(0, seq, mask.to(kept.dtype))

@@ -42,7 +42,8 @@ def plan(n_gpus, with_vllm):
              (f"NCCL learner x{len(learners)}, bf16 mixed precision, fkl", roles + FKL)]
     if with_vllm:
         vllm = roles + ["engine=vllm", "gpu_memory_utilization=0.3"]
-        paths += [("vllm rollout, forward KL top-K", vllm + FKL), ("vllm rollout, MC reverse KL (in-engine draws)", vllm + MC)]
+        paths += [("vllm rollout, forward KL top-K", vllm + FKL),
+                  ("vllm rollout, MC reverse KL (in-engine draws)", vllm + MC)]
     schedules = [("sync", ["schedule=sync"]), ("async", ["schedule=async", "max_staleness=2"])]
     return [(name, sched, over + extra) for name, over in paths for sched, extra in schedules]
 

@@ -139,7 +139,8 @@ class MCDrawProcessor(LogitsProcessor):
 
     def add_request(self, req_idx, sampling_params):
         mc = (sampling_params.extra_args or {}).get(MC_KEY)
-        self.slot[req_idx] = None if mc is None else (mc["request"], mc["draws"], mc["seed"], sampling_params.temperature)
+        self.slot[req_idx] = None if mc is None else (mc["request"], mc["draws"], mc["seed"],
+                                                      sampling_params.temperature)
         return mc is not None
 
     def apply(self, logits, ctx):
@@ -212,11 +213,11 @@ def assemble(outputs, params, prompts, prompt_index, policy_version, eos_token_i
     with vLLM's processed log-prob; columns 1.. are MCDrawProcessor's draws for the same logits row."""
     completions = [out.outputs[0] for out in outputs]
     finished = [c.finish_reason == "stop" for c in completions]
-    for c, stopped in zip(completions, finished):
+    for c, stopped in zip(completions, finished, strict=True):
         if stopped and c.token_ids[-1] != eos_token_id:
             raise ValueError(f"vllm stopped on token {c.token_ids[-1]}, not eos_token_id={eos_token_id}: "
                              "stop only on stop_token_ids=[eos_token_id] with ignore_eos=True")
-    rows = [(y, lp) for c in completions for y, lp in zip(c.token_ids, c.logprobs)]  # lp: {id: Logprob}
+    rows = [(y, lp) for c in completions for y, lp in zip(c.token_ids, c.logprobs, strict=True)]  # lp: {id: Logprob}
     per_token = {"token_ids": torch.tensor([y for y, _ in rows]),
                  "behavior_logp": torch.tensor([lp[y].logprob for y, lp in rows])}
     if student_topk:  # the K_s most probable per position, sorted; y only if it is among them
@@ -251,7 +252,8 @@ class VLLMEngine:
 
         if not isinstance(model, str):
             raise ValueError("engine 'vllm' needs a model directory, not a built model: save it with save_pretrained")
-        fixed = sorted({"tensor_parallel_size", "speculative_config", "logits_processors", "logprobs_mode"} & set(llm_kwargs))
+        fixed = sorted(set(llm_kwargs) & {"tensor_parallel_size", "speculative_config", "logits_processors",
+                                          "logprobs_mode"})
         if fixed:
             raise ValueError(f"engine 'vllm' sets {fixed} itself (one GPU, no speculative decoding, processed "
                              "log-probs, the MC-draw processor): drop them")
@@ -265,7 +267,8 @@ class VLLMEngine:
         self.eos_token_id = eos_token_id
         self.policy_version = 0
 
-    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None, greedy=False):
+    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None,
+                 greedy=False):
         from vllm import SamplingParams, TokensPrompt
 
         rollout._check_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
