@@ -40,7 +40,7 @@ import learner
 import rollout
 import task
 import teacher_cache
-from channels import acquire, beat, get, make_channels, put, span, sync_devices, wait_until
+from channels import acquire, beat, get, make_channels, put, receive, span, sync_devices, wait_until
 from schedule import required_version, rollout_unit, score_unit, unit_prompt_indices, units_per_batch
 
 hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would drown the run's own bar
@@ -190,10 +190,11 @@ def learn(ch, cfg, rank, world, start_dir, start_step, run_dir, pad_id):
         weights = learner.weight_buffer(start_dir, config.training_dtype(cfg), device)
         for _ in cfg.rollout_devices:
             ch.weights_q.put(weights)
-    source = None
     if transport == "none":  # offline: the units come from the precomputed cache
         import offline
         source = offline.offline_batches(cfg, start_step)
+    else:
+        source = receive(ch, ch.teacher_q) if rank == 0 else None
     t_start, tokens_total, pending, step, saved = time.time(), 0, {}, start_step, None
     while step < cfg.steps:
         t0 = time.time()
@@ -232,7 +233,7 @@ def next_shard(ch, cfg, step, world, source, pending):
     it, send ranks >= 1 their shards through shared memory. Returns (rank 0's shard or None to stop, metas)."""
     wanted = range(step * units_per_batch(cfg), (step + 1) * units_per_batch(cfg))
     while not all(u in pending for u in wanted) and not ch.stop.is_set():
-        item = next(source) if source is not None else get(ch, ch.teacher_q)
+        item = next(source)
         if item is not None:
             pending[item[0]["unit"]] = item
     units = [pending.pop(u) for u in wanted if u in pending]

@@ -11,6 +11,7 @@ of its data. Every blocking call here polls: it beats the caller's heartbeat and
 so no role blocks forever on a peer that died.
 """
 import queue
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +96,33 @@ def get(ch, q):
             if not ch.stop.is_set():
                 raise
     return None
+
+
+def receive(ch, q):
+    """The items of q, one per next(), None once the run is stopping. A background thread takes them off q:
+    rebuilding a shared-memory tensor asks its sender for the file descriptor, so a stopped (hung) sender blocks
+    q.get() whatever its timeout; the consumer waits on the thread's local queue and still sees `stop` (the
+    learner then checkpoints). The thread's errors are raised in the consumer, unless the run is stopping."""
+    local = queue.Queue()
+
+    def pump():
+        while not ch.stop.is_set():
+            try:
+                local.put(q.get(timeout=POLL_S))
+            except queue.Empty:
+                pass
+            except Exception as e:  # handed over: raised by the consumer below
+                local.put(e)
+                return
+
+    threading.Thread(target=pump, daemon=True, name="receive").start()  # daemon: may stay blocked at exit
+    while True:
+        item = get(ch, local)
+        if isinstance(item, Exception):
+            if not ch.stop.is_set():
+                raise item
+            item = None
+        yield item
 
 
 def put(ch, q, item):

@@ -108,8 +108,8 @@ def test_a_stopped_role_is_named_and_the_run_ends(tmp_path, tiny_models, role):
     assert err.splitlines()[-1].startswith(f"asyncopd: {role} failed:")  # the cause is the last line
     if role == "learner":
         assert not ckpts and "no checkpoint" in err
-    else:  # a peer blocked on the stopped role's shared-memory hand-off may hang the learner too (see README)
-        assert (len(ckpts) == 1 and f"resume with resume={run}/{ckpts[0]}" in err) or "no checkpoint" in err
+    else:  # the learner receives in a background thread (channels.receive): a stopped sender cannot block it
+        assert len(ckpts) == 1 and f"resume with resume={run}/{ckpts[0]}" in err, err[-2000:]
     assert took < 5 + 20 and not orphans
 
 
