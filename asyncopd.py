@@ -166,7 +166,7 @@ def teacher_role(ch, cfg, tok, evals, start_step):
     wait_until(ch, ch.learned.is_set)
 
 
-def learner_role(ch, cfg, rank, world, port, start_dir, start_step, start_version, run_dir, pad_id):
+def learner_role(ch, cfg, rank, world, port, start_dir, start_step, run_dir, pad_id):
     """Learner rank r: train every batch, publish the weights, checkpoint (every save_every steps, at the end,
     and on a stop)."""
     import datetime
@@ -258,7 +258,7 @@ def run(cfg):
     run_dir = coordinator.make_run_dir(cfg)
     world, port = len(cfg.learner_devices), coordinator.free_port()
     roles = [(f"learner{r}" if world > 1 else "learner", learner_role,
-              (cfg, r, world, port, start_dir, start_step, start_version, run_dir, tok.pad_token_id))
+              (cfg, r, world, port, start_dir, start_step, run_dir, tok.pad_token_id))
              for r in range(world)]
     if cfg.schedule != "offline":
         n = len(cfg.rollout_devices)

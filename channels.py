@@ -10,11 +10,15 @@ A dict of CPU tensors put on a queue crosses through shared memory (torch.multip
 of its data. Every blocking call here polls: it beats the caller's heartbeat and gives up once `stop` is set,
 so no role blocks forever on a peer that died.
 """
+import ctypes
 import queue
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event, Lock
 
 import torch
 
@@ -25,21 +29,22 @@ POLL_S = 0.1  # how long one blocking call waits between checks of `stop`
 @dataclass
 class Channels:
     """Everything the processes share. Each field: producer -> consumer: what travels."""
-    rollout_q: object  # rollout workers -> teacher: ({"unit": k, "gen_s": s}, trajectory)
-    teacher_q: object  # teacher -> learner rank 0: ({"unit", "gen_s", "score_s"}, scored unit); offline: unused
-    shard_qs: list  # learner rank 0 -> rank r (entry r >= 1): its shard of each batch, or None to stop
-    weights: dict  # learner rank 0 -> rollout workers: {HF name: tensor} in host shared memory (transport "shared")
-    weights_q: object  # learner rank 0 -> each rollout worker: its handle to a buffer on rank 0's device ("handoff")
-    version: object  # learner rank 0 -> rollout workers: policy version of the weights now in the buffer
-    lock: object  # the buffer: held by the learner while it writes, by a rollout worker while it reads
-    released: object  # rollout workers -> learner rank 0: workers done with the buffer (its owner may then exit)
-    metrics_q: object  # every role -> coordinator: (kind, record); kind: step, eval, teacher_eval, checkpoint, trace
-    err_q: object  # every role -> coordinator: (role, error, traceback) of an exception
-    beats: object  # every role -> coordinator: time of the role's last heartbeat, one slot per role (0: starting)
-    signal: object  # a child -> coordinator: the first SIGTERM/SIGINT a child received
-    stop: object  # coordinator (or a signalled child) -> every role: stop now; the learner checkpoints first
-    learned: object  # coordinator -> rollout, teacher: the learners finished, so senders of shared tensors may exit
-    roles: list  # role names, in the order of `beats`
+    rollout_q: Queue  # rollout workers -> teacher: ({"unit": k, "gen_s": s}, trajectory)
+    teacher_q: Queue  # teacher -> learner rank 0: ({"unit", "gen_s", "score_s"}, scored unit); offline: unused
+    shard_qs: list[Queue | None]  # learner rank 0 -> rank r (entry r >= 1): its shard of each batch, or None to stop
+    weights: dict[str, torch.Tensor] | None  # learner rank 0 -> rollout workers: the buffer in host shared memory
+    #   (transport "shared"), HF names; None under "handoff" (weights_q) and offline
+    weights_q: Queue  # learner rank 0 -> each rollout worker: its handle to a buffer on rank 0's device ("handoff")
+    version: Synchronized  # learner rank 0 -> rollout workers: policy version of the weights now in the buffer
+    lock: Lock  # the buffer: held by the learner while it writes, by a rollout worker while it reads
+    released: Synchronized  # rollout workers -> learner rank 0: workers done with the buffer (its owner may then exit)
+    metrics_q: Queue  # every role -> coordinator: (kind, record); kind: step, eval, teacher_eval, checkpoint, trace
+    err_q: Queue  # every role -> coordinator: (role, error, traceback) of an exception
+    beats: ctypes.Array  # every role -> coordinator: time of the role's last heartbeat, one slot per role (0: starting)
+    signal: ctypes.c_int  # a child -> coordinator: the first SIGTERM/SIGINT a child received
+    stop: Event  # coordinator (or a signalled child) -> every role: stop now; the learner checkpoints first
+    learned: Event  # coordinator -> rollout, teacher: the learners finished, so senders of shared tensors may exit
+    roles: list[str]  # role names, in the order of `beats`
     coordinator: int  # the coordinator's pid: a child that finds it gone exits at once
     threads: int  # torch CPU threads per process
 
