@@ -268,7 +268,7 @@ def run(cfg):
     shared = config.resolve_transport(cfg) == "shared"
     weights = learner.weight_buffer(start_dir, config.training_dtype(cfg)) if shared else None
     ch = make_channels(cfg, [r for r, _, _ in roles], start_version, weights)
-    procs = coordinator.start_children(ch, roles, run_dir)
+    procs = coordinator.start_children(ch, roles, run_dir, config.start_method(cfg))
     summary = dict(coordinator.watch(cfg, ch, procs, run_dir, start_step), run_dir=run_dir)
     if cfg.schedule == "offline" and evals and summary.get("checkpoint") and not summary.get("interrupted"):
         import offline

@@ -122,7 +122,8 @@ def throughput(overrides, schedules, config_path="configs/default.yaml"):
 
     The first schedule must be `sync`: nothing overlaps there, so its per-step seconds are each stage's busy time
     (gen_s rollout, score_s teacher, train_s + sync_s learner), and an overlapping schedule can at best reach
-    speed-up = sum(stage times) / max(stage time) over sync (the ideal bound)."""
+    speed-up = sum(stage times) / max(max stage time, sum / cores) over sync (the ideal bound): a stage per device,
+    and when every role is on the CPU, no more than `cores` stages busy at once (this process's allowed cores)."""
     import asyncopd
     rows = []
     for name, extra in schedules:
@@ -138,8 +139,11 @@ def throughput(overrides, schedules, config_path="configs/default.yaml"):
         row["busy"] = max(row["gen_s"], row["score_s"], row["train_s"]) / row["step_s"]  # bottleneck utilisation
         rows.append(row)
     stages = [rows[0]["gen_s"], rows[0]["score_s"], rows[0]["train_s"]]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    on_cpu = all(str(d) == "cpu" for d in [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices])
     for r in rows:
-        r.update(bound=sum(stages) / max(stages), speedup=r["tokens_per_s"] / rows[0]["tokens_per_s"])
+        r.update(bound=sum(stages) / max(max(stages), sum(stages) / cores if on_cpu else 0),
+                 speedup=r["tokens_per_s"] / rows[0]["tokens_per_s"])
         r["efficiency"] = r["speedup"] / r["bound"]
     return rows
 
@@ -154,9 +158,9 @@ def cmd_pipeline(args):
         print(f"{r['schedule']:<12} {r['tokens_per_s']:>9.0f} {r['speedup']:>8.2f}x {r['bound']:>5.2f}x "
               f"{100 * r['efficiency']:>8.0f}% {r['step_s']:>7.3f} {r['gen_s']:>10.3f} {r['score_s']:>12.3f} "
               f"{r['train_s']:>12.3f} {100 * r['busy']:>14.0f}% {r['stale_mean']:>9.2f}")
-    print("bound = sum/max of the sync run's stage times (one device per stage); sync also pays per-step hand-offs "
-          "outside the stages, which overlap hides too. bottleneck busy = slowest stage's seconds / wall seconds "
-          "per step.")
+    print("bound = sum / max(max, sum / cores) of the sync run's stage times (a device per stage; on the CPU at most "
+          "`cores` stages at once); sync also pays per-step hand-offs outside the stages, which overlap hides too. "
+          "bottleneck busy = slowest stage's seconds / wall seconds per step.")
 
 
 # ----------------------------------------------------------------------------- timed runs, graded afterwards
@@ -449,20 +453,23 @@ def _devices_fit(roles):
 # ----------------------------------------------------------------------------- peer: asyncopd vs TRL
 # Systems of `bench.py peer`: asyncopd as key=value overrides of --config, or a TRL trainer by name (see trl_run).
 PEER_SYSTEMS = {
-    "asyncopd": [],                                    # the config as is (default: async, MC-64 reverse KL, A_theta)
-    "asyncopd-sync": ["schedule=sync"],                # the same estimator, strict sync: nothing overlaps
-    "asyncopd-dense": ["loss.name=reverse_kl_dense"],  # async, exact reverse KL over the vocabulary
-    "trl-gkd": "gkd",          # TRL 1.16 GKDTrainer, lmbda=1, beta=1: exact reverse KL, sync, 1 process
-    "trl-distill": "distill",  # TRL 1.16 DistillationTrainer, beta=1: the same loss, TRL's stable API
+    "asyncopd": [],                                  # the config as is (default: async, exact forward KL)
+    "asyncopd-sync": ["schedule=sync"],              # the same estimator, strict sync: nothing overlaps
+    "asyncopd-rkl": ["loss.name=reverse_kl_dense"],  # async, exact reverse KL over the vocabulary (TRL GKD's loss)
+    "asyncopd-mc": ["loss.name=reverse_kl_mc", "loss.samples=64"],  # async, the paper's MC-64 reverse KL, A_theta
+    "trl-gkd": ("gkd", 1.0),          # TRL 1.16 GKDTrainer, lmbda=1, beta=1: exact reverse KL, sync, 1 process
+    "trl-gkd-fkl": ("gkd", 0.0),      # the same, beta=0: exact forward KL (asyncopd's forward_kl_dense)
+    "trl-distill": ("distill", 1.0),  # TRL 1.16 DistillationTrainer, beta=1: reverse KL, TRL's stable API
 }
 THRESHOLDS = (0.80, 0.90, 0.95)
 
 
-def trl_run(trainer, config_path, overrides, run_dir, steps, save_every, seed, threads):
-    """TRL's GKDTrainer or DistillationTrainer in this process with asyncopd's models, prompts (in the same order per
-    step), batch, lengths, temperature and optimizer (AdamW, constant lr, betas, weight decay, grad clip). Every batch
-    is sampled from the student (GKD: lmbda=1); beta=1: TRL's generalized JSD is then KL(student || teacher) over the
-    whole vocabulary (trl 1.16: F.kl_div(t, s) in gkd_trainer.py, a chunked kernel in distillation_trainer.py).
+def trl_run(trainer, beta, config_path, overrides, run_dir, steps, save_every, seed, threads):
+    """TRL's GKDTrainer or DistillationTrainer in this process with asyncopd's models (the teacher in its dtype),
+    prompts (in the same order per step), batch, lengths, temperature and optimizer (AdamW, constant lr, betas,
+    weight decay, grad clip). Every batch is sampled from the student (GKD: lmbda=1); TRL's generalized JSD over the
+    whole vocabulary is then KL(student || teacher) at beta=1 and KL(teacher || student) at beta=0 (trl 1.16:
+    F.kl_div in gkd_trainer.py, a chunked kernel in distillation_trainer.py).
     Writes metrics.jsonl step times and ckpt_NNNNN like asyncopd."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is local; never reach the hub
     torch.set_num_threads(threads)
@@ -487,7 +494,7 @@ def trl_run(trainer, config_path, overrides, run_dir, steps, save_every, seed, t
 
     # asyncopd's optimizer, not TRL's defaults (lr 2e-5 or 1e-6 decaying linearly, bf16, activation checkpointing:
     # settings for billion-parameter models that would handicap TRL here); float32 on the CPU like asyncopd's learner
-    common = dict(output_dir=run_dir, max_steps=steps, per_device_train_batch_size=cfg.batch_size, seed=seed, beta=1.0,
+    common = dict(output_dir=run_dir, max_steps=steps, per_device_train_batch_size=cfg.batch_size, seed=seed, beta=beta,
                   temperature=cfg.temperature, learning_rate=cfg.lr, lr_scheduler_type="constant",
                   adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], weight_decay=cfg.weight_decay,
                   max_grad_norm=cfg.grad_clip, bf16=False, gradient_checkpointing=False, use_cpu=True,
@@ -502,7 +509,8 @@ def trl_run(trainer, config_path, overrides, run_dir, steps, save_every, seed, t
         from trl import DistillationTrainer as Trainer
         args = DistillationConfig(**common, max_completion_length=cfg.max_new_tokens, shuffle_dataset=False)
         extra = dict(train_dataset=Dataset.from_dict({"prompt": [train[i]["prompt"] for i in order]}))
-    student, teacher = (AutoModelForCausalLM.from_pretrained(d) for d in (cfg.student, cfg.teacher))
+    student = AutoModelForCausalLM.from_pretrained(cfg.student)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=config.teacher_dtype(cfg))  # asyncopd's teacher
     Trainer(model=student, teacher_model=teacher, args=args, processing_class=tok, callbacks=[Saver()], **extra).train()
     log.close()
 
@@ -515,7 +523,7 @@ def cmd_peer(args):
     if any(s not in PEER_SYSTEMS for s in systems):
         raise SystemExit(f"bench.py peer: unknown system in --systems {args.systems}; "
                          f"use some of {','.join(PEER_SYSTEMS)}")
-    if any(isinstance(PEER_SYSTEMS[s], str) for s in systems):
+    if any(isinstance(PEER_SYSTEMS[s], tuple) for s in systems):
         try:
             import trl  # noqa: F401
         except ImportError:
@@ -528,9 +536,10 @@ def cmd_peer(args):
         for name in systems:
             run_dir = os.path.join(out, f"{name}-{seed}")
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts from scratch
-            if isinstance(PEER_SYSTEMS[name], str):
+            if isinstance(PEER_SYSTEMS[name], tuple):
                 os.makedirs(run_dir)
-                spec = dict(trainer=PEER_SYSTEMS[name], config_path=args.config, overrides=args.overrides,
+                trainer, beta = PEER_SYSTEMS[name]
+                spec = dict(trainer=trainer, beta=beta, config_path=args.config, overrides=args.overrides,
                             run_dir=run_dir, steps=args.steps, save_every=args.save_every, seed=seed,
                             threads=args.trl_threads or args.cpus)
                 t0, _, _ = _run_script(["_trl", json.dumps(spec)], "bench.py", args.cpus)

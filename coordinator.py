@@ -24,7 +24,8 @@ import childguard
 def child_main(role, fn, ch, *args):
     """Entry of every child: die with the coordinator, turn SIGTERM/SIGINT into a clean stop of the whole run,
     report any exception to the coordinator as (role, error, traceback)."""
-    childguard.die_with(ch.coordinator)  # again: the main module may not be asyncopd.py (bench, lab, tests)
+    childguard.die_with(ch.coordinator)  # again: the main module may not be asyncopd.py (bench, lab, tests), or forked
+    os.environ.pop(childguard.COORDINATOR_ENV, None)  # a forked child did not re-import childguard, which pops it
     channels.ROLE = role  # its first beat comes with its first wait or stage: model loading is not watched
     received = []
 
@@ -56,17 +57,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_children(ch, roles, run_dir):
-    """One spawned process per (role, fn, args), entered through child_main; their pids go to run_dir/pids.json.
-    Children start with SIGTERM/SIGINT blocked (the mask survives exec) and unblock them once their handlers are
-    in place: a Ctrl-C during their imports stops the run instead of printing a traceback per child."""
+def start_children(ch, roles, run_dir, method="spawn"):
+    """One process per (role, fn, args), forked or spawned (config.start_method), entered through child_main; their
+    pids go to run_dir/pids.json. Children start with SIGTERM/SIGINT blocked (the mask survives fork and exec) and
+    unblock them once their handlers are in place: a Ctrl-C during their start stops the run instead of printing a
+    traceback per child."""
     import torch.multiprocessing as mp
-    spawn, procs, stop_signals = mp.get_context("spawn"), {}, {signal.SIGINT, signal.SIGTERM}
+    context, procs, stop_signals = mp.get_context(method), {}, {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     os.environ[childguard.COORDINATOR_ENV] = str(os.getpid())  # read by childguard in each child, first thing
     try:
         for role, fn, args in roles:  # not daemonic: vLLM starts a process of its own
-            procs[role] = spawn.Process(target=child_main, args=(role, fn, ch, *args), name=f"asyncopd-{role}")
+            procs[role] = context.Process(target=child_main, args=(role, fn, ch, *args), name=f"asyncopd-{role}")
             procs[role].start()
     except BaseException:
         for p in procs.values():

@@ -90,11 +90,12 @@ def load_prompts(source: str, split: str = "train", limit: int | None = None) ->
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool, known: set | None = None,
-                  max_len: int | None = None) -> list[int]:
+                  max_len: int | None = None, ids: list[int] | None = None) -> list[int]:
     """Prompt token ids: the raw characters for the synthetic task, or the model's chat template
     (one user turn + generation prompt) for instruct models. Text the tokenizer cannot represent is
     refused, not dropped: a tokenizer without <unk> silently skips unknown characters ('１２+３４=' -> '+=').
-    `known`: characters already found representable (config.load_prompts shares one set across rows)."""
+    `known`: characters already found representable (config.load_prompts shares one set across rows).
+    `ids`: the text's ids from a batched tokenizer call (config.load_prompts: one call for all rows), checked here."""
     raw = text
     if chat_template:
         if tokenizer.chat_template is None:
@@ -102,7 +103,8 @@ def encode_prompt(tokenizer, text: str, chat_template: bool, known: set | None =
                              "set chat_template: false for base models")
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                              add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ids is None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_len is not None and len(ids) > max_len:
         raise ValueError(f"prompt {raw[:40]!r} has {len(ids)} tokens > max_prompt_len={max_len}: "
                          "raise max_prompt_len or filter the data set")
