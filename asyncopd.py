@@ -2,7 +2,8 @@
 
 The student learns from its own samples, scored token by token by a frozen teacher through a KL estimator.
 opd_reference() below is the whole algorithm, synchronously, on one screen. The pipeline runs the same calls
-in three kinds of processes (torch.multiprocessing, spawn), so sampling, scoring and training overlap:
+in three kinds of processes (torch.multiprocessing: forked when every role is on the CPU, spawned otherwise), so
+sampling, scoring and training overlap:
 
     rollout  --trajectories-->  teacher  --scored units-->  learner (FSDP2, ranks 0..W-1)
        ^                                                         |
@@ -267,8 +268,9 @@ def run(cfg):
         roles += [("teacher", teacher_role, (cfg, tok, evals, start_step))]
     shared = config.resolve_transport(cfg) == "shared"
     weights = learner.weight_buffer(start_dir, config.training_dtype(cfg)) if shared else None
-    ch = make_channels(cfg, [r for r, _, _ in roles], start_version, weights)
-    procs = coordinator.start_children(ch, roles, run_dir, config.start_method(cfg))
+    method = config.start_method(cfg)  # fork on the cpu: the children inherit the imports (seconds at start-up)
+    ch = make_channels(cfg, [r for r, _, _ in roles], start_version, weights, method)
+    procs = coordinator.start_children(ch, roles, run_dir, method)
     summary = dict(coordinator.watch(cfg, ch, procs, run_dir, start_step), run_dir=run_dir)
     if cfg.schedule == "offline" and evals and summary.get("checkpoint") and not summary.get("interrupted"):
         import offline

@@ -130,7 +130,7 @@ def throughput(overrides, schedules, config_path="configs/default.yaml"):
         cfg = config.load_config(config_path, [*overrides, *extra, "progress=false", "eval_size=0",
                                           f"run_name=bench-{name}-{time.strftime('%H%M%S')}"])
         with open(os.path.join(asyncopd.run(cfg)["run_dir"], "metrics.jsonl")) as f:
-            steps = [r for r in map(json.loads, f) if r["kind"] == "step"][2:]  # skip start-up (spawn, first batches)
+            steps = [r for r in map(json.loads, f) if r["kind"] == "step"][2:]  # skip start-up (first batches)
         span, timed = steps[-1]["time"] - steps[0]["time"], steps[1:]  # the steps that end inside the span
         mean = lambda k, timed=timed: sum(r[k] for r in timed) / len(timed)  # noqa: E731 - a one-line helper
         row = {"schedule": name, "tokens_per_s": sum(r["tokens"] for r in timed) / span, "step_s": span / len(timed),

@@ -49,18 +49,19 @@ class Channels:
     threads: int  # torch CPU threads per process
 
 
-def make_channels(cfg, roles, start_version, weights):
-    """The run's channels, from the spawn context its children use. weights: the shared buffer or None."""
+def make_channels(cfg, roles, start_version, weights, method):
+    """The run's channels, from the context (fork or spawn, config.start_method) its children start with.
+    weights: the shared buffer or None."""
     import os
 
     import torch.multiprocessing as mp
-    spawn = mp.get_context("spawn")
-    return Channels(rollout_q=spawn.Queue(cfg.queue_size), teacher_q=spawn.Queue(cfg.queue_size),
-                    shard_qs=[None] + [spawn.Queue(2) for _ in cfg.learner_devices[1:]], weights=weights,
-                    weights_q=spawn.Queue(), version=spawn.Value("q", start_version), lock=spawn.Lock(),
-                    released=spawn.Value("i", 0), metrics_q=spawn.Queue(), err_q=spawn.Queue(),
-                    beats=spawn.Array("d", len(roles), lock=False), signal=spawn.Value("i", 0, lock=False),
-                    stop=spawn.Event(), learned=spawn.Event(), roles=list(roles), coordinator=os.getpid(),
+    ctx = mp.get_context(method)
+    return Channels(rollout_q=ctx.Queue(cfg.queue_size), teacher_q=ctx.Queue(cfg.queue_size),
+                    shard_qs=[None] + [ctx.Queue(2) for _ in cfg.learner_devices[1:]], weights=weights,
+                    weights_q=ctx.Queue(), version=ctx.Value("q", start_version), lock=ctx.Lock(),
+                    released=ctx.Value("i", 0), metrics_q=ctx.Queue(), err_q=ctx.Queue(),
+                    beats=ctx.Array("d", len(roles), lock=False), signal=ctx.Value("i", 0, lock=False),
+                    stop=ctx.Event(), learned=ctx.Event(), roles=list(roles), coordinator=os.getpid(),
                     threads=cfg.threads)
 
 

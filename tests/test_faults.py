@@ -131,10 +131,11 @@ def test_a_second_signal_exits_at_once(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("moment", ["spawn", "step"])
 def test_kill_9_of_the_coordinator_leaves_no_process(tmp_path, tiny_models, moment):
-    """spawn: the children are still importing torch (PR_SET_PDEATHSIG is not set yet: they notice the coordinator is
-    gone right after their imports); step: the run is training."""
+    """spawn: spawned children (start_method=spawn, as on GPUs) are still importing torch; childguard sets
+    PR_SET_PDEATHSIG before those imports. step: the run (forked children, the cpu default) is training."""
     shm_before = set(os.listdir("/dev/shm"))
-    proc, run, pids, family = _start(tmp_path, tiny_models, "kill9", until=moment)
+    spawned = ["start_method=spawn"] if moment == "spawn" else []
+    proc, run, pids, family = _start(tmp_path, tiny_models, "kill9", *spawned, until=moment)
     t0 = time.time()
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=10)

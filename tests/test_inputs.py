@@ -71,6 +71,10 @@ def env(tmp_path_factory, tiny_models):
         shutil.copytree(student, d / name)
         (d / name / file).write_text("{not json")
         paths[name] = str(d / name)
+    shutil.copytree(student, d / "notcausal")  # a valid config of a model that is no causal LM (an image encoder)
+    conf = json.loads((d / "notcausal" / "config.json").read_text())
+    (d / "notcausal" / "config.json").write_text(json.dumps(dict(conf, model_type="vit", architectures=["ViTModel"])))
+    paths["notcausal"] = str(d / "notcausal")
     # a read-only place: root writes through chmod, so it needs a path no one can create
     paths["readonly"] = "/proc/asyncopd-runs" if os.geteuid() == 0 else str(d / "ro" / "runs")
     if os.geteuid() != 0:
@@ -141,6 +145,11 @@ CASES = [
     ("student-corrupt-tokenizer", None, ["student=<badtokenizer>"],
      "student <d>/badtokenizer: cannot load its tokenizer ("),
     ("teacher-corrupt-config", None, ["teacher=<badconfig>"], "teacher <d>/badconfig: cannot load its config ("),
+    ("student-not-causal-lm", None, ["student=<notcausal>"], "student <d>/notcausal: model type 'vit' is not a causal"),
+    ("teacher-not-causal-lm", None, ["teacher=<notcausal>"], "teacher <d>/notcausal: model type 'vit' is not a causal"),
+    ("start_method-typo", None, ["start_method=forkserver"], "start_method='forkserver': use one of auto, fork, spawn"),
+    ("start_method-fork-on-cuda", None, ["start_method=fork", "learner_devices=[cuda:0]"],
+     "start_method=fork with a cuda device: CUDA cannot be used in a forked child"),
     # where the run goes
     ("out_dir-file", None, ["out_dir=<afile>"], "afile is a file, not a folder"),
     ("out_dir-under-file", None, ["out_dir=<afile>/runs"], "afile is a file, not a folder"),

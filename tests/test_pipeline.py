@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import asyncopd
 import config
@@ -42,7 +43,7 @@ def only_run(tmp_path, name):
 
 @pytest.mark.parametrize("schedule,extra,loss", [
     ("sync", [], "forward_kl_topk"),
-    ("step_off", ["step_off=1", "rollout_batch_size=2"], "reverse_kl_pg"),
+    ("step_off", ["step_off=1", "rollout_batch_size=2", "start_method=spawn"], "reverse_kl_pg"),  # spawn: as on GPUs
     ("async", ["max_staleness=2", "rollout_batch_size=2"], "reverse_kl_mc"),
 ])
 def test_end_to_end_schedules(tmp_path, tiny_models, schedule, extra, loss):
@@ -66,6 +67,21 @@ def test_end_to_end_schedules(tmp_path, tiny_models, schedule, extra, loss):
     roles = {e["args"]["name"] for e in trace if e["ph"] == "M"}
     assert {"rollout", "teacher", "learner"} <= roles
     assert "teacher accuracy" in out.stdout and "staleness" in out.stdout
+
+
+def test_forked_and_spawned_children_train_the_same(tmp_path, tiny_models):
+    """The start method changes only the start-up: a sync run gives bitwise the same losses and weights either way
+    (fork is the cpu default; spawn is what GPU runs use)."""
+    runs = {}
+    for method in ("fork", "spawn"):
+        out = train(tmp_path, tiny_models, "schedule=sync", "steps=3", "eval_size=0", f"start_method={method}",
+                    f"run_name={method}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[method] = only_run(tmp_path, method)
+    assert [r["loss"] for r in records(runs["fork"])] == [r["loss"] for r in records(runs["spawn"])]
+    weights = [load_file(os.path.join(runs[m], "ckpt_00003", "model.safetensors")) for m in ("fork", "spawn")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_admission_control_bounds_staleness():
