@@ -42,7 +42,8 @@ class Config:
     learner_devices: list = field(default_factory=lambda: ["cpu"])  # one FSDP rank per entry
     threads: int = 1  # torch CPU threads per process (2-core laptops: 1)
     start_method: str = "auto"  # child processes: "fork" (they inherit the coordinator's imports: seconds sooner),
-    #   "spawn" (a fresh interpreter each), "auto" (fork iff every role is on cpu; CUDA does not survive a fork)
+    #   "spawn" (a fresh interpreter each), "auto" (fork iff every role is on cpu with threads=1: neither CUDA nor
+    #   OpenMP's thread pool survives a fork)
     # schedule
     schedule: str = "async"  # "sync" | "step_off" | "async" | "offline"
     step_off: int = 1  # step_off: how many batches the rollout may run ahead
@@ -326,6 +327,9 @@ def check_values(cfg):
     if start_method(cfg) == "fork" and any(str(d).startswith("cuda") for d in _role_devices(cfg)):
         raise ValueError("start_method=fork with a cuda device: CUDA cannot be used in a forked child; "
                          "use start_method=spawn (or auto)")
+    if start_method(cfg) == "fork" and cfg.threads > 1:  # as torch's DataLoader workers: forked, one thread
+        raise ValueError(f"start_method=fork with threads={cfg.threads}: a forked child may hang in OpenMP (its "
+                         "thread pool does not survive a fork); use threads=1 or start_method=spawn (or auto)")
     if not 0 < cfg.gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization}: must be in (0, 1], e.g. 0.8")
     if not 0 < cfg.temperature <= 10 or not 0 < cfg.top_p <= 1:
@@ -340,7 +344,7 @@ def start_method(cfg):
     """How the coordinator starts its children (see the start_method key)."""
     if cfg.start_method != "auto":
         return cfg.start_method
-    return "fork" if all(str(d) == "cpu" for d in _role_devices(cfg)) else "spawn"
+    return "fork" if cfg.threads == 1 and all(str(d) == "cpu" for d in _role_devices(cfg)) else "spawn"
 
 
 def _causal_lm(conf, what, path):

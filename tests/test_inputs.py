@@ -150,6 +150,8 @@ CASES = [
     ("start_method-typo", None, ["start_method=forkserver"], "start_method='forkserver': use one of auto, fork, spawn"),
     ("start_method-fork-on-cuda", None, ["start_method=fork", "learner_devices=[cuda:0]"],
      "start_method=fork with a cuda device: CUDA cannot be used in a forked child"),
+    ("start_method-fork-threads", None, ["start_method=fork", "threads=2"],
+     "start_method=fork with threads=2: a forked child may hang in OpenMP"),
     # where the run goes
     ("out_dir-file", None, ["out_dir=<afile>"], "afile is a file, not a folder"),
     ("out_dir-under-file", None, ["out_dir=<afile>/runs"], "afile is a file, not a folder"),

@@ -69,6 +69,14 @@ def test_end_to_end_schedules(tmp_path, tiny_models, schedule, extra, loss):
     assert "teacher accuracy" in out.stdout and "staleness" in out.stdout
 
 
+def test_auto_start_method_forks_only_one_thread_cpu_runs():
+    auto = lambda **kw: config.start_method(config.Config(**kw))  # noqa: E731
+    assert auto() == "fork"
+    assert auto(threads=2) == "spawn"  # OpenMP's pool does not survive a fork
+    assert auto(learner_devices=["cuda:0"]) == auto(teacher_device="cuda:1") == "spawn"  # nor does CUDA
+    assert auto(start_method="spawn") == "spawn" and auto(start_method="fork", threads=2) == "fork"  # as asked
+
+
 def test_forked_and_spawned_children_train_the_same(tmp_path, tiny_models):
     """The start method changes only the start-up: a sync run gives bitwise the same losses and weights either way
     (fork is the cpu default; spawn is what GPU runs use)."""
