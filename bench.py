@@ -149,6 +149,9 @@ def throughput(overrides, schedules, config_path="configs/default.yaml"):
 
 
 def cmd_pipeline(args):
+    if args.steps < 4:  # throughput() drops two start-up steps and times the rest from the first one kept
+        raise SystemExit(f"bench.py pipeline: --steps {args.steps} leaves nothing to time (the first two steps are "
+                         "start-up): use --steps 4 or more, e.g. 60")
     rows = throughput([f"steps={args.steps}", *args.overrides], [
         ("sync", ["schedule=sync"]), ("step_off(2)", ["schedule=step_off", "step_off=2"]),
         ("async", ["schedule=async", f"max_staleness={args.max_staleness}"])], args.config)

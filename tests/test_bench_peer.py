@@ -1,9 +1,12 @@
 """bench.py peer at a tiny budget: the asyncopd side end to end (checkpoints graded after the run, off the
-clock), the table's properties, and the one-line refusal when TRL is not importable (CI has no TRL)."""
+clock), the table's properties, and the one-line refusal when TRL is not importable (CI has no TRL); bench.py
+pipeline's refusal of a run too short to time."""
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 import bench
 from conftest import ROOT
@@ -34,3 +37,9 @@ def test_peer_refuses_without_trl(tmp_path):
                          timeout=120)
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "pip install trl==1.16.0" in out.stderr and not os.path.exists(tmp_path / "asyncopd-0")
+
+
+def test_pipeline_refuses_too_few_steps_before_running(tmp_path):
+    with pytest.raises(SystemExit, match="--steps 3 leaves nothing to time"):
+        bench.main(["pipeline", "--steps", "3", f"out_dir={tmp_path}"])
+    assert os.listdir(tmp_path) == []  # no run was started
