@@ -98,8 +98,8 @@ def get(ch, q):
             return q.get(timeout=POLL_S)
         except queue.Empty:
             pass
-        except OSError:  # the sender exited on the stop before its shared-memory tensors were received
-            if not ch.stop.is_set():
+        except (OSError, EOFError):  # the sender exited on the stop before its shared-memory tensors were received
+            if not ch.stop.is_set():  # (refused, reset, or closed mid-handshake: EOFError)
                 raise
     return None
 

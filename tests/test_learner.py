@@ -223,6 +223,30 @@ def _rank(rank, port, cfg, batch, q, stop, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("error", [EOFError(), ConnectionRefusedError(), ConnectionResetError()])
+def test_get_treats_a_vanished_sender_as_the_stop_only_once_stopping(error):
+    """Rebuilding a shared-memory tensor connects to its sender; one that exited on the stop fails that handshake
+    (refused, reset, or closed mid-handshake: EOFError). While stopping, channels.get returns None; otherwise the
+    error is raised."""
+    import channels
+
+    class Vanished:
+        def get(self, timeout):
+            raise error
+
+    stop = mp.get_context("spawn").Event()
+    ch = SimpleNamespace(stop=stop, beats=None)
+    with pytest.raises(type(error)):
+        channels.get(ch, Vanished())
+
+    class VanishedOnStop:
+        def get(self, timeout):
+            stop.set()
+            raise error
+
+    assert channels.get(ch, VanishedOnStop()) is None
+
+
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
 def test_world_size_2_micro_batches_match_world_size_1(group, tiny_models, vocab, tmp_path, aggregation):
     batch = synthetic_batch(vocab)
