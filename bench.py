@@ -140,7 +140,7 @@ def throughput(overrides, schedules, config_path="configs/default.yaml"):
         rows.append(row)
     stages = [rows[0]["gen_s"], rows[0]["score_s"], rows[0]["train_s"]]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    on_cpu = all(str(d) == "cpu" for d in [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices])
+    on_cpu = all(str(d) == "cpu" for d in config.role_devices(cfg))
     for r in rows:
         r.update(bound=sum(stages) / max(max(stages), sum(stages) / cores if on_cpu else 0),
                  speedup=r["tokens_per_s"] / rows[0]["tokens_per_s"])

@@ -288,7 +288,7 @@ def validate(cfg, run=True):
     import learner
     learner.check_checkpoint(cfg)
     estimators.validate_options(cfg.loss)
-    for d in (*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices):
+    for d in role_devices(cfg):
         _check_device(d, "device")
     if len({d.startswith("cuda") for d in cfg.learner_devices}) > 1:
         raise ValueError(f"learner_devices={cfg.learner_devices} mixes cpu and cuda: use one kind")
@@ -324,19 +324,21 @@ def check_values(cfg):
     if resolve_transport(cfg) == "handoff" and cfg.engine != "hf":
         raise ValueError(f"weight_transport=handoff needs engine=hf: a {cfg.engine} rollout sees only its own GPU, "
                          "so it cannot open a buffer on the learner's; use weight_transport=shared")
-    if start_method(cfg) == "fork" and any(str(d).startswith("cuda") for d in _role_devices(cfg)):
-        raise ValueError("start_method=fork with a cuda device: CUDA cannot be used in a forked child; "
-                         "use start_method=spawn (or auto)")
-    if start_method(cfg) == "fork" and cfg.threads > 1:  # as torch's DataLoader workers: forked, one thread
-        raise ValueError(f"start_method=fork with threads={cfg.threads}: a forked child may hang in OpenMP (its "
-                         "thread pool does not survive a fork); use threads=1 or start_method=spawn (or auto)")
+    if start_method(cfg) == "fork":
+        if any(str(d).startswith("cuda") for d in role_devices(cfg)):
+            raise ValueError("start_method=fork with a cuda device: CUDA cannot be used in a forked child; "
+                             "use start_method=spawn (or auto)")
+        if cfg.threads > 1:  # as torch's DataLoader workers: forked, one thread
+            raise ValueError(f"start_method=fork with threads={cfg.threads}: a forked child may hang in OpenMP (its "
+                             "thread pool does not survive a fork); use threads=1 or start_method=spawn (or auto)")
     if not 0 < cfg.gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization}: must be in (0, 1], e.g. 0.8")
     if not 0 < cfg.temperature <= 10 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"temperature={cfg.temperature} top_p={cfg.top_p}: need 0 < temperature and 0 < top_p <= 1")
 
 
-def _role_devices(cfg):
+def role_devices(cfg):
+    """Every device a role of the run uses (rollout workers, teacher, learner ranks)."""
     return [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices]
 
 
@@ -344,7 +346,7 @@ def start_method(cfg):
     """How the coordinator starts its children (see the start_method key)."""
     if cfg.start_method != "auto":
         return cfg.start_method
-    return "fork" if cfg.threads == 1 and all(str(d) == "cpu" for d in _role_devices(cfg)) else "spawn"
+    return "fork" if cfg.threads == 1 and all(str(d) == "cpu" for d in role_devices(cfg)) else "spawn"
 
 
 def _causal_lm(conf, what, path):

@@ -57,7 +57,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_children(ch, roles, run_dir, method="spawn"):
+def start_children(ch, roles, run_dir, method):
     """One process per (role, fn, args), forked or spawned (config.start_method), entered through child_main; their
     pids go to run_dir/pids.json. Children start with SIGTERM/SIGINT blocked (the mask survives fork and exec) and
     unblock them once their handlers are in place: a Ctrl-C during their start stops the run instead of printing a

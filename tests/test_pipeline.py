@@ -302,8 +302,13 @@ def test_reference_loop_equals_the_pipeline_in_sync(tmp_path, tiny_models, loss)
     tok, prompts, _ = config.validate(cfg, run=False)
     student = learner.StudentForLoss(AutoModelForCausalLM.from_pretrained(student_dir), cfg)
     engine = rollout.engine_from_config(cfg, student_dir, "cpu", tok)
-    history = asyncopd.opd_reference(cfg, student, learner.make_optimizer(cfg, student), engine,
-                                     config.load_teacher(cfg), prompts, tok.pad_token_id, steps=2)
+    threads = torch.get_num_threads()  # the pipeline's roles run with cfg.threads; reductions then sum alike
+    torch.set_num_threads(cfg.threads)
+    try:
+        history = asyncopd.opd_reference(cfg, student, learner.make_optimizer(cfg, student), engine,
+                                         config.load_teacher(cfg), prompts, tok.pad_token_id, steps=2)
+    finally:
+        torch.set_num_threads(threads)
     for (loss_value, norm), rec in zip(history, steps, strict=True):
         assert loss_value == pytest.approx(rec["loss"], rel=1e-5, abs=1e-6)
         assert norm == pytest.approx(rec["grad_norm"], rel=1e-5)
