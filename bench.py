@@ -1,6 +1,6 @@
 """Benchmarks on this machine (commands, not timed tests); the GPU sizing ones are in bench_gpu.py.
 
-    python bench.py pipeline [--config configs/default.yaml] [--steps 24] [--max-staleness 2] [key=value ...]
+    python bench.py pipeline [--config configs/default.yaml] [--steps 24] [--max-staleness 2] [--repeats 1] [k=v]
     python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
     python bench.py peer [--systems asyncopd,...,trl-distill] [--seeds 0,1,2] [--steps 2000] [key=value ...]
 
@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -25,35 +26,43 @@ import schedule
 
 
 # ----------------------------------------------------------------------------- pipeline throughput
-def throughput(overrides, schedules, config_path="configs/default.yaml"):
+def throughput(overrides, schedules, config_path="configs/default.yaml", repeats=1):
     """Run the real pipeline once per schedule on the same config; trained tokens/s at steady state.
 
     The first schedule must be `sync`: nothing overlaps there, so its per-step seconds are each stage's busy time
     (gen_s rollout, score_s teacher, train_s + sync_s learner), and an overlapping schedule can at best reach
     speed-up = sum(stage times) / max(max stage time, sum / cores) over sync (the ideal bound): a stage per device,
-    and when every role is on the CPU, no more than `cores` stages busy at once (this process's allowed cores)."""
+    and when every role is on the CPU, no more than `cores` stages busy at once (this process's allowed cores).
+    repeats > 1: the schedules run in turn that many rounds, each round measured against its own sync run (a shared
+    machine's slow drifts cancel); every number is the median over rounds, the efficiency also its min and max."""
     import asyncopd
-    rows = []
-    for name, extra in schedules:
-        cfg = config.load_config(config_path, [*overrides, *extra, "progress=false", "eval_size=0",
-                                          f"run_name=bench-{name}-{time.strftime('%H%M%S')}"])
-        with open(os.path.join(asyncopd.run(cfg)["run_dir"], "metrics.jsonl")) as f:
-            steps = [r for r in map(json.loads, f) if r["kind"] == "step"][2:]  # skip start-up (first batches)
-        span, timed = steps[-1]["time"] - steps[0]["time"], steps[1:]  # the steps that end inside the span
-        mean = lambda k, timed=timed: sum(r[k] for r in timed) / len(timed)  # noqa: E731 - a one-line helper
-        row = {"schedule": name, "tokens_per_s": sum(r["tokens"] for r in timed) / span, "step_s": span / len(timed),
-               "gen_s": mean("gen_s"), "score_s": mean("score_s"), "train_s": mean("train_s") + mean("sync_s"),
-               "stale_mean": mean("stale_mean")}
-        row["busy"] = max(row["gen_s"], row["score_s"], row["train_s"]) / row["step_s"]  # bottleneck utilisation
-        rows.append(row)
-    stages = [rows[0]["gen_s"], rows[0]["score_s"], rows[0]["train_s"]]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    on_cpu = all(str(d) == "cpu" for d in config.role_devices(cfg))
-    for r in rows:
-        r.update(bound=sum(stages) / max(max(stages), sum(stages) / cores if on_cpu else 0),
-                 speedup=r["tokens_per_s"] / rows[0]["tokens_per_s"])
-        r["efficiency"] = r["speedup"] / r["bound"]
-    return rows
+    rounds = []
+    for round_ in range(repeats):
+        rows = []
+        for name, extra in schedules:
+            cfg = config.load_config(config_path, [*overrides, *extra, "progress=false", "eval_size=0",
+                                              f"run_name=bench-{name}-{round_}-{time.strftime('%H%M%S')}"])
+            with open(os.path.join(asyncopd.run(cfg)["run_dir"], "metrics.jsonl")) as f:
+                steps = [r for r in map(json.loads, f) if r["kind"] == "step"][2:]  # skip start-up (first batches)
+            span, timed = steps[-1]["time"] - steps[0]["time"], steps[1:]  # the steps that end inside the span
+            mean = lambda k, timed=timed: sum(r[k] for r in timed) / len(timed)  # noqa: E731 - a one-line helper
+            row = {"tokens_per_s": sum(r["tokens"] for r in timed) / span, "step_s": span / len(timed),
+                   "gen_s": mean("gen_s"), "score_s": mean("score_s"), "train_s": mean("train_s") + mean("sync_s"),
+                   "stale_mean": mean("stale_mean")}
+            row["busy"] = max(row["gen_s"], row["score_s"], row["train_s"]) / row["step_s"]  # bottleneck utilisation
+            rows.append(row)
+        stages = [rows[0]["gen_s"], rows[0]["score_s"], rows[0]["train_s"]]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        on_cpu = all(str(d) == "cpu" for d in config.role_devices(cfg))
+        for r in rows:
+            r.update(bound=sum(stages) / max(max(stages), sum(stages) / cores if on_cpu else 0),
+                     speedup=r["tokens_per_s"] / rows[0]["tokens_per_s"])
+            r["efficiency"] = r["speedup"] / r["bound"]
+        rounds.append(rows)
+    return [dict({key: statistics.median(rd[i][key] for rd in rounds) for key in rounds[0][i]}, schedule=name,
+                 runs=repeats, efficiency_min=min(rd[i]["efficiency"] for rd in rounds),
+                 efficiency_max=max(rd[i]["efficiency"] for rd in rounds))
+            for i, (name, _) in enumerate(schedules)]
 
 
 def cmd_pipeline(args):
@@ -62,16 +71,18 @@ def cmd_pipeline(args):
                          "start-up): use --steps 4 or more, e.g. 60")
     rows = throughput([f"steps={args.steps}", *args.overrides], [
         ("sync", ["schedule=sync"]), ("step_off(2)", ["schedule=step_off", "step_off=2"]),
-        ("async", ["schedule=async", f"max_staleness={args.max_staleness}"])], args.config)
-    print(f"{'schedule':<12} {'tokens/s':>9} {'speed-up':>9} {'bound':>6} {'of bound':>9} {'s/step':>7} "
+        ("async", ["schedule=async", f"max_staleness={args.max_staleness}"])], args.config, args.repeats)
+    print(f"{'schedule':<12} {'tokens/s':>9} {'speed-up':>9} {'bound':>6} {'of bound (min-max)':>19} {'s/step':>7} "
           f"{'gen s/step':>10} {'score s/step':>12} {'learn s/step':>12} {'bottleneck busy':>15} {'staleness':>9}")
     for r in rows:
+        spread = f"{100 * r['efficiency']:.0f}% ({100 * r['efficiency_min']:.0f}-{100 * r['efficiency_max']:.0f})"
         print(f"{r['schedule']:<12} {r['tokens_per_s']:>9.0f} {r['speedup']:>8.2f}x {r['bound']:>5.2f}x "
-              f"{100 * r['efficiency']:>8.0f}% {r['step_s']:>7.3f} {r['gen_s']:>10.3f} {r['score_s']:>12.3f} "
+              f"{spread:>19} {r['step_s']:>7.3f} {r['gen_s']:>10.3f} {r['score_s']:>12.3f} "
               f"{r['train_s']:>12.3f} {100 * r['busy']:>14.0f}% {r['stale_mean']:>9.2f}")
-    print("bound = sum / max(max, sum / cores) of the sync run's stage times (a device per stage; on the CPU at most "
-          "`cores` stages at once); sync also pays per-step hand-offs outside the stages, which overlap hides too. "
-          "bottleneck busy = slowest stage's seconds / wall seconds per step.")
+    print(f"medians over {args.repeats} round(s), each schedule against its round's sync run. bound = sum / max(max, "
+          "sum / cores) of the sync run's stage times (a device per stage; on the CPU at most `cores` stages at "
+          "once); sync also pays per-step hand-offs outside the stages, which overlap hides too. bottleneck busy = "
+          "slowest stage's seconds / wall seconds per step.")
 
 
 # ----------------------------------------------------------------------------- timed runs, graded afterwards
@@ -335,6 +346,7 @@ def main(argv=None):
     return cli(__doc__, {
         "pipeline": (cmd_pipeline, "trained tokens/s: sync vs step_off(2) vs async, with the ideal bound", [
             config, ("--steps", 24), ("--max-staleness", 2),
+            ("--repeats", 1, "rounds of the three schedules; medians and the min-max of the efficiency"),
             (overrides, [], "key=value config overrides for every schedule")]),
         "offline": (cmd_offline, "online async vs offline Lightning OPD, and teacher consistency (A vs B)", [
             config, ("--steps", 60), ("--eval-every", 10, "checkpoint (and grade) every N learner steps"),

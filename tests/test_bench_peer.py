@@ -43,3 +43,16 @@ def test_pipeline_refuses_too_few_steps_before_running(tmp_path):
     with pytest.raises(SystemExit, match="--steps 3 leaves nothing to time"):
         bench.main(["pipeline", "--steps", "3", f"out_dir={tmp_path}"])
     assert os.listdir(tmp_path) == []  # no run was started
+
+
+def test_pipeline_rounds_report_medians_and_spread(tmp_path, tiny_models):
+    student, teacher = tiny_models
+    overrides = [f"student={student}", f"teacher={teacher}", "steps=4", "batch_size=8", "rollout_batch_size=4",
+                 "max_new_tokens=8", f"out_dir={tmp_path}"]
+    rows = bench.throughput(overrides, [("sync", ["schedule=sync"]), ("async", ["schedule=async"])], repeats=2)
+    assert [r["schedule"] for r in rows] == ["sync", "async"] and all(r["runs"] == 2 for r in rows)
+    assert rows[0]["speedup"] == 1.0  # each round against its own sync run
+    for r in rows:
+        assert r["efficiency_min"] <= r["efficiency"] <= r["efficiency_max"]  # the median of two rounds: their mean
+        assert r["efficiency"] == pytest.approx((r["efficiency_min"] + r["efficiency_max"]) / 2, rel=1e-12)
+    assert len(os.listdir(tmp_path)) == 4  # two rounds of two schedules, each a run of its own
