@@ -4,7 +4,7 @@
     python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
     python bench.py peer [--systems asyncopd,...,trl-distill] [--seeds 0,1,2] [--steps 2000] [key=value ...]
 
-pipeline: the real pipeline (asyncopd.run) once per schedule on one config; see throughput().
+pipeline: the real pipeline (`asyncopd.py train`, a fresh process per run) per schedule on one config; see throughput().
 offline: online async OPD vs offline Lightning OPD (precompute included) and teacher A vs B; see cmd_offline().
 peer: seconds from launch to 80/90/95% held-out accuracy, asyncopd configs vs TRL's GKDTrainer and DistillationTrainer
 (optional: `pip install trl==1.16.0`), evaluation off the clock; see cmd_peer().
@@ -24,10 +24,12 @@ import config
 import offline
 import schedule
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # scripts run here; relative paths in configs resolve from it
+
 
 # ----------------------------------------------------------------------------- pipeline throughput
 def throughput(overrides, schedules, config_path="configs/default.yaml", repeats=1):
-    """Run the real pipeline once per schedule on the same config; trained tokens/s at steady state.
+    """Run the real pipeline (asyncopd.py train) per schedule on the same config; trained tokens/s at steady state.
 
     The first schedule must be `sync`: nothing overlaps there, so its per-step seconds are each stage's busy time
     (gen_s rollout, score_s teacher, train_s + sync_s learner), and an overlapping schedule can at best reach
@@ -35,14 +37,15 @@ def throughput(overrides, schedules, config_path="configs/default.yaml", repeats
     and when every role is on the CPU, no more than `cores` stages busy at once (this process's allowed cores).
     repeats > 1: the schedules run in turn that many rounds, each round measured against its own sync run (a shared
     machine's slow drifts cancel); every number is the median over rounds, the efficiency also its min and max."""
-    import asyncopd
     rounds = []
     for round_ in range(repeats):
         rows = []
         for name, extra in schedules:
-            cfg = config.load_config(config_path, [*overrides, *extra, "progress=false", "eval_size=0",
-                                              f"run_name=bench-{name}-{round_}-{time.strftime('%H%M%S')}"])
-            with open(os.path.join(asyncopd.run(cfg)["run_dir"], "metrics.jsonl")) as f:
+            args = [*overrides, *extra, "progress=false", "eval_size=0",
+                    f"run_name=bench-{name}-{round_}-{time.strftime('%H%M%S')}"]
+            cfg = config.load_config(config_path, args)
+            _run_script(["train", config_path, *args])  # a fresh process per run: no run inherits another's state
+            with open(os.path.join(HERE, cfg.out_dir, cfg.run_name, "metrics.jsonl")) as f:
                 steps = [r for r in map(json.loads, f) if r["kind"] == "step"][2:]  # skip start-up (first batches)
             span, timed = steps[-1]["time"] - steps[0]["time"], steps[1:]  # the steps that end inside the span
             mean = lambda k, timed=timed: sum(r[k] for r in timed) / len(timed)  # noqa: E731 - a one-line helper
@@ -91,8 +94,8 @@ def _run_script(argv, script="asyncopd.py", cpus=0):
     inherit them; Linux only, elsewhere unpinned): (launch time, wall seconds, stdout)."""
     cores = sorted(os.sched_getaffinity(0))[:cpus] if cpus and hasattr(os, "sched_setaffinity") else None
     t0 = time.time()
-    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=os.path.dirname(
-        os.path.abspath(__file__)), preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=HERE,
+                         preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     if out.returncode:
         raise RuntimeError(f"{script} {' '.join(argv)} failed: {out.stderr.strip()[-800:]}")
     return t0, time.time() - t0, out.stdout.strip()
