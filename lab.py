@@ -240,8 +240,8 @@ def throughput(lab):
             "schedule=step_off", "step_off=2"]), ("async (S = 2)", ["schedule=async", "max_staleness=2"])])
     save_plot(lab, "throughput", [("schedule", "speed-up over sync", False, {"measured": [(r["schedule"], r["speedup"])
               for r in rows], "ideal bound": [(r["schedule"], r["bound"]) for r in rows]})])
-    return [throughput.__doc__, "", f"bench.throughput: the real pipeline (asyncopd.run: rollout, teacher, learner "
-            f"processes) on configs/default.yaml with {' '.join(overrides)}, 1 run per schedule (no spread measured); "
+    return [throughput.__doc__, "", "bench.throughput: the real pipeline (asyncopd.py train, a fresh process per "
+            f"run) on configs/default.yaml with {' '.join(overrides)}, 1 run per schedule (no spread measured); "
             "gen/score/train s are per step; bound = sum/max of the sync run's stage times; busy = slowest stage / s "
             "per step.", ""] + md_table(
         ["schedule", "runs", *keys], [[r["schedule"], 1, *(f"{r[key]:.2f}" for key in keys)] for r in rows])
