@@ -24,8 +24,6 @@ import config
 import offline
 import schedule
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # scripts run here; relative paths in configs resolve from it
-
 
 # ----------------------------------------------------------------------------- pipeline throughput
 def throughput(overrides, schedules, config_path="configs/default.yaml", repeats=1):
@@ -45,7 +43,7 @@ def throughput(overrides, schedules, config_path="configs/default.yaml", repeats
                     f"run_name=bench-{name}-{round_}-{time.strftime('%H%M%S')}"]
             cfg = config.load_config(config_path, args)
             _run_script(["train", config_path, *args])  # a fresh process per run: no run inherits another's state
-            with open(os.path.join(HERE, cfg.out_dir, cfg.run_name, "metrics.jsonl")) as f:
+            with open(os.path.join(cfg.out_dir, cfg.run_name, "metrics.jsonl")) as f:
                 steps = [r for r in map(json.loads, f) if r["kind"] == "step"][2:]  # skip start-up (first batches)
             span, timed = steps[-1]["time"] - steps[0]["time"], steps[1:]  # the steps that end inside the span
             mean = lambda k, timed=timed: sum(r[k] for r in timed) / len(timed)  # noqa: E731 - a one-line helper
@@ -94,7 +92,8 @@ def _run_script(argv, script="asyncopd.py", cpus=0):
     inherit them; Linux only, elsewhere unpinned): (launch time, wall seconds, stdout)."""
     cores = sorted(os.sched_getaffinity(0))[:cpus] if cpus and hasattr(os, "sched_setaffinity") else None
     t0 = time.time()
-    out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=HERE,
+    here = os.path.dirname(os.path.abspath(__file__))  # the script's folder; it runs in our working directory
+    out = subprocess.run([sys.executable, os.path.join(here, script), *argv], capture_output=True, text=True,
                          preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     if out.returncode:
         raise RuntimeError(f"{script} {' '.join(argv)} failed: {out.stderr.strip()[-800:]}")
