@@ -32,10 +32,10 @@ PARTS = {"direction": "1. KL direction vs staleness", "surrogates": "2. Reverse-
          "cache": "3. Finite-cache bias and variance", "throughput": "4. Throughput: sync vs step_off(2) vs async"}
 FULL = dict(seeds=4, steps=60, batch=32, lr=3e-4, eval_size=500, staleness=[0, 1, 2, 4, 8], surrogate_staleness=[8],
             cache_staleness=[0, 1, 2, 4, 8], cache_prompts=32, reps=128, seq_prompts=16, seq_reps=32,
-            tp=["steps=60", "rollout_batch_size=8"])
+            tp=["steps=60", "rollout_batch_size=8"], tp_rounds=3)
 QUICK = dict(seeds=1, steps=3, batch=8, lr=3e-4, eval_size=16, staleness=[0, 2], surrogate_staleness=[2],
              cache_staleness=[0, 2], cache_prompts=6, reps=64, seq_prompts=3, seq_reps=8,
-             tp=["steps=4", "batch_size=8", "rollout_batch_size=4"])
+             tp=["steps=4", "batch_size=8", "rollout_batch_size=4"], tp_rounds=1)
 KS, MS = 4, (1, 4, 16, 64)  # cache experiment: the stale student's top-K_s support; MC sample counts
 
 
@@ -237,14 +237,17 @@ def throughput(lab):
     overrides = [f"student={args.student}", f"teacher={args.teacher}", "threads=1", *lab["p"]["tp"]]
     with tempfile.TemporaryDirectory() as runs:  # the run folders (checkpoints, traces) are not part of the report
         rows = bench.throughput(overrides + [f"out_dir={runs}"], [("sync", ["schedule=sync"]), ("step_off(2)", [
-            "schedule=step_off", "step_off=2"]), ("async (S = 2)", ["schedule=async", "max_staleness=2"])])
+            "schedule=step_off", "step_off=2"]), ("async (S = 2)", ["schedule=async", "max_staleness=2"])],
+            repeats=lab["p"]["tp_rounds"])
     save_plot(lab, "throughput", [("schedule", "speed-up over sync", False, {"measured": [(r["schedule"], r["speedup"])
               for r in rows], "ideal bound": [(r["schedule"], r["bound"]) for r in rows]})])
     return [throughput.__doc__, "", "bench.throughput: the real pipeline (asyncopd.py train, a fresh process per "
-            f"run) on configs/default.yaml with {' '.join(overrides)}, 1 run per schedule (no spread measured); "
-            "gen/score/train s are per step; bound = sum/max of the sync run's stage times; busy = slowest stage / s "
-            "per step.", ""] + md_table(
-        ["schedule", "runs", *keys], [[r["schedule"], 1, *(f"{r[key]:.2f}" for key in keys)] for r in rows])
+            f"run) on configs/default.yaml with {' '.join(overrides)}; the schedules in turn, each round against its "
+            "own sync run; cells are medians over the rounds (efficiency: median, min-max); gen/score/train s are per "
+            "step; bound = sum/max of the sync run's stage times; busy = slowest stage / s per step.", ""] + md_table(
+        ["schedule", "runs", *keys], [[r["schedule"], r["runs"], *(f"{r[key]:.2f}" if key != "efficiency" else
+                                       f"{r[key]:.2f} ({r['efficiency_min']:.2f}-{r['efficiency_max']:.2f})"
+                                       for key in keys)] for r in rows])
 
 
 # ----------------------------------------------------------------------------- command line and report
