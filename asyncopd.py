@@ -1,301 +1,302 @@
 """asyncopd: asynchronous on-policy distillation (OPD) on one node.
 
 The student learns from its own samples, scored token by token by a frozen teacher through a KL estimator.
-opd_reference() below is the whole algorithm, synchronously, on one screen. The pipeline runs the same calls
-in three kinds of processes (torch.multiprocessing: forked when every role is on the CPU, spawned otherwise), so
-sampling, scoring and training overlap:
+opd_reference() below is the whole algorithm, synchronously, on one screen. The pipeline runs the same calls in three
+kinds of processes (torch.multiprocessing: forked when every role is on the CPU, spawned otherwise), so that sampling,
+scoring and training overlap:
 
     rollout  --trajectories-->  teacher  --scored units-->  learner (FSDP2, ranks 0..W-1)
        ^                                                         |
        +------------------ published weights (version v) -------+
 
-- rollout (rollout.py): the student samples responses and records, per token, the behaviour log-prob b,
-  the policy version, and (when the estimator needs them) its top-K support and M Monte Carlo draws.
-- teacher (teacher_cache.py): one forward pass per unit gives the teacher log-probs t the estimator needs.
-- learner (learner.py): the estimator of estimators.py, one AdamW step per mini-batch, then it publishes
-  the new weights to the rollout.
-
-Where things are: schedule.py bounds the staleness (rollout admission) and numbers and seeds the units;
-channels.py holds every queue and shared value between the processes (producer -> consumer); config.py the
-keys and their validation; coordinator.py the watch loop and the run's outputs; offline.py Lightning OPD
-(arXiv 2604.13010): a teacher cache precomputed on disk, no rollout or teacher process.
+The reading order, one job per file (this file is the only one that calls across roles):
+  asyncopd.py       the algorithm on one screen, the three roles, the run
+  schedule.py       which prompts form rollout unit k, its random streams, when it may start (the staleness bound)
+  rollout.py        1. the student samples y and records b = log pi_b(y) (+ its top-K_s support, M Monte Carlo draws)
+  batch_format.py   the dict every role passes on, and THE shift convention
+  teacher_cache.py  2. the teacher scores t where the estimator needs it (the finite teacher-score cache)
+  learner.py        3. the current student's s and the training step, under FSDP2; weights back to the rollout
+  estimators.py     4. every KL estimator: its formula, what it reads, its bias, variance and staleness behaviour
+  config.py         every key with its default and meaning
+  task.py           the embedded task (written addition): prompts, answer checking, evaluation
+Elsewhere: runtime/ (processes, heartbeats, signals, checkpoints, input checks: you need not read it to learn OPD),
+optional/ (the vLLM engine, offline Lightning OPD, real data sets), tools/ (benchmarks, the staleness lab, SFT).
 
 Run:  python asyncopd.py train configs/default.yaml [key=value ...]
       python asyncopd.py precompute configs/offline.yaml     (offline teacher cache)
       python asyncopd.py --help                              (every config key)
 """
-import childguard  # noqa: F401, I001 - first: a child of the run dies with the coordinator from here on
-import json
+from runtime import childguard  # noqa: F401, I001 - first: a child of the run dies with the coordinator from here on
+import datetime
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-import config
-import coordinator
 import estimators
 import learner
 import rollout
 import task
 import teacher_cache
-from channels import acquire, beat, get, make_channels, put, receive, span, sync_devices, wait_until
-from schedule import required_version, rollout_unit, score_unit, unit_prompt_indices, units_per_batch
+from batch_format import concat
+from config import Config, config_help, load_config, resolve_transport, start_method, training_dtype
+from optional import offline
+from runtime import checkpoint, coordinator, preflight
+from runtime.channels import (Channels, beat, get, get_shard, hold_until_released, holding, make_channels, put, receive,
+                              span, sync_devices, wait_until)
+from schedule import required_version, unit_prompt_indices, units_per_batch
 
 hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would drown the run's own bar
 
 
+@dataclass
+class Run:
+    """What the roles of one run are given (train() builds it once the inputs are checked)."""
+    cfg: Config
+    run_dir: str  # runs/<name>: metrics, trace, checkpoints
+    start_dir: str  # the weights the run starts from: the student, or the checkpoint it resumes
+    start_step: int  # learner steps already done (0, or the checkpoint's)
+    start_version: int  # policy version of start_dir's weights
+    tokenizer: PreTrainedTokenizerBase
+    train_prompts: list[dict]  # rows with their token ids ("ids"); only the rollout workers are given them
+    eval_prompts: list[dict]
+
+
 # ----------------------------------------------------------------------------- the algorithm on one screen
-def opd_reference(cfg, student, opt, engine, teacher, prompts, pad_id, steps, staleness=0):
-    """Synchronous OPD with the pipeline's own calls. student: a learner.StudentForLoss on the cpu; engine: a
-    rollout engine; teacher: the frozen teacher. Batch j is generated by exactly the weights of version
-    max(0, j - staleness) (the lab's controlled staleness; the pipeline only bounds it). One rollout unit per
-    batch, one mini-batch. Returns [(loss, gradient norm)] per step."""
-    published, history = {0: learner.copy_weights(student)}, []
+def opd_reference(ln: learner.Learner, engine, teacher: PreTrainedModel, prompts: list[dict], steps: int,
+                  staleness: int = 0) -> list[tuple[float, float]]:
+    """Synchronous OPD with the pipeline's own calls. ln: a plain learner (learner.build(..., sharded=False));
+    engine: a rollout engine; teacher: the frozen teacher. Batch j is generated by exactly the weights of version
+    max(0, j - staleness) (the lab's controlled staleness; the pipeline only bounds it). One rollout unit per batch,
+    one mini-batch. Returns [(loss, gradient norm)] per step."""
+    cfg, published, history = ln.cfg, {0: learner.copy_weights(ln)}, []
     for j in range(steps):
         version = max(0, j - staleness)
         engine.load_weights(published[version], version)
         idx = unit_prompt_indices(cfg, len(prompts), j)
-        traj = rollout_unit(cfg, engine, prompts, idx, j, "cpu")  # 1. the student samples: y, b (+ support, draws)
-        batch = score_unit(cfg, teacher, traj, j, pad_id)  # 2. the teacher scores: t
-        s = learner.student_logps(student, batch, cfg, pad_id, "cpu")  # 3. the current student: s
-        if cfg.loss.decoupled:  # proximal policy: the student before this step
-            batch |= {prox: s[ids].detach() for ids, prox in estimators.needs(cfg.loss).proximal.items()}
-        per_token, _ = estimators.ESTIMATORS[cfg.loss.name](s, batch, cfg.loss)  # 4. the estimator
-        loss = estimators.aggregate(per_token, batch["loss_mask"], batch["cu_seqlens"], cfg.loss.aggregation)
-        loss.backward()  # 5. one AdamW step
-        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        published[j + 1] = learner.copy_weights(student)
+        traj = rollout.rollout_unit(cfg, engine, prompts, idx, j)  # 1. the student samples: y, b (+ support, draws)
+        batch = teacher_cache.score_unit(cfg, teacher, traj, j)  # 2. the teacher scores: t
+        batch |= learner.proximal_logprobs(ln, batch)  # (decoupled PPO only: the student before the step)
+        s = learner.current_logprobs(ln, batch)  # 3. the current student: s
+        loss, _ = estimators.compute_loss(s, batch, cfg.loss)  # 4. the estimator, aggregated
+        loss.backward()
+        norm = learner.optimizer_step(ln)  # 5. one AdamW step
+        published[j + 1] = learner.copy_weights(ln)
         published.pop(j - staleness, None)  # batch j + 1 needs version >= j + 1 - staleness
-        history.append((float(loss.detach()), float(norm)))
+        history.append((float(loss.detach()), norm))
     return history
 
 
 # ----------------------------------------------------------------------------- roles
-def rollout_role(ch, cfg, worker, tok, train, evals, start_dir, start_step, start_version):
+def rollout_role(ch: Channels, run: Run, worker: int) -> None:
     """Rollout worker w generates units w, w+R, ... (R workers), each once schedule.required_version allows;
-    worker 0 also evaluates the student."""
-    device = cfg.rollout_devices[worker]
-    role = f"rollout{worker}" if len(cfg.rollout_devices) > 1 else "rollout"
+    worker 0 also evaluates the student (at the start, when an eval_every boundary is crossed, and at the end)."""
+    cfg, evaluated = run.cfg, []  # versions evaluated so far
+    role, device = f"rollout{worker}" if len(cfg.rollout_devices) > 1 else "rollout", cfg.rollout_devices[worker]
     if cfg.engine == "vllm":  # vLLM takes the first visible GPU: show it only this one, before CUDA starts
-        os.environ["CUDA_VISIBLE_DEVICES"] = config.visible_device(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        os.environ["CUDA_VISIBLE_DEVICES"] = coordinator.visible_device(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
         device = "cuda:0"
-    engine = rollout.engine_from_config(cfg, start_dir, device, tok)
-    engine.policy_version = start_version
+    engine = rollout.engine_from_config(cfg, run.start_dir, device, run.tokenizer)
+    engine.policy_version = run.start_version
+
+    def evaluate(final=False):
+        v, period = engine.policy_version, cfg.eval_every * cfg.mini_batches
+        due = not evaluated or final or (period and v // period > evaluated[-1] // period)
+        if worker == 0 and run.eval_prompts and due and (not evaluated or v != evaluated[-1]):
+            with span(ch, role, "eval"):
+                accuracy = task.evaluate(engine, run.tokenizer, run.eval_prompts)
+            evaluated.append(v)
+            ch.metrics_q.put(("eval", {"version": v, "step": v // cfg.mini_batches, "accuracy": accuracy}))
+
     weights = ch.weights if ch.weights is not None else get(ch, ch.weights_q)  # handoff: our own handle
     if weights is None:  # stopped before the handle came
         return
-    evaluated = []  # versions evaluated so far
     try:
-        evaluate(ch, cfg, role, worker, engine, tok, evals, evaluated)
-        units = range(start_step * units_per_batch(cfg) + worker, cfg.steps * units_per_batch(cfg),
-                      len(cfg.rollout_devices))
-        for unit in units:
+        evaluate()
+        per_batch = units_per_batch(cfg)
+        for unit in range(run.start_step * per_batch + worker, cfg.steps * per_batch, len(cfg.rollout_devices)):
             need = required_version(cfg, unit)
             if ch.version.value < need:  # the trace shows real waits only
                 with span(ch, role, "wait (admission)"):
                     if not wait_until(ch, lambda need=need: ch.version.value >= need):
                         return
-            load_latest(ch, role, engine, weights, device)
-            evaluate(ch, cfg, role, worker, engine, tok, evals, evaluated)
-            idx = unit_prompt_indices(cfg, len(train), unit)
+            load_latest(ch, role, engine, weights)
+            evaluate()
+            idx = unit_prompt_indices(cfg, len(run.train_prompts), unit)
             t0 = time.time()
             with span(ch, role, f"generate u{unit}"):
-                traj = rollout_unit(cfg, engine, train, idx, unit, device)
+                traj = rollout.rollout_unit(cfg, engine, run.train_prompts, idx, unit)
             put(ch, ch.rollout_q, ({"unit": unit, "gen_s": time.time() - t0}, traj))
         if wait_until(ch, lambda: ch.version.value >= cfg.steps * cfg.mini_batches):
-            load_latest(ch, role, engine, weights, device)
-            evaluate(ch, cfg, role, worker, engine, tok, evals, evaluated, final=True)
-    finally:
-        release_weights(ch, weights)
+            load_latest(ch, role, engine, weights)
+            evaluate(final=True)
+    finally:  # drop our handle, then count it: the buffer's owner (learner rank 0 under handoff) may then exit
+        weights.clear()
+        with ch.released.get_lock():
+            ch.released.value += 1
     wait_until(ch, ch.learned.is_set)  # shared-memory tensors in flight need their sender alive
 
 
-def load_latest(ch, role, engine, weights, device):
+def load_latest(ch: Channels, role: str, engine, weights: dict[str, torch.Tensor]) -> None:
     """Load the published weights if they are newer than the engine's, under the buffer's lock."""
     if ch.version.value <= engine.policy_version:
         return
-    with span(ch, role, f"load v{ch.version.value}"):
-        if not acquire(ch, ch.lock):  # stopping
-            return
-        try:
+    with span(ch, role, f"load v{ch.version.value}"), holding(ch, ch.lock) as held:
+        if held:  # (not held: the run is stopping)
             engine.load_weights(weights, ch.version.value)
-            sync_devices(device, next(iter(weights.values())).device)  # before the learner may overwrite
-        finally:
-            ch.lock.release()
+            sync_devices(engine.device, next(iter(weights.values())).device)  # before the learner may overwrite
 
 
-def evaluate(ch, cfg, role, worker, engine, tok, evals, evaluated, final=False):
-    """Worker 0 grades the student at the start, when an eval_every boundary is crossed, and at the end."""
-    v, period = engine.policy_version, cfg.eval_every * cfg.mini_batches
-    due = not evaluated or final or (period and v // period > evaluated[-1] // period)
-    if worker == 0 and evals and due and (not evaluated or v != evaluated[-1]):
-        with span(ch, role, "eval"):
-            accuracy = task.evaluate(engine, tok, evals)
-        evaluated.append(v)
-        ch.metrics_q.put(("eval", {"version": v, "step": v // cfg.mini_batches, "accuracy": accuracy}))
-
-
-def release_weights(ch, weights):
-    """A rollout worker is done with the weight buffer: drop its handle, then count it, so that learner rank 0
-    (the buffer's owner under handoff) may exit. Idempotent per worker."""
-    weights.clear()  # our dict of handles only; the buffer itself lives in the learner
-    with ch.released.get_lock():
-        ch.released.value += 1
-
-
-def teacher_role(ch, cfg, tok, evals, start_step):
+def teacher_role(ch: Channels, run: Run) -> None:
     """Score every unit in arrival order (sync: a whole batch at once, after all of it exists)."""
-    model = config.load_teacher(cfg)
-    if cfg.eval_teacher and evals:
+    cfg, model = run.cfg, teacher_cache.load_teacher(run.cfg)
+    if cfg.eval_teacher and run.eval_prompts:
         with span(ch, "teacher", "eval"):
-            accuracy = task.evaluate(model, tok, evals, max_new_tokens=cfg.max_new_tokens)
+            accuracy = task.evaluate(model, run.tokenizer, run.eval_prompts, max_new_tokens=cfg.max_new_tokens)
         ch.metrics_q.put(("teacher_eval", {"accuracy": accuracy}))
     group = units_per_batch(cfg) if cfg.schedule == "sync" else 1
-    for _ in range(start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg), group):
+    for _ in range(run.start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg), group):
         items = [get(ch, ch.rollout_q) for _ in range(group)]
         if None in items:
             return
         for meta, traj in items:
             t0 = time.time()
             with span(ch, "teacher", f"score u{meta['unit']}"):
-                scored = score_unit(cfg, model, traj, meta["unit"], tok.pad_token_id)
+                scored = teacher_cache.score_unit(cfg, model, traj, meta["unit"])
             put(ch, ch.teacher_q, (dict(meta, score_s=time.time() - t0), scored))
     wait_until(ch, ch.learned.is_set)
 
 
-def learner_role(ch, cfg, rank, world, port, start_dir, start_step, run_dir, pad_id):
-    """Learner rank r: train every batch, publish the weights, checkpoint (every save_every steps, at the end,
-    and on a stop)."""
-    import datetime
-
-    import torch.distributed as dist
+def learner_role(ch: Channels, run: Run, rank: int, port: int) -> None:
+    """Learner rank r of an FSDP2 process group: learn() between joining and leaving it."""
+    cfg, world = run.cfg, len(run.cfg.learner_devices)
     backend = "nccl" if cfg.learner_devices[rank].startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
     try:
-        learn(ch, cfg, rank, world, start_dir, start_step, run_dir, pad_id)
+        learn(ch, run, learner.build(cfg, run.start_dir, rank, world))
     finally:
         dist.destroy_process_group()
 
 
-def learn(ch, cfg, rank, world, start_dir, start_step, run_dir, pad_id):
-    student, opt, device = learner.build_learner(cfg, rank, world, start_dir)
+def learn(ch: Channels, run: Run, ln: learner.Learner) -> None:
+    """Train every batch, publish the weights after each, checkpoint (every save_every steps, at the end, and on a
+    stop). Rank 0 receives the scored units (offline: reads them from the cache) and reports the metrics."""
+    cfg, step, saved = run.cfg, run.start_step, None
     if cfg.resume:
-        learner.load_optimizer(student, opt, cfg.resume, rank)
-    transport, weights = config.resolve_transport(cfg), ch.weights
-    if transport == "handoff" and rank == 0:  # one handle per rollout worker: one put feeds one get
-        weights = learner.weight_buffer(start_dir, config.training_dtype(cfg), device)
+        checkpoint.load_optimizer(ln, cfg.resume)
+    transport, weights = resolve_transport(cfg), ch.weights
+    if transport == "handoff" and ln.rank == 0:  # one handle per rollout worker: one put feeds one get
+        weights = learner.weight_buffer(run.start_dir, training_dtype(cfg), ln.device)
         for _ in cfg.rollout_devices:
             ch.weights_q.put(weights)
-    if transport == "none":  # offline: the units come from the precomputed cache
-        import offline
-        source = offline.offline_batches(cfg, start_step)
-    else:
-        source = receive(ch, ch.teacher_q) if rank == 0 else None
-    t_start, tokens_total, pending, step, saved = time.time(), 0, {}, start_step, None
+    units = offline.offline_batches(cfg, step) if transport == "none" else receive(ch, ch.teacher_q)
+    t_start, tokens, pending = time.time(), 0, {}
     while step < cfg.steps:
         t0 = time.time()
-        shard, metas = next_shard(ch, cfg, step, world, source, pending) if rank == 0 else \
-            (learner.get_shard(ch, cfg, rank), [])  # polls: enters the step's collectives only once data is here
+        shard, metas = next_shard(ch, ln, step, units, pending) if ln.rank == 0 else \
+            (get_shard(ch, ln.rank, cfg.dist_timeout_s), [])  # polls: enters the collectives once data is here
         if shard is None:  # stopping (signal, failure): checkpoint the last finished step
             break
         t1 = time.time()
-        stats = learner.train_on_batch(cfg, student, opt, shard, step, rank, world, device, pad_id)
+        stats = learner.train_on_batch(ln, shard, step)
         t2 = time.time()
         if transport != "none":
-            learner.publish_weights(ch, student, weights, cfg.mini_batches * (step + 1), rank)
+            publish(ch, ln, weights, cfg.mini_batches * (step + 1))
         t3, step = time.time(), step + 1
         beat(ch)
-        if rank == 0:
-            tokens_total += stats["tokens"]
+        if ln.rank == 0:
+            tokens += stats["tokens"]
             stats.update(step=step, version=cfg.mini_batches * step, wait_s=t1 - t0, train_s=t2 - t1, sync_s=t3 - t2,
-                         gen_s=sum(m.get("gen_s", 0.0) for m in metas), tokens_per_s=tokens_total / (t3 - t_start),
+                         gen_s=sum(m.get("gen_s", 0.0) for m in metas), tokens_per_s=tokens / (t3 - t_start),
                          score_s=sum(m.get("score_s", 0.0) for m in metas), time=t3)
             ch.metrics_q.put(("step", stats))
             ch.metrics_q.put(("trace", {"role": "learner", "name": f"train s{step}", "t0": t1, "t1": t2}))
             ch.metrics_q.put(("trace", {"role": "learner", "name": "publish", "t0": t2, "t1": t3}))
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            path, saved = learner.save_checkpoint(cfg, student, opt, step, start_dir, run_dir, rank), step
+            path, saved = checkpoint.save(ln, step, run.start_dir, run.run_dir), step
     if saved != step:  # (a stop right after a periodic save keeps that checkpoint)
-        path = learner.save_checkpoint(cfg, student, opt, step, start_dir, run_dir, rank)
-    if rank == 0:
+        path = checkpoint.save(ln, step, run.start_dir, run.run_dir)
+    if ln.rank == 0:
         ch.metrics_q.put(("checkpoint", {"path": path, "step": step}))
-    if transport == "handoff" and rank == 0:
+    if transport == "handoff" and ln.rank == 0:
         with span(ch, "learner", "hold weights until released"):
-            learner.hold_until_released(ch, len(cfg.rollout_devices))
+            hold_until_released(ch, len(cfg.rollout_devices))
 
 
-def next_shard(ch, cfg, step, world, source, pending):
-    """Rank 0: collect batch `step`'s units (they may arrive out of order from several rollout workers), split
-    it, send ranks >= 1 their shards through shared memory. Returns (rank 0's shard or None to stop, metas)."""
+def next_shard(ch: Channels, ln: learner.Learner, step: int, units, pending: dict) -> tuple[dict | None, list[dict]]:
+    """Rank 0: collect batch `step`'s units (they may arrive out of order from several rollout workers), split it,
+    send ranks >= 1 their shards through shared memory. Returns (rank 0's shard or None to stop, the units' metas)."""
+    cfg, world = ln.cfg, ln.world
     wanted = range(step * units_per_batch(cfg), (step + 1) * units_per_batch(cfg))
     while not all(u in pending for u in wanted) and not ch.stop.is_set():
-        item = next(source)
+        item = next(units)
         if item is not None:
             pending[item[0]["unit"]] = item
-    units = [pending.pop(u) for u in wanted if u in pending]
+    got = [pending.pop(u) for u in wanted if u in pending]
     shards = [None] * world  # None: the stop marker
     if not ch.stop.is_set():
-        shards = learner.plan_batch(cfg, teacher_cache.concat([c for _, c in units]), step, world)
+        shards = learner.plan_batch(cfg, concat([batch for _, batch in got]), step, world)
     for r in range(1, world):
         ch.shard_qs[r].put(shards[r], timeout=cfg.dist_timeout_s)
-    return shards[0], [m for m, _ in units]
+    return shards[0], [meta for meta, _ in got]
 
 
-# ----------------------------------------------------------------------------- coordinator
-def run(cfg):
-    """Validate, start the roles, watch them, write metrics/trace/plots. Returns a summary dict;
+def publish(ch: Channels, ln: learner.Learner, weights: dict[str, torch.Tensor], version: int) -> None:
+    """Every rank gathers the new weights; rank 0 writes them into the rollout's buffer under its lock, waits for the
+    device copies, then announces the version (once stopping it does not take the lock, but still gathers)."""
+    with holding(ch, ch.lock, take=ln.rank == 0) as writer:
+        learner.publish_weights(ln, weights if writer else None)
+        if writer:
+            sync_devices(*{w.device for w in weights.values()}, ln.device)
+            ch.version.value = version
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: Config) -> dict:
+    """Check the inputs, start the roles, watch them, write metrics/trace/plots. Returns a summary dict;
     raises RuntimeError naming the role if any role fails."""
-    tok, train, evals = config.validate(cfg)
-    start_dir, start_step, start_version = cfg.resume or cfg.student, 0, 0
-    if cfg.resume:
-        with open(os.path.join(cfg.resume, "trainer_state.json")) as f:
-            state = json.load(f)
-        start_step, start_version = state["step"], state["version"]
-    run_dir = coordinator.make_run_dir(cfg)
+    tok, train_prompts, eval_prompts = preflight.check_inputs(cfg)  # every input problem, before anything starts
+    start_dir, start_step, start_version = checkpoint.resume_point(cfg)
+    run = Run(cfg, coordinator.make_run_dir(cfg), start_dir, start_step, start_version, tok, [], eval_prompts)
     world, port = len(cfg.learner_devices), coordinator.free_port()
-    roles = [(f"learner{r}" if world > 1 else "learner", learner_role,
-              (cfg, r, world, port, start_dir, start_step, run_dir, tok.pad_token_id))
-             for r in range(world)]
+    roles = [(f"learner{r}" if world > 1 else "learner", learner_role, (run, r, port)) for r in range(world)]
     if cfg.schedule != "offline":
-        n = len(cfg.rollout_devices)
-        roles += [(f"rollout{w}" if n > 1 else "rollout", rollout_role,
-                   (cfg, w, tok, train, evals, start_dir, start_step, start_version)) for w in range(n)]
-        roles += [("teacher", teacher_role, (cfg, tok, evals, start_step))]
-    shared = config.resolve_transport(cfg) == "shared"
-    weights = learner.weight_buffer(start_dir, config.training_dtype(cfg)) if shared else None
-    method = config.start_method(cfg)  # fork on the cpu: the children inherit the imports (seconds at start-up)
+        n, sampling = len(cfg.rollout_devices), replace(run, train_prompts=train_prompts)
+        roles += [(f"rollout{w}" if n > 1 else "rollout", rollout_role, (sampling, w)) for w in range(n)]
+        roles += [("teacher", teacher_role, (run,))]
+    shared = resolve_transport(cfg) == "shared"
+    weights = learner.weight_buffer(start_dir, training_dtype(cfg)) if shared else None
+    method = start_method(cfg)  # fork on the cpu: the children inherit the imports (seconds at start-up)
     ch = make_channels(cfg, [r for r, _, _ in roles], start_version, weights, method)
-    procs = coordinator.start_children(ch, roles, run_dir, method)
-    summary = dict(coordinator.watch(cfg, ch, procs, run_dir, start_step), run_dir=run_dir)
-    if cfg.schedule == "offline" and evals and summary.get("checkpoint") and not summary.get("interrupted"):
-        import offline
-        with open(os.path.join(summary["checkpoint"], "trainer_state.json")) as f:
-            end = json.load(f)["step"]
-        points = [(start_dir, start_step), (summary["checkpoint"], end)]
-        summary["evals"] = offline.offline_evals(cfg, tok, evals, points, run_dir)
+    procs = coordinator.start_children(ch, roles, run.run_dir, method)
+    summary = dict(coordinator.watch(cfg, ch, procs, run.run_dir, start_step), run_dir=run.run_dir)
+    if cfg.schedule == "offline" and eval_prompts and summary.get("checkpoint") and not summary.get("interrupted"):
+        points = [(start_dir, start_step), (summary["checkpoint"], summary["checkpoint_step"])]
+        summary["evals"] = offline.offline_evals(cfg, tok, eval_prompts, points, run.run_dir)
     return summary
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(config.config_help())
+        print(config_help())
         return 0
     cmd = argv[0] if argv and argv[0] in ("train", "precompute") else "train"
     args = argv[1:] if argv and argv[0] == cmd else argv
     path = args[0] if args and "=" not in args[0] else None
     try:
-        cfg = config.load_config(path, [a for a in args if a != path])
+        cfg = load_config(path, [a for a in args if a != path])
         if cmd == "precompute":
-            import offline
-            print(offline.precompute(cfg))
+            tok, train_prompts, _ = preflight.check_inputs(cfg, precompute=True)
+            print(offline.precompute(cfg, tok, train_prompts))
             return 0
-        s = run(cfg)
+        summary = train(cfg)
     except ValueError as e:  # bad input: one line, before anything started
         print(f"asyncopd: error: {e}", file=sys.stderr)
         return 2
@@ -309,10 +310,11 @@ def main(argv):
     except KeyboardInterrupt:  # Ctrl-C before the run's own handlers are in place: nothing to save yet
         print("asyncopd: interrupted during start-up", file=sys.stderr)
         return 128 + signal.SIGINT
-    print(coordinator.summary_table(cfg, s))
-    if s.get("interrupted"):
-        print(f"interrupted by {signal.Signals(s['interrupted']).name}; resume with resume={s.get('checkpoint')}")
-        return 128 + s["interrupted"]
+    print(coordinator.summary_table(cfg, summary))
+    if summary.get("interrupted"):
+        print(f"interrupted by {signal.Signals(summary['interrupted']).name}; resume with "
+              f"resume={summary.get('checkpoint')}")
+        return 128 + summary["interrupted"]
     return 0
 
 

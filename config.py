@@ -1,21 +1,19 @@
-"""Configuration: every key with its default and meaning (`python asyncopd.py --help` prints them), the strict
-YAML loader, and validate(), which checks everything that can be wrong with the input before any process starts
-and says what to fix in one line.
+"""Configuration: every key with its default and meaning (`python asyncopd.py --help` prints them), the strict YAML
+loader, and check_values(), the checks a config needs no file, model or device for. The checks that do (models, data,
+devices, the run folder, a checkpoint to resume) run in runtime/preflight.py, before any process starts.
 """
 import dataclasses
 import difflib
+import inspect
 import math
 import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 
 import torch
 import yaml
 
-import estimators
-import task
-import teacher_cache
-from estimators import LossOptions
+from estimators import LossOptions, validate_options
 
 
 @dataclass
@@ -124,23 +122,25 @@ def _coerce(value, default, key):
 
 
 def _apply(obj, updates, prefix=""):
-    names = [f.name for f in dataclasses.fields(obj)]
+    """A copy of obj (a Config or its loss section) with `updates` applied; dotted keys reach the section."""
+    names, changes = [f.name for f in dataclasses.fields(obj)], {}
     for key, value in updates.items():
         head, _, rest = str(key).partition(".")
         if head not in names:
             close = difflib.get_close_matches(head, names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ValueError(f"unknown config key {prefix}{head}{hint}")
-        current = getattr(obj, head)
+        current = changes.get(head, getattr(obj, head))
         if dataclasses.is_dataclass(current):
             sub = {rest: value} if rest else value
             if not isinstance(sub, dict):
                 raise ValueError(f"config key {prefix}{head} is a section: give {prefix}{head}.FIELD=VALUE")
-            _apply(current, sub, prefix=f"{prefix}{head}.")
+            changes[head] = _apply(current, sub, prefix=f"{prefix}{head}.")
         else:
             if rest:
                 raise ValueError(f"config key {prefix}{head} has no field {rest}")
-            setattr(obj, head, _coerce(value, current, prefix + head))
+            changes[head] = _coerce(value, current, prefix + head)
+    return dataclasses.replace(obj, **changes)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -166,7 +166,7 @@ def _yaml(text, where):
         raise ValueError(f"{where}{at}: {problem}{opened}: fix the YAML") from None
 
 
-def load_config(path=None, overrides=()):
+def load_config(path: str | None = None, overrides=()) -> Config:
     """Defaults <- YAML file <- key=value overrides (dotted keys reach the loss section)."""
     cfg = Config()
     if path:
@@ -179,35 +179,21 @@ def load_config(path=None, overrides=()):
         if not isinstance(updates, dict):
             kind = type(updates).__name__
             raise ValueError(f"config file {path} is a YAML {kind}, not a mapping: write key: value lines")
-        _apply(cfg, updates)
+        cfg = _apply(cfg, updates)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value: write e.g. steps=10")
-        _apply(cfg, {key: _yaml(value, f"override {item}") if value else ""})
+        cfg = _apply(cfg, {key: _yaml(value, f"override {item}") if value else ""})
     return cfg
 
 
-def training_dtype(cfg):
+def training_dtype(cfg: Config) -> torch.dtype:
     """The student's dtype outside the learner's fp32 master weights: published weights and the rollout model."""
     return torch.bfloat16 if cfg.mixed_precision else torch.float32
 
 
-def teacher_dtype(cfg):
-    """One teacher dtype for online scoring and offline precompute, so the two caches agree."""
-    if cfg.teacher_dtype == "auto":
-        return torch.bfloat16 if cfg.teacher_device.startswith("cuda") else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.teacher_dtype]
-
-
-def load_teacher(cfg):
-    """The frozen teacher as every scorer uses it (the teacher role and `precompute`)."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=teacher_dtype(cfg))
-    return model.to(cfg.teacher_device).eval()
-
-
-def resolve_transport(cfg):
+def resolve_transport(cfg: Config) -> str:
     """"shared", "handoff" or "none" (offline: no rollout). Handoff needs the rollout to see the learner's device,
     which a vLLM child (restricted to its own GPU) does not."""
     if cfg.schedule == "offline":
@@ -218,86 +204,9 @@ def resolve_transport(cfg):
     return "handoff" if cfg.engine == "hf" and on_cuda else "shared"
 
 
-def visible_device(device, parent_visible):
-    """CUDA_VISIBLE_DEVICES for a child that must see only `device` ("cuda:N", numbered as the parent sees the GPUs):
-    the parent's own restriction (e.g. "4,5,6,7") maps N to its N-th entry."""
-    index = int(device.split(":")[1]) if ":" in device else 0
-    if parent_visible is None:
-        return str(index)
-    entries = [e.strip() for e in parent_visible.split(",") if e.strip()]
-    if index >= len(entries):
-        raise ValueError(f"{device} but CUDA_VISIBLE_DEVICES={parent_visible!r} shows {len(entries)} GPUs: "
-                         "use a device index below that")
-    return entries[index]
-
-
-def _check_device(dev, what):
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"{what}={dev} but CUDA is not available: use cpu or run on a GPU machine")
-        idx = int(dev.split(":")[1]) if ":" in dev else 0
-        if idx >= torch.cuda.device_count():
-            raise ValueError(f"{what}={dev} but only {torch.cuda.device_count()} GPUs are visible")
-    elif dev != "cpu":
-        raise ValueError(f"{what}={dev!r} is not a device: use cpu or cuda:N")
-
-
-def _model_dir(path, what):
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{what} model not found: looked for {os.path.abspath(path)}/config.json")
-    return path
-
-
-def _load(auto, path, what):
-    """auto.from_pretrained(path), or one line naming the folder (a corrupt config.json or tokenizer.json)."""
-    try:
-        return auto.from_pretrained(path)
-    except Exception as e:  # transformers and tokenizers raise many kinds
-        why = " ".join(str(e).split())[:200]
-        part = auto.__name__[4:].lower()  # AutoConfig -> config
-        raise ValueError(f"{what} {path}: cannot load its {part} ({why}): fix or replace its files") from None
-
-
-def writable(path, key):
-    """`path` is a folder, or can be made one, that this user can write: tried by a probe folder in its nearest
-    existing ancestor (os.access says yes to root on a read-only mount)."""
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{key}={path}: {parent} is a file, not a folder: give a folder path")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".asyncopd-probe-", dir=parent))
-    except OSError as e:
-        raise ValueError(f"{key}={path}: cannot write in {parent} ({e.strerror}): give a writable folder") from None
-
-
-def validate(cfg, run=True):
-    """Everything that can be wrong with the input, checked before any process starts (run=False: no run folder,
-    as for precompute). Fills the derived defaults (rollout_batch_size, queue_size).
-
-    Returns (tokenizer, train prompts, eval prompts) so the checks are not done twice."""
-    check_values(cfg)
-    if run:
-        writable(cfg.out_dir, "out_dir")
-        if cfg.run_name and os.path.exists(os.path.join(cfg.out_dir, cfg.run_name)):  # would mix two runs' metrics
-            raise ValueError(f"run_name={cfg.run_name}: {os.path.join(cfg.out_dir, cfg.run_name)} exists (resume "
-                             "writes a new run folder too): choose another run_name, or delete that folder")
-    if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
-        raise ValueError(f"resume={cfg.resume}: no trainer_state.json there; give a checkpoint folder of a run")
-    import learner
-    learner.check_checkpoint(cfg)
-    estimators.validate_options(cfg.loss)
-    for d in role_devices(cfg):
-        _check_device(d, "device")
-    if len({d.startswith("cuda") for d in cfg.learner_devices}) > 1:
-        raise ValueError(f"learner_devices={cfg.learner_devices} mixes cpu and cuda: use one kind")
-    tok = check_models(cfg)
-    return (tok, *load_prompts(cfg, tok))
-
-
-def check_values(cfg):
-    """Ranges and the relations between keys; fills rollout_batch_size and queue_size when 0."""
+def check_values(cfg: Config) -> None:
+    """Ranges, choices and the relations between keys, the loss options included; fills rollout_batch_size and
+    queue_size when 0. One-line ValueErrors."""
     for keys, ok, fix in RANGES:
         for key in keys.split():
             if not ok(getattr(cfg, key)):
@@ -309,6 +218,7 @@ def check_values(cfg):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key}={getattr(cfg, key)!r}: use one of {', '.join(allowed)}")
+    validate_options(cfg.loss)
     cfg.rollout_batch_size = cfg.rollout_batch_size or cfg.batch_size
     cfg.queue_size = cfg.queue_size or 2 * max(1, cfg.batch_size // cfg.rollout_batch_size)
     world = len(cfg.learner_devices)
@@ -337,89 +247,20 @@ def check_values(cfg):
         raise ValueError(f"temperature={cfg.temperature} top_p={cfg.top_p}: need 0 < temperature and 0 < top_p <= 1")
 
 
-def role_devices(cfg):
+def role_devices(cfg: Config) -> list[str]:
     """Every device a role of the run uses (rollout workers, teacher, learner ranks)."""
     return [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices]
 
 
-def start_method(cfg):
+def start_method(cfg: Config) -> str:
     """How the coordinator starts its children (see the start_method key)."""
     if cfg.start_method != "auto":
         return cfg.start_method
     return "fork" if cfg.threads == 1 and all(str(d) == "cpu" for d in role_devices(cfg)) else "spawn"
 
 
-def _causal_lm(conf, what, path):
-    """The transformers class that will load this model (an unknown architecture fails here, not in a child).
-    Resolving it imports its modelling code, which forked children then inherit."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-    try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(conf)]
-    except KeyError:
-        raise ValueError(f"{what} {path}: model type {conf.model_type!r} is not a causal LM this transformers "
-                         "loads: use a causal LM checkpoint (e.g. Qwen2/Qwen3/Llama)") from None
-
-
-def check_models(cfg):
-    """Student and teacher load and agree (vocabulary, tokenizer); the engine and the cache can serve the
-    estimator. Returns the student's tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer
-    student_dir = _model_dir(cfg.resume or cfg.student, "student")
-    s_conf, tok = _load(AutoConfig, student_dir, "student"), _load(AutoTokenizer, student_dir, "student")
-    _causal_lm(s_conf, "student", student_dir)
-    fields = estimators.required_fields(cfg.loss)
-    if cfg.schedule == "offline":
-        import offline
-        offline.check_offline_cache(cfg, student_dir, tok, fields)
-    else:
-        import rollout
-        rollout.engine_supports(cfg.engine, fields, cfg.loss.samples, cfg.temperature, cfg.top_p, cfg.rollout_devices)
-        t_conf = _load(AutoConfig, _model_dir(cfg.teacher, "teacher"), "teacher")
-        _causal_lm(t_conf, "teacher", cfg.teacher)
-        if t_conf.vocab_size != s_conf.vocab_size:
-            raise ValueError(f"vocabulary size mismatch: student {s_conf.vocab_size} vs teacher {t_conf.vocab_size}: "
-                             "use a teacher with the student's tokenizer and embedding size")
-        t_tok = _load(AutoTokenizer, cfg.teacher, "teacher")
-        if teacher_cache.tokenizer_fingerprint(t_tok) != teacher_cache.tokenizer_fingerprint(tok):
-            raise ValueError(f"tokenizer mismatch: student {student_dir} ({len(tok)} tokens) vs teacher {cfg.teacher} "
-                             f"({len(t_tok)} tokens): OPD needs one tokenizer")
-    if "teacher_dense_logp" in fields and s_conf.vocab_size > 65536:
-        raise ValueError(f"estimator {cfg.loss.name} needs the dense teacher distribution, too big at "
-                         f"V={s_conf.vocab_size}: use forward_kl_topk, reverse_kl_mc or jsd on a finite support")
-    return tok
-
-
-def _encode_batch(tok, texts):
-    """Token ids of many texts in one call: 0.2 s for the 20k addition prompts, against 1.2 s row by row (the
-    fast tokenizer's Rust backend directly; transformers' own batched call spends 0.5 s converting its output)."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:  # a tokenizer without a Rust backend
-        return tok(texts, add_special_tokens=False)["input_ids"]
-    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-
-
-def load_prompts(cfg, tok):
-    """Train and eval prompts, each row with its token ids ("ids"); a bad row is named by its number."""
-    train = task.load_prompts(cfg.data, "train", None)
-    evals = task.load_prompts(cfg.eval_data or cfg.data, "test", cfg.eval_size) if cfg.eval_size else []
-    known = set()  # characters the tokenizer is known to represent
-    for rows, where in ((train, cfg.data), (evals, cfg.eval_data or cfg.data)):
-        batch = None if cfg.chat_template else _encode_batch(tok, [r["prompt"] for r in rows])
-        for i, row in enumerate(rows):
-            try:
-                row["ids"] = task.encode_prompt(tok, row["prompt"], cfg.chat_template, known, cfg.max_prompt_len,
-                                                batch[i] if batch else None)
-            except ValueError as e:
-                raise ValueError(f"{where} row {i + 1}: {e}") from None
-    if len(train) < cfg.rollout_batch_size:
-        raise ValueError(f"{cfg.data} has {len(train)} prompts, fewer than one rollout unit ({cfg.rollout_batch_size})")
-    return train, evals
-
-
-def config_help():
+def config_help() -> str:
     """Every config key with its default and the comment written next to it in Config / LossOptions."""
-    import inspect
-    import re
     lines = ["usage: python asyncopd.py [train|precompute] [CONFIG.yaml] [key=value ...]   (loss keys: loss.KEY=VALUE)",
              "", "config keys (default  # meaning):"]
     for cls, prefix in ((Config, ""), (LossOptions, "loss.")):

@@ -2,13 +2,14 @@
 
 Notation (per response position): s = log-probs of the current student (with grad), b = behaviour log-probs of the
 rollout-time, possibly stale, student, t = teacher log-probs (frozen). p_theta = e^s, p_b = e^b, q = e^t. Rows follow
-THE shift convention of teacher_cache.py: row r of every per-token field is response token y_r and the distribution
+THE shift convention of batch_format.py: row r of every per-token field is response token y_r and the distribution
 that generated it (first response token and EOS included).
 
 Every estimator has one signature, fn(s, cache, opts) -> (per_token_loss [N], metrics), where s maps an id field of
-the cache to the current student's log-probs at those ids (see student_logp); aggregate() turns per_token_loss into
-the scalar that is back-propagated. FIELDS declares, per estimator, the cache fields it reads and the role that writes
-each; needs(opts) derives from it what the rollout, the teacher and the learner compute.
+the cache to the current student's log-probs at those ids (see gather_logprobs); aggregate() turns per_token_loss into
+the scalar that is back-propagated. Each is declared once, by @estimator(Fields(...), flags) right above its function:
+the cache fields it reads and the role that writes each; needs(opts) derives from that what the rollout, the teacher
+and the learner compute.
 
 estimator           cache fields (+ token_ids, loss_mask, cu_seqlens)
   bias (vs its KL at the current student)                    variance         staleness (b != s)
@@ -36,17 +37,18 @@ jsd                 teacher_dense_logp, or a finite support as reverse_kl_suppor
 The paper's recommended surrogate is reverse_kl_mc with advantage="theta", ratio=True, no clip, M = 64.
 """
 import difflib
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-PG_ESTIMATORS = ("reverse_kl_pg", "reverse_kl_mc")
-FINITE_SUPPORT_ESTIMATORS = ("forward_kl_topk", "reverse_kl_support", "jsd")
 MAX_DENSE_VOCAB = 65536  # a dense [N, V] student log-softmax is for tests and small vocabularies only
+Tensors = dict[str, torch.Tensor]  # a cache (batch_format.py), or s: {id field: the student's log-probs there}
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossOptions:
     name: str = "reverse_kl_mc"  # estimator, a key of ESTIMATORS
     advantage: str = "theta"  # "theta": A = t - s recomputed at learner time, detached | "old": t - b frozen at rollout
@@ -69,12 +71,49 @@ class LossOptions:
     chunk_size: int = 1024  # positions per chunk in the student gather
 
 
+# ----------------------------------------------------------------------------- declaring an estimator
+@dataclass(frozen=True)
+class Fields:
+    """The cache fields one estimator reads, by the role that writes them (names as in batch_format.FIELD_SPECS)."""
+    ids: tuple  # where the learner gathers the current student's log-probs ("dense": the whole vocabulary)
+    rollout: tuple = ()  # written by the rollout engine's generate (besides CORE)
+    teacher: tuple = ()  # written by teacher_cache.score
+    behavior: tuple = ()  # written by the rollout engine's generate; read only if _reads_behavior(opts)
+    proximal: tuple = ()  # written by the learner (student before the step), one per ids field; read only if decoupled
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One estimator as @estimator declared it."""
+    fn: Callable  # fn(s, cache, opts) -> (per_token_loss [N], metrics)
+    fields: Fields | dict  # its Fields, or {opts.support: Fields} where the support option picks them
+    policy_gradient: bool  # takes the policy-gradient options (advantage, ratio, and the stabilisers)
+    finite_support: bool  # takes renormalize / tail_bucket
+
+
+ESTIMATORS: dict[str, Estimator] = {}  # name -> declaration, filled by @estimator in the order of this file
+
+
+def estimator(fields: Fields | dict, policy_gradient: bool = False, finite_support: bool = False) -> Callable:
+    """Declare the function below as an estimator, under its own name, with the fields it reads and its flags."""
+    def declare(fn):
+        ESTIMATORS[fn.__name__] = Estimator(fn, fields, policy_gradient, finite_support)
+        return fn
+    return declare
+
+
+CORE = ("token_ids", "loss_mask", "cu_seqlens")  # in every cache, written by the rollout
+_TEACHER_TOPK = Fields(ids=("teacher_topk_ids",), teacher=("teacher_topk_ids", "teacher_topk_logp"))
+_STUDENT_TOPK = Fields(ids=("student_topk_ids",), rollout=("student_topk_ids",), teacher=("student_topk_teacher_logp",))
+_DENSE = Fields(ids=("dense",), teacher=("teacher_dense_logp",))
+
+
 # ----------------------------------------------------------------------------- options
 def _fail(msg):
     raise ValueError(msg)
 
 
-def validate_options(opts):
+def validate_options(opts: LossOptions) -> None:
     """Raise ValueError (one line: the problem and the fix) if opts cannot work."""
     o = opts
     if o.name not in ESTIMATORS:
@@ -96,56 +135,33 @@ def validate_options(opts):
         _fail(f"beta={o.beta} must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
     if o.behave_cap <= 0 or o.m2po_floor_low >= 1:
         _fail(f"behave_cap={o.behave_cap} must be > 0 and m2po_floor_low={o.m2po_floor_low} < 1")
+    declared = ESTIMATORS[o.name]
     stabilisers = [k for k, on in (("clip_eps", o.clip_eps > 0), ("tis_cap", o.tis_cap > 0),
                                    ("decoupled", o.decoupled), ("m2po_budget", o.m2po_budget > 0)) if on]
     pg_only = stabilisers + [k for k, on in (("advantage", o.advantage != "theta"), ("ratio", not o.ratio)) if on]
-    if pg_only and o.name not in PG_ESTIMATORS:
-        _fail(f"{pg_only[0]} only applies to {PG_ESTIMATORS}, not {o.name}: reset it to its default")
+    if pg_only and not declared.policy_gradient:
+        _fail(f"{pg_only[0]} only applies to {[n for n, e in ESTIMATORS.items() if e.policy_gradient]}, not {o.name}: "
+              "reset it to its default")
     if stabilisers and not o.ratio:
         _fail(f"{stabilisers[0]} acts on the importance ratio but ratio=False: set ratio=True")
     if len(stabilisers) > 1 and stabilisers != ["clip_eps", "decoupled"]:
         _fail(f"stabilisers {stabilisers} cannot be combined: keep one (decoupled uses clip_eps as its clip)")
-    if (o.renormalize or o.tail_bucket) and o.name not in FINITE_SUPPORT_ESTIMATORS:
-        _fail(f"renormalize/tail_bucket only apply to {FINITE_SUPPORT_ESTIMATORS}, not {o.name}: set them False")
+    if (o.renormalize or o.tail_bucket) and not declared.finite_support:
+        _fail(f"renormalize/tail_bucket only apply to {[n for n, e in ESTIMATORS.items() if e.finite_support]}, "
+              f"not {o.name}: set them False")
     if o.renormalize and o.tail_bucket:
         _fail("renormalize and tail_bucket both make the support a distribution: choose one")
-    if o.name == "reverse_kl_support" and o.support == "dense":
-        _fail("reverse_kl_support needs support='student_topk' or 'teacher_topk' (use reverse_kl_dense for dense)")
+    if isinstance(declared.fields, dict) and o.support not in declared.fields:
+        dense = " (use reverse_kl_dense for dense)" if o.name == "reverse_kl_support" else ""
+        _fail(f"{o.name} needs support in {list(declared.fields)}, got support={o.support!r}{dense}")
     if o.name == "jsd" and o.support == "dense" and (o.renormalize or o.tail_bucket):
         _fail("jsd with support='dense' is already normalised: set renormalize/tail_bucket False")
 
 
-# ----------------------------------------------------------------------------- cache fields
-@dataclass(frozen=True)
-class Fields:
-    """The cache fields one estimator reads, by the role that writes them (names as in teacher_cache.FIELD_SPECS)."""
-    ids: tuple  # where the learner gathers the current student's log-probs ("dense": the whole vocabulary)
-    rollout: tuple = ()  # written by rollout.generate (besides CORE)
-    teacher: tuple = ()  # written by teacher_cache.score
-    behavior: tuple = ()  # written by rollout.generate; read only if _reads_behavior(opts)
-    proximal: tuple = ()  # written by the learner (student before the step), one per ids field; read only if decoupled
-
-
-CORE = ("token_ids", "loss_mask", "cu_seqlens")  # in every cache, written by the rollout
-_TEACHER_TOPK = Fields(ids=("teacher_topk_ids",), teacher=("teacher_topk_ids", "teacher_topk_logp"))
-_STUDENT_TOPK = Fields(ids=("student_topk_ids",), rollout=("student_topk_ids",), teacher=("student_topk_teacher_logp",))
-_DENSE = Fields(ids=("dense",), teacher=("teacher_dense_logp",))
-FIELDS = {  # estimator -> its Fields, or {opts.support: Fields} where the support option picks them
-    "forward_kl_topk": _TEACHER_TOPK,
-    "forward_kl_dense": _DENSE,
-    "forward_kl_mc": Fields(ids=("teacher_mc_ids",), teacher=("teacher_mc_ids", "teacher_mc_logp")),
-    "reverse_kl_dense": _DENSE,
-    "reverse_kl_support": {"student_topk": _STUDENT_TOPK, "teacher_topk": _TEACHER_TOPK},
-    "reverse_kl_pg": Fields(ids=("token_ids",), rollout=("token_ids",), teacher=("teacher_logp",),
-                            behavior=("behavior_logp",), proximal=("proximal_logp",)),
-    "reverse_kl_mc": Fields(ids=("mc_ids",), rollout=("mc_ids",), teacher=("mc_teacher_logp",),
-                            behavior=("mc_behavior_logp",), proximal=("mc_proximal_logp",)),
-    "jsd": {"student_topk": _STUDENT_TOPK, "teacher_topk": _TEACHER_TOPK, "dense": _DENSE},
-}
-
-
-def fields_of(opts):
-    f = FIELDS[opts.name]
+# ----------------------------------------------------------------------------- what each role computes
+def fields_of(opts: LossOptions) -> Fields:
+    """The declared Fields of opts' estimator (picked by opts.support where it has several)."""
+    f = ESTIMATORS[opts.name].fields
     return f[opts.support] if isinstance(f, dict) else f
 
 
@@ -157,35 +173,36 @@ def _reads_behavior(opts):
 class Needs:
     """What each role computes for one LossOptions (built by needs)."""
     rollout: frozenset  # the rollout fields read
-    student_topk: int  # rollout.generate's student_topk: K_s if a student_topk_* field is read, else 0
-    mc_samples: int  # rollout.generate's mc_samples: M if an mc_* field of the rollout is read, else 0
+    student_topk: int  # the engine's generate(student_topk=): K_s if a student_topk_* field is read, else 0
+    mc_samples: int  # the engine's generate(mc_samples=): M if an mc_* field of the rollout is read, else 0
     teacher: frozenset  # teacher_cache.score's fields
-    student_ids: tuple  # the learner's id fields for student_logp
+    student_ids: tuple  # the learner's id fields for gather_logprobs
     proximal: dict  # decoupled: {id field: the field where the learner puts the student's log-probs at those ids}
 
     @property
-    def fields(self):
+    def fields(self) -> frozenset:
         return frozenset(CORE) | self.rollout | self.teacher | set(self.proximal.values())
 
 
-def needs(opts):
-    """Per role, what to compute for opts: its FIELDS declaration with the options applied."""
+@functools.cache  # options are frozen: each role asks, the answer is derived once
+def needs(opts: LossOptions) -> Needs:
+    """Per role, what to compute for opts: its declaration with the options applied."""
     f = fields_of(opts)
     rollout = frozenset(f.rollout + (f.behavior if _reads_behavior(opts) else ()))
-    # rollout.generate writes student_topk_* only if student_topk > 0, mc_* only if mc_samples > 0
+    # the engines write student_topk_* only if student_topk > 0, mc_* only if mc_samples > 0
     return Needs(rollout=rollout, teacher=frozenset(f.teacher), student_ids=f.ids,
                  student_topk=opts.student_topk if rollout & {"student_topk_ids", "student_topk_behavior_logp"} else 0,
                  mc_samples=opts.samples if rollout & {"mc_ids", "mc_behavior_logp"} else 0,
                  proximal=dict(zip(f.ids, f.proximal, strict=True)) if opts.decoupled else {})
 
 
-def required_fields(opts):
+def required_fields(opts: LossOptions) -> frozenset:
     """Every cache field the estimator reads (rollout, teacher and learner-added ones)."""
     return needs(opts).fields
 
 
-def student_ids(cache, opts):
-    """{id field: its ids in cache} for student_logp ("dense": None); a missing field is a one-line error."""
+def student_ids(cache: Tensors, opts: LossOptions) -> dict:
+    """{id field: its ids in cache} for gather_logprobs ("dense": None); a missing field is a one-line error."""
     return {f: None if f == "dense" else _need(cache, f, opts) for f in needs(opts).student_ids}
 
 
@@ -247,7 +264,8 @@ def _chunk_logits(h, w32, temperature):
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-def student_logp(hidden, lm_head_weight, ids, temperature=1.0, chunk_size=1024):
+def gather_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, ids: dict, temperature: float = 1.0,
+                    chunk_size: int = 1024) -> Tensors:
     """Current-student log-probs log_softmax(hidden @ W.T / temperature) at the ids of each field.
 
     hidden [N, H] (rows as in the shift convention), lm_head_weight [V, H], ids {field: LongTensor [N] or [N, k]};
@@ -255,7 +273,7 @@ def student_logp(hidden, lm_head_weight, ids, temperature=1.0, chunk_size=1024):
     gathered in one chunked pass (concatenated, split after): exact gradients, no float32 [N, V] tensor for the batch.
     """
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
-        _fail(f"student_logp needs hidden [N, H] and lm_head_weight [V, H], got {tuple(hidden.shape)} and "
+        _fail(f"gather_logprobs needs hidden [N, H] and lm_head_weight [V, H], got {tuple(hidden.shape)} and "
               f"{tuple(lm_head_weight.shape)}: select the response rows first")
     N, V = hidden.shape[0], lm_head_weight.shape[0]
     sparse = {k: v for k, v in ids.items() if k != "dense"}
@@ -336,7 +354,8 @@ def _support_logps(s, cache, opts):
 
 
 # ----------------------------------------------------------------------------- forward KL (teacher-weighted)
-def forward_kl_topk(s, cache, opts):
+@estimator(_TEACHER_TOPK, finite_support=True)
+def forward_kl_topk(s: Tensors, cache: Tensors, opts: LossOptions) -> tuple[torch.Tensor, dict]:
     """Forward KL on the teacher's top-K: sum_{k in topK(q)} e^{t_k} (t_k - s_k).
 
     Needs teacher_topk_ids, teacher_topk_logp. Bare: K = V is exactly KL(q || p_theta), K < V a truncation that still
@@ -347,7 +366,8 @@ def forward_kl_topk(s, cache, opts):
     return _xlogratio(t_k, s_k).sum(-1), metrics
 
 
-def forward_kl_dense(s, cache, opts):
+@estimator(_DENSE)
+def forward_kl_dense(s: Tensors, cache: Tensors, opts: LossOptions) -> tuple[torch.Tensor, dict]:
     """Exact forward KL(q || p_theta) = sum_v e^{t_v} (t_v - s_v) over the whole vocabulary.
 
     Needs teacher_dense_logp [N, V] and s["dense"]; for small vocabularies and tests. Exact, no variance or staleness.
@@ -355,7 +375,8 @@ def forward_kl_dense(s, cache, opts):
     return _xlogratio(_field(cache, "teacher_dense_logp", s["dense"], opts), s["dense"]).sum(-1), {}
 
 
-def forward_kl_mc(s, cache, opts):
+@estimator(Fields(ids=("teacher_mc_ids",), teacher=("teacher_mc_ids", "teacher_mc_logp")))
+def forward_kl_mc(s: Tensors, cache: Tensors, opts: LossOptions) -> tuple[torch.Tensor, dict]:
     """Monte Carlo forward KL with M teacher samples y_i ~ q: mean_i (t(y_i) - s(y_i)).
 
     Needs teacher_mc_ids, teacher_mc_logp. Value and gradient -mean_i grad s(y_i) are unbiased for KL(q || p_theta)
@@ -368,7 +389,8 @@ def forward_kl_mc(s, cache, opts):
 
 
 # ----------------------------------------------------------------------------- reverse KL (student-weighted)
-def reverse_kl_dense(s, cache, opts):
+@estimator(_DENSE)
+def reverse_kl_dense(s: Tensors, cache: Tensors, opts: LossOptions) -> tuple[torch.Tensor, dict]:
     """Exact reverse KL(p_theta || q) = sum_v e^{s_v} (s_v - t_v) over the whole vocabulary.
 
     Needs teacher_dense_logp [N, V] and s["dense"]. Exact, no variance, no staleness (current student).
@@ -376,7 +398,8 @@ def reverse_kl_dense(s, cache, opts):
     return _xlogratio(s["dense"], _field(cache, "teacher_dense_logp", s["dense"], opts)).sum(-1), {}
 
 
-def reverse_kl_support(s, cache, opts):
+@estimator({"student_topk": _STUDENT_TOPK, "teacher_topk": _TEACHER_TOPK}, finite_support=True)
+def reverse_kl_support(s: Tensors, cache: Tensors, opts: LossOptions) -> tuple[torch.Tensor, dict]:
     """Reverse KL on a finite support S: sum_{k in S} e^{s_k} (s_k - t_k).
 
     S = the rollout student's top-K_s (support="student_topk": student_topk_ids, student_topk_teacher_logp) or the
@@ -447,7 +470,9 @@ def _policy_gradient(s, cache, opts):
     return loss, metrics
 
 
-def reverse_kl_pg(s, cache, opts):
+@estimator(Fields(ids=("token_ids",), rollout=("token_ids",), teacher=("teacher_logp",), behavior=("behavior_logp",),
+                  proximal=("proximal_logp",)), policy_gradient=True)
+def reverse_kl_pg(s: Tensors, cache: Tensors, opts: LossOptions) -> tuple[torch.Tensor, dict]:
     """Sampled reverse KL as a policy gradient on the generated token y ~ p_b: loss = -r * A.
 
     r = exp(clamp(s(y) - b(y), +-20)) (ratio=False: r = exp(s - sg(s)), value 1, plain score function);
@@ -465,7 +490,9 @@ def reverse_kl_pg(s, cache, opts):
     return _policy_gradient(s, cache, opts)
 
 
-def reverse_kl_mc(s, cache, opts):
+@estimator(Fields(ids=("mc_ids",), rollout=("mc_ids",), teacher=("mc_teacher_logp",), behavior=("mc_behavior_logp",),
+                  proximal=("mc_proximal_logp",)), policy_gradient=True)
+def reverse_kl_mc(s: Tensors, cache: Tensors, opts: LossOptions) -> tuple[torch.Tensor, dict]:
     """Multi-sample MC reverse KL: mean over M behaviour samples of reverse_kl_pg's per-sample loss.
 
     mc_ids [N, M]: column 0 = the generated token, columns 1..M-1 i.i.d. draws from p_b (duplicates kept). Needs
@@ -477,7 +504,8 @@ def reverse_kl_mc(s, cache, opts):
 
 
 # ----------------------------------------------------------------------------- generalised JSD
-def jsd(s, cache, opts):
+@estimator({"student_topk": _STUDENT_TOPK, "teacher_topk": _TEACHER_TOPK, "dense": _DENSE}, finite_support=True)
+def jsd(s: Tensors, cache: Tensors, opts: LossOptions) -> tuple[torch.Tensor, dict]:
     """Generalised JSD(beta) between teacher P = e^t and student Q = e^s, scaled to be continuous at 0 and 1.
 
     With M = beta P + (1 - beta) Q:  D = [beta KL(P || M) + (1 - beta) KL(Q || M)] / (beta (1 - beta))
@@ -498,12 +526,9 @@ def jsd(s, cache, opts):
     return (_xlogratio(logp, logm) / (1 - beta) + _xlogratio(logq, logm) / beta).sum(-1), {}
 
 
-ESTIMATORS = {f.__name__: f for f in (forward_kl_topk, forward_kl_dense, forward_kl_mc, reverse_kl_dense,
-                                      reverse_kl_support, reverse_kl_pg, reverse_kl_mc, jsd)}
-
-
 # ----------------------------------------------------------------------------- aggregation
-def aggregate(per_token, loss_mask, cu_seqlens, mode="token_mean"):
+def aggregate(per_token: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor,
+              mode: str = "token_mean") -> torch.Tensor:
     """Scalar loss from per-token losses [N]; masked rows contribute nothing (values and gradients).
 
     token_mean: sum over unmasked rows / their count (every response token weighs the same).
@@ -526,7 +551,7 @@ def aggregate(per_token, loss_mask, cu_seqlens, mode="token_mean"):
     return torch.where(has, sums / counts.clamp(min=1), torch.zeros_like(sums)).sum() / has.sum().clamp(min=1)
 
 
-def compute_loss(s, cache, opts):
+def compute_loss(s: Tensors, cache: Tensors, opts: LossOptions) -> tuple[torch.Tensor, dict]:
     """The estimator named in opts, aggregated: (scalar loss, metrics)."""
-    per_token, metrics = ESTIMATORS[opts.name](s, cache, opts)
+    per_token, metrics = ESTIMATORS[opts.name].fn(s, cache, opts)
     return aggregate(per_token, cache["loss_mask"], cache["cu_seqlens"], opts.aggregation), metrics

@@ -1,6 +1,6 @@
-"""Rollout engines: the student samples responses and records what the estimators need.
+"""The rollout: the student samples responses and records what the estimators need.
 
-make_engine() builds one of two engines ("hf", "vllm") sharing one duck-typed interface:
+make_engine() builds one of two engines ("hf" here; "vllm" in optional/vllm_engine.py, GPU only) with one interface:
 
     traj = engine.generate(prompts, prompt_index, policy_version, student_topk, mc_samples, generator)
     engine.load_weights(state_dict, version)     # between generate() calls; sets engine.policy_version
@@ -10,21 +10,28 @@ for v in the nucleus, else 0: a token is in the nucleus iff the mass of the toke
 is < top_p (top_p = 1 keeps all; no top-k truncation). b = log pi_b(y) is the log-prob of exactly
 the distribution y was drawn from, so importance ratios pi_theta / pi_b are exact.
 
-The trajectory (CPU tensors, rows by teacher_cache.py's shift convention) holds the behaviour-side fields of its
-contract; student_topk_* if student_topk > 0, mc_* if mc_samples > 0 (column 0 = the generated token, columns 1..M-1
-i.i.d. draws from pi_b, duplicates kept). The vLLM engine (vllm_engine.py, GPU only, imported lazily) draws the MC
-columns inside vLLM with a logits processor; engine_supports() checks its settings before any process starts.
+The trajectory (batch_format.py: CPU tensors, rows by its shift convention) holds the behaviour-side fields;
+student_topk_* if student_topk > 0, mc_* if mc_samples > 0 (column 0 = the generated token, columns 1..M-1 i.i.d.
+draws from pi_b, duplicates kept). rollout_unit() is the rollout role's work for one unit; check_engine() checks an
+engine's settings before any process starts.
 """
 import importlib.metadata
 import os
 
 import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+import estimators
+from batch_format import Batch, check_generate_request, pack_trajectory
+from config import Config, training_dtype
+from schedule import ROLLOUT_STREAM, unit_generator
 
 ENGINES = ("hf", "vllm")
-VLLM_VERSION = "0.33.0"  # vllm_engine.py is written against exactly this release
+VLLM_VERSION = "0.33.0"  # optional/vllm_engine.py is written against exactly this release
 
 
-def engine_supports(kind, fields, mc_samples=None, temperature=None, top_p=1.0, devices=()):
+def check_engine(kind: str, fields=(), mc_samples: int | None = None, temperature: float | None = None,
+                 top_p: float = 1.0, devices=()) -> None:
     """Raise ValueError (naming the fix) if engine `kind` cannot produce the cache `fields` the estimator needs with
     these settings. Called at config validation, before any process starts; does not import vllm."""
     if kind not in ENGINES:
@@ -51,12 +58,13 @@ def engine_supports(kind, fields, mc_samples=None, temperature=None, top_p=1.0, 
                          "use top_p=1 or engine=hf")
 
 
-def make_engine(model, kind="hf", device="cpu", temperature=1.0, top_p=1.0, max_new_tokens=64,
-                eos_token_id=None, pad_token_id=None, dtype=None, **vllm_kwargs):
+def make_engine(model: str | PreTrainedModel, kind: str = "hf", device="cpu", temperature: float = 1.0,
+                top_p: float = 1.0, max_new_tokens: int = 64, eos_token_id: int | None = None,
+                pad_token_id: int | None = None, dtype=None, **vllm_kwargs):
     """Build a rollout engine from a model directory or (hf only) a built transformers model, moved to `device` in
     place. dtype: torch dtype for hf (None = the built model's, float32 from a directory), vLLM dtype string for vllm
     (None = "auto"). vllm_kwargs go to vllm.LLM (e.g. max_logprobs)."""
-    engine_supports(kind, ())  # unknown kind
+    check_engine(kind)  # unknown kind
     if not temperature > 0:
         raise ValueError(f"temperature={temperature}: must be > 0 (greedy decoding has no behaviour distribution)")
     if not 0 < top_p <= 1:
@@ -67,28 +75,27 @@ def make_engine(model, kind="hf", device="cpu", temperature=1.0, top_p=1.0, max_
         raise ValueError("eos_token_id is required: pass tokenizer.eos_token_id")
     pad_token_id = eos_token_id if pad_token_id is None else pad_token_id  # pads are masked; any id works
     if kind == "vllm":
-        engine_supports(kind, (), temperature=temperature, devices=(device,))
+        check_engine(kind, temperature=temperature, devices=(device,))
         # before vllm is imported: engine core in this process (weights and MC draws pass as objects),
         # Model Runner V2 (the logits-processor interface vllm_engine.MCDrawProcessor implements)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-        from vllm_engine import VLLMEngine
+        from optional.vllm_engine import VLLMEngine  # imports vllm
         return VLLMEngine(model, device, temperature, top_p, max_new_tokens, eos_token_id, dtype, **vllm_kwargs)
     if vllm_kwargs:
         raise ValueError(f"engine 'hf' takes no extra options, got {sorted(vllm_kwargs)}: drop them or use engine=vllm")
     return HFEngine(model, device, temperature, top_p, max_new_tokens, eos_token_id, pad_token_id, dtype)
 
 
-def engine_from_config(cfg, model, device, tokenizer):
+def engine_from_config(cfg: Config, model: str, device, tokenizer):
     """The engine a config asks for (rollout role, precompute, reference loop): one dtype, one sampler."""
-    import config
     vllm_options = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.engine == "vllm" else {}
     return make_engine(model, kind=cfg.engine, device=device, temperature=cfg.temperature, top_p=cfg.top_p,
-                       max_new_tokens=cfg.max_new_tokens, dtype=config.training_dtype(cfg),
+                       max_new_tokens=cfg.max_new_tokens, dtype=training_dtype(cfg),
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **vllm_options)
 
 
-def behaviour_logp(logits, temperature, top_p):
+def behaviour_logp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """log pi_b over the vocabulary, float32 [B, V] (see the module docstring)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
@@ -100,7 +107,7 @@ def behaviour_logp(logits, temperature, top_p):
     return logp
 
 
-def sample_ids(logp, num, generator=None):
+def sample_ids(logp: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """num i.i.d. draws per row from exp(logp) [B, V] -> ids [B, num], by inverse CDF: u ~ U[0, total),
     id = first index whose cumulative mass exceeds u, so a zero-probability token is never hit. The
     uniforms come from `generator` on its own device, so a CPU generator drives GPU sampling too."""
@@ -111,32 +118,6 @@ def sample_ids(logp, num, generator=None):
     return torch.searchsorted(cdf, u, right=True).clamp_max(logp.shape[-1] - 1)
 
 
-def _check_request(engine, prompts, prompt_index, policy_version, student_topk, mc_samples):
-    if len(prompts) == 0 or len(prompts) != len(prompt_index):
-        raise ValueError(f"generate got {len(prompts)} prompts and {len(prompt_index)} prompt_index entries: "
-                         "give one index per prompt, at least one prompt")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generate got an empty prompt: every prompt needs at least one token (e.g. BOS)")
-    if policy_version != engine.policy_version:
-        raise ValueError(f"generate(policy_version={policy_version}) but the engine holds version "
-                         f"{engine.policy_version}: call load_weights(state_dict, {policy_version}) first")
-    if student_topk < 0 or mc_samples < 0:
-        raise ValueError(f"student_topk={student_topk} mc_samples={mc_samples}: must be >= 0")
-
-
-def _pack(prompts, prompt_index, lengths, finished, policy_version, per_token):
-    """Sequence fields + per-token fields (already packed, token-major) -> trajectory dict."""
-    n = int(sum(lengths))
-    return {"prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int64),
-            "prompt_cu_seqlens": torch.tensor([0] + [len(p) for p in prompts]).cumsum(0),
-            "cu_seqlens": torch.tensor([0] + list(lengths)).cumsum(0),
-            "finished": torch.as_tensor(finished, dtype=torch.bool),
-            "prompt_index": torch.as_tensor(prompt_index, dtype=torch.int64),
-            "policy_version": torch.full((n,), policy_version, dtype=torch.int64),
-            "loss_mask": torch.ones(n, dtype=torch.bool),
-            **{k: v.cpu().to(torch.int64 if k.endswith("ids") else torch.float32) for k, v in per_token.items()}}
-
-
 class HFEngine:
     """Own batched sampling loop over a transformers causal LM with its KV cache (CPU or GPU). Prompts are left-padded
     and position ids count real tokens only, so every logit equals that of a plain right-padded forward over prompt +
@@ -144,7 +125,6 @@ class HFEngine:
 
     def __init__(self, model, device, temperature, top_p, max_new_tokens, eos_token_id, pad_token_id, dtype):
         if isinstance(model, str):
-            from transformers import AutoModelForCausalLM
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or torch.float32)
         elif dtype is not None:
             model = model.to(dtype)
@@ -154,10 +134,10 @@ class HFEngine:
         self.eos_token_id, self.pad_token_id, self.policy_version = eos_token_id, pad_token_id, 0
 
     @torch.no_grad()
-    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None,
-                 greedy=False):
+    def generate(self, prompts: list[list[int]], prompt_index: list[int], policy_version: int, student_topk: int = 0,
+                 mc_samples: int = 0, generator: torch.Generator | None = None, greedy: bool = False) -> Batch:
         """greedy=True (evaluation) takes the argmax; b is then still log pi_b of that token."""
-        _check_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
+        check_generate_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
         B, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
@@ -187,10 +167,10 @@ class HFEngine:
                              past_key_values=out.past_key_values, use_cache=True)
         alive = torch.stack([s.pop("alive") for s in steps], dim=1)  # [B, T]; row-major = token-major packing
         per_token = {k: torch.stack([s[k] for s in steps], dim=1)[alive] for k in steps[0]}
-        return _pack(prompts, prompt_index, alive.sum(1).tolist(), done.cpu(), policy_version, per_token)
+        return pack_trajectory(prompts, prompt_index, alive.sum(1).tolist(), done.cpu(), policy_version, per_token)
 
     @torch.no_grad()
-    def load_weights(self, state_dict, version):
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Copy a full state dict (same architecture, HF names) into the model; set the version."""
         expected = set(self.model.state_dict())
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
@@ -199,3 +179,11 @@ class HFEngine:
                              f"unexpected {unexpected[:3]}): send the full state_dict of the same architecture")
         self.model.load_state_dict(state_dict, strict=True)
         self.policy_version = int(version)
+
+
+def rollout_unit(cfg: Config, engine, rows: list[dict], idx: list[int], unit: int) -> Batch:
+    """Rollout unit `unit` from the prompts rows[i], i in idx, with the behaviour-side fields the estimator needs,
+    sampled from the unit's own random stream."""
+    need = estimators.needs(cfg.loss)
+    return engine.generate([rows[i]["ids"] for i in idx], idx, engine.policy_version, need.student_topk,
+                           need.mc_samples, unit_generator(cfg, unit, ROLLOUT_STREAM, engine.device))

@@ -3,15 +3,16 @@
 #   bash run.sh [key=value ...]        asynchronous OPD on the embedded CPU default (configs/default.yaml)
 #   bash run.sh test [pytest args]     ruff, then the test suite (first installs requirements-test.txt: vllm, ruff)
 #   bash run.sh gpu-check [--steps N]  every GPU path on this box (.venv-gpu from requirements-gpu.txt, or GPU_PYTHON=...)
+# The tools (tools/) run with the environment this makes: .venv/bin/python -m tools.NAME (see README.md).
 #   bash run.sh CONFIG.yaml [k=v ...]  any other config
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || { echo "run.sh: no $PY on PATH: install Python 3.10+ (or set PYTHON=...)"; exit 1; }
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "run.sh: Python 3.10+ needed, $PY is $("$PY" -V 2>&1)"; exit 1; }
-if [ "${1:-}" = "gpu-check" ]; then  # every GPU path on this box (see gpu_check.py); its own environment
+if [ "${1:-}" = "gpu-check" ]; then  # every GPU path on this box (see tools/gpu_check.py); its own environment
   shift
-  if [ -n "${GPU_PYTHON:-}" ]; then exec "$GPU_PYTHON" gpu_check.py "$@"; fi  # an existing CUDA torch env
+  if [ -n "${GPU_PYTHON:-}" ]; then exec "$GPU_PYTHON" -m tools.gpu_check "$@"; fi  # an existing CUDA torch env
   if [ ! -x .venv-gpu/bin/python ]; then "$PY" -m venv .venv-gpu; fi
   if ! cmp -s requirements-gpu.txt .venv-gpu/.installed; then
     echo "run.sh: installing requirements-gpu.txt (vLLM and its CUDA torch) into .venv-gpu (several GB)"
@@ -19,7 +20,7 @@ if [ "${1:-}" = "gpu-check" ]; then  # every GPU path on this box (see gpu_check
     cp requirements-gpu.txt .venv-gpu/.installed
   fi
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  exec .venv-gpu/bin/python gpu_check.py "$@"
+  exec .venv-gpu/bin/python -m tools.gpu_check "$@"
 fi
 free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
 if [ ! -f .venv/.installed ] && [ "${free_kb:-0}" -lt 3000000 ]; then

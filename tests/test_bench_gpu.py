@@ -1,11 +1,11 @@
-"""bench_gpu.py at tiny budgets: the memory model's measured layer against known facts, its verdict on the shipped
+"""tools/bench_gpu.py at tiny budgets: the memory model's measured layer against known facts, its verdict on the shipped
 GPU configs and on one that cannot fit; the loss path's chunked gather against the naive log-softmax."""
 import functools
 import re
 
 import pytest
 
-import bench_gpu
+from tools import bench_gpu
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""bench.py peer at a tiny budget: the asyncopd side end to end (checkpoints graded after the run, off the
-clock), the table's properties, and the one-line refusal when TRL is not importable (CI has no TRL); bench.py
+"""tools/bench.py peer at a tiny budget: the asyncopd side end to end (checkpoints graded after the run, off the
+clock), the table's properties, and the one-line refusal when TRL is not importable (CI has no TRL); tools/bench.py
 pipeline's refusal of a run too short to time."""
 import json
 import os
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import bench
 from conftest import ROOT
+from tools import bench
 
 
 def test_peer_table(tmp_path, capsys, monkeypatch):
@@ -32,9 +32,9 @@ def test_peer_refuses_without_trl(tmp_path):
     fake = tmp_path / "trl"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('no trl here')\n")  # TRL missing, even where it is installed
-    out = subprocess.run([sys.executable, "bench.py", "peer", "--systems", "asyncopd,trl-gkd", "--out", str(tmp_path)],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(tmp_path)},
-                         timeout=120)
+    argv = [sys.executable, "-m", "tools.bench", "peer", "--systems", "asyncopd,trl-gkd", "--out", str(tmp_path)]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "pip install trl==1.16.0" in out.stderr and not os.path.exists(tmp_path / "asyncopd-0")
 

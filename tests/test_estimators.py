@@ -2,16 +2,21 @@
 limits, unbiasedness and variance of the MC estimators, alignment on a tiny Qwen2, masking, the
 stabilisers on hand-worked numbers, and the chunked student gather. CPU only, no downloads."""
 import math
-import os
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import estimators as E  # noqa: E402
-import teacher_cache  # noqa: E402
+import batch_format
+import config
+import estimators as E
+import learner
+import rollout
+import schedule
+import task
+import teacher_cache
+from asyncopd import opd_reference
 
 LENGTHS = (3, 1, 5, 2, 4)  # ragged sequences; the 1-token one has first == last token
 MASKED = (2, 7)  # rows with loss_mask False in the reference tests
@@ -103,7 +108,7 @@ def student_inputs(z, cache, o):
 
 
 def estimator_loss(z, cache, o):
-    per_token, metrics = E.ESTIMATORS[o.name](student_inputs(z, cache, o), cache, o)
+    per_token, metrics = E.ESTIMATORS[o.name].fn(student_inputs(z, cache, o), cache, o)
     return E.aggregate(per_token, cache["loss_mask"], cache["cu_seqlens"], o.aggregation), metrics
 
 
@@ -137,7 +142,7 @@ def reference(o, z, cache):
     elif o.name == "forward_kl_mc":
         ids = cache["teacher_mc_ids"]
         value = (torch.log(P.gather(1, ids)) - torch.log(q.gather(1, ids))).mean(-1)
-    elif o.name in E.FINITE_SUPPORT_ESTIMATORS:
+    elif o.name in ("forward_kl_topk", "reverse_kl_support", "jsd"):
         on_student = o.name != "forward_kl_topk" and o.support == "student_topk"
         ids = cache["student_topk_ids"] if on_student else cache["teacher_topk_ids"]
         Pk, Qk = (P, q) if o.support == "dense" and o.name == "jsd" else (P.gather(1, ids), q.gather(1, ids))
@@ -159,7 +164,7 @@ def reference(o, z, cache):
             Mx = o.beta * Pk + (1 - o.beta) * Qk
             value = (o.beta * (Pk * torch.log(Pk / Mx)).sum(-1)
                      + (1 - o.beta) * (Qk * torch.log(Qk / Mx)).sum(-1)) / (o.beta * (1 - o.beta))
-    else:  # reverse_kl_pg / reverse_kl_mc, per sample then mean over samples
+    elif o.name in ("reverse_kl_pg", "reverse_kl_mc"):  # per sample, then the mean over samples
         mc = o.name == "reverse_kl_mc"
         ids = cache["mc_ids"] if mc else cache["token_ids"][:, None]
         b = cache["mc_behavior_logp" if mc else "behavior_logp"].view(ids.shape)
@@ -182,6 +187,8 @@ def reference(o, z, cache):
                 w = torch.exp(prox - b)
                 value = torch.where(w > o.behave_cap, 0.0, w) * value
         value, surrogate = value.mean(-1), surrogate.mean(-1) if surrogate is not None else None
+    else:
+        raise ValueError(f"no float64 reference for estimator {o.name}: write one here (README: Adding an estimator)")
     masked_mean = lambda x: (x * mask).sum() / mask.sum()  # noqa: E731
     return masked_mean(value), masked_mean(surrogate if surrogate is not None else value)
 
@@ -322,14 +329,14 @@ def draws_case(seed, R, M, stale, V=12, teacher_draws=False):
 def per_draw_gradients(z, cache, o):
     """[R, V] gradients of the per-token loss w.r.t. the logits, one independent row per draw."""
     zr = z.expand(len(cache["loss_mask"]), -1).clone().requires_grad_()
-    per_token, _ = E.ESTIMATORS[o.name](student_inputs(zr, cache, o), cache, o)
+    per_token, _ = E.ESTIMATORS[o.name].fn(student_inputs(zr, cache, o), cache, o)
     return grad_of(per_token.sum(), zr), per_token.detach()
 
 
 def exact_gradient(z, t, name):
     zz = z.clone().requires_grad_()
     cache = {"teacher_dense_logp": t[None], "loss_mask": torch.ones(1, dtype=torch.bool)}
-    per_token, _ = E.ESTIMATORS[name]({"dense": torch.log_softmax(zz, -1)[None]}, cache, opts(name))
+    per_token, _ = E.ESTIMATORS[name].fn({"dense": torch.log_softmax(zz, -1)[None]}, cache, opts(name))
     return grad_of(per_token.sum(), zz), per_token.detach()[0]
 
 
@@ -432,11 +439,11 @@ def cache_from(traj, s_true, t_true, seed=0, K=6, M=8):
 
 def learner_loss(student, cache, o):
     """The learner path: pad_batch -> hidden at the rows -> chunked student_logp -> estimator -> aggregate."""
-    input_ids, attention_mask, rows = teacher_cache.pad_batch(cache)
+    input_ids, attention_mask, rows = batch_format.pad_batch(cache)
     hidden = student.model(input_ids=input_ids, attention_mask=attention_mask)[0]
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
-    s = E.student_logp(h, student.lm_head.weight, E.student_ids(cache, o), chunk_size=4)
-    per_token, metrics = E.ESTIMATORS[o.name](s, cache, o)
+    s = E.gather_logprobs(h, student.lm_head.weight, E.student_ids(cache, o), chunk_size=4)
+    per_token, metrics = E.ESTIMATORS[o.name].fn(s, cache, o)
     return E.aggregate(per_token, cache["loss_mask"], cache["cu_seqlens"], o.aggregation).item(), metrics
 
 
@@ -447,15 +454,15 @@ def test_alignment_teacher_equal_to_student_scores_zero_and_a_shift_does_not(key
     state one position late, gives a clearly non-zero loss (A_old: t = b makes it 0, but the ratio moves)."""
     student, _, traj, true = aligned_batch
     o = CONFIGS[key]
-    pad_batch = teacher_cache.pad_batch
+    pad_batch = batch_format.pad_batch
     with torch.no_grad():
         aligned, aligned_metrics = learner_loss(student, cache_from(traj, true["s"], true["s"]), o)
         shifted_teacher = learner_loss(student, cache_from(traj, true["s"], true["s_next"]), o)[0]
         try:  # a learner that reads the hidden state one position late
-            teacher_cache.pad_batch = lambda cache: (lambda ids, am, rows: (ids, am, rows + 1))(*pad_batch(cache))
+            batch_format.pad_batch = lambda cache: (lambda ids, am, rows: (ids, am, rows + 1))(*pad_batch(cache))
             shifted_learner, shifted_metrics = learner_loss(student, cache_from(traj, true["s"], true["s"]), o)
         finally:
-            teacher_cache.pad_batch = pad_batch
+            batch_format.pad_batch = pad_batch
     assert abs(aligned) < 1e-5 and abs(aligned_metrics.get("ratio_mean", 1.0) - 1) < 1e-5
     assert abs(shifted_teacher) > 1e-2
     assert abs(shifted_learner) > 1e-2 or abs(shifted_metrics["ratio_mean"] - 1) > 1e-2
@@ -464,10 +471,10 @@ def test_alignment_teacher_equal_to_student_scores_zero_and_a_shift_does_not(key
 def test_learner_student_logp_equals_the_generating_distribution(aligned_batch):
     """s at token_ids from pad_batch + student_logp equals the autoregressive b, row by row (first and EOS too)."""
     student, _, traj, true = aligned_batch
-    input_ids, attention_mask, rows = teacher_cache.pad_batch(traj)
+    input_ids, attention_mask, rows = batch_format.pad_batch(traj)
     with torch.no_grad():
         h = student.model(input_ids=input_ids, attention_mask=attention_mask)[0].reshape(-1, 32)[rows]
-        s = E.student_logp(h, student.lm_head.weight, {"token_ids": traj["token_ids"], "dense": None})
+        s = E.gather_logprobs(h, student.lm_head.weight, {"token_ids": traj["token_ids"], "dense": None})
     torch.testing.assert_close(s["dense"].double(), true["s"], rtol=0, atol=2e-4)
     assert float((s["dense"].double() - true["s_next"]).abs().max()) > 0.5  # one position off is far
 
@@ -478,13 +485,13 @@ def test_first_and_last_response_tokens_are_trained(key, aligned_batch):
     position and EOS's position included) and nothing else."""
     student, teacher, traj, true = aligned_batch
     cache = cache_from(traj, true["s"], true["t"])
-    input_ids, attention_mask, rows = teacher_cache.pad_batch(cache)
+    input_ids, attention_mask, rows = batch_format.pad_batch(cache)
     with torch.no_grad():
         hidden = student.model(input_ids=input_ids, attention_mask=attention_mask)[0]
     hidden = hidden.clone().requires_grad_()  # [B, S, H]: the gradient says which positions are trained
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
     o = CONFIGS[key]
-    s = E.student_logp(h, student.lm_head.weight, E.student_ids(cache, o), chunk_size=4)
+    s = E.gather_logprobs(h, student.lm_head.weight, E.student_ids(cache, o), chunk_size=4)
     loss = E.compute_loss(s, cache, o)[0]
     trained = grad_of(loss, hidden).norm(dim=-1) > 0  # [B, S]
     expected = torch.zeros_like(trained)
@@ -554,7 +561,7 @@ def pg_case(log_s, log_b, adv, log_prox=None, mask=None):
 
 
 def run_pg(s, cache, o, name="reverse_kl_pg", key="token_ids"):
-    per_token, metrics = E.ESTIMATORS[name]({key: s}, cache, o)
+    per_token, metrics = E.ESTIMATORS[name].fn({key: s}, cache, o)
     loss = E.aggregate(per_token, cache["loss_mask"], cache["cu_seqlens"])
     return per_token.detach(), grad_of(loss, s), metrics
 
@@ -663,7 +670,7 @@ def test_chunked_gather_equals_naive(chunk, temperature):
            "mc_ids": torch.randint(0, 5, (N, 9), generator=g),  # duplicates
            "teacher_topk_ids": torch.randint(0, V, (N, 4), generator=g)}
     coef = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in ids.items()}
-    got = E.student_logp(hidden, weight, ids, temperature=temperature, chunk_size=chunk)
+    got = E.gather_logprobs(hidden, weight, ids, temperature=temperature, chunk_size=chunk)
     ref = naive_logp(hidden, weight, ids, temperature)
     for k in ids:
         assert got[k].shape == ids[k].shape
@@ -683,7 +690,7 @@ def test_chunked_gather_through_an_estimator_equals_naive():
     _, cache = make_case(0, lengths=(4, 5), V=V, masked=(3,))
     for o in (CONFIGS["mc_clip"], CONFIGS["fwd_topk_tail"]):
         fields = E.student_ids(cache, o)
-        losses = [E.compute_loss(s, cache, o)[0] for s in (E.student_logp(hidden, weight, fields, chunk_size=2),
+        losses = [E.compute_loss(s, cache, o)[0] for s in (E.gather_logprobs(hidden, weight, fields, chunk_size=2),
                                                            naive_logp(hidden, weight, fields))]
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
         grads = [torch.autograd.grad(loss, (hidden, weight)) for loss in losses]
@@ -700,7 +707,7 @@ def test_chunked_gather_at_qwen_vocabulary():
     ids = {"teacher_topk_ids": torch.randint(0, V, (N, 64), generator=g),
            "mc_ids": torch.randint(0, 50, (N, 64), generator=g)}
     coef = {k: torch.randn(v.shape, generator=g) for k, v in ids.items()}
-    got = E.student_logp(hidden, weight, ids, chunk_size=2)
+    got = E.gather_logprobs(hidden, weight, ids, chunk_size=2)
     ref = naive_logp(hidden, weight, ids)
     for k in ids:
         torch.testing.assert_close(got[k].double(), ref[k], rtol=1e-5, atol=2e-5)
@@ -718,7 +725,7 @@ def test_chunked_gather_bf16_computes_in_float32():
     hidden = torch.randn(6, 16, generator=g).bfloat16().requires_grad_()
     weight = torch.randn(500, 16, generator=g).bfloat16().requires_grad_()
     ids = {"token_ids": torch.randint(0, 500, (6,), generator=g)}
-    got = E.student_logp(hidden, weight, ids, chunk_size=4)["token_ids"]
+    got = E.gather_logprobs(hidden, weight, ids, chunk_size=4)["token_ids"]
     assert got.dtype == torch.float32
     ref = naive_logp(hidden.detach(), weight.detach(), ids)["token_ids"]  # float64 on the same bf16 values
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
@@ -729,11 +736,11 @@ def test_chunked_gather_bf16_computes_in_float32():
 def test_student_logp_refuses_bad_input():
     hidden, weight = torch.randn(3, 4), torch.randn(10, 4)
     with pytest.raises(ValueError, match="outside"):
-        E.student_logp(hidden, weight, {"token_ids": torch.tensor([0, 1, 10])})
+        E.gather_logprobs(hidden, weight, {"token_ids": torch.tensor([0, 1, 10])})
     with pytest.raises(ValueError, match="int64"):
-        E.student_logp(hidden, weight, {"token_ids": torch.tensor([0, 1])})
+        E.gather_logprobs(hidden, weight, {"token_ids": torch.tensor([0, 1])})
     with pytest.raises(ValueError, match="dense"):
-        E.student_logp(torch.randn(1, 4), torch.randn(E.MAX_DENSE_VOCAB + 1, 4), {"dense": None})
+        E.gather_logprobs(torch.randn(1, 4), torch.randn(E.MAX_DENSE_VOCAB + 1, 4), {"dense": None})
 
 
 # ----------------------------------------------------------------------------- options and fields
@@ -777,15 +784,17 @@ def test_declared_fields_are_exactly_what_the_estimator_reads(key):
 
 
 def test_declarations_follow_the_cache_contract():
-    """Every declared name is a teacher_cache field; the teacher role declares only fields score() can add
+    """Every declared name is a batch_format field; the teacher role declares only fields score() can add
     (TEACHER_FIELDS), the rollout and learner roles none of them; a teacher field scored at rollout ids (GATHERED)
     comes with those ids; every id field is written by a role of the same declaration; the learner's proximal
     log-probs sit at id fields."""
-    assert set(E.FIELDS) == set(E.ESTIMATORS) and set(E.CORE) <= set(teacher_cache.FIELD_SPECS)
-    records = [f for entry in E.FIELDS.values() for f in (entry.values() if isinstance(entry, dict) else [entry])]
+    assert all(e.fn.__name__ == name for name, e in E.ESTIMATORS.items())
+    assert set(E.CORE) <= set(batch_format.FIELD_SPECS)
+    records = [f for e in E.ESTIMATORS.values()
+               for f in (e.fields.values() if isinstance(e.fields, dict) else [e.fields])]
     for f in records:
         for role, names in (("rollout", f.rollout + f.behavior), ("teacher", f.teacher), ("learner", f.proximal)):
-            assert set(names) <= set(teacher_cache.FIELD_SPECS), (f, role)
+            assert set(names) <= set(batch_format.FIELD_SPECS), (f, role)
             assert all((name in teacher_cache.TEACHER_FIELDS) == (role == "teacher") for name in names), (f, role)
         gathered = set(f.teacher) & set(teacher_cache.GATHERED)
         assert all(teacher_cache.GATHERED[name] in f.rollout for name in gathered), f
@@ -795,7 +804,6 @@ def test_declarations_follow_the_cache_contract():
 
 @pytest.fixture(scope="module")
 def roles():
-    import rollout
     engine = rollout.make_engine(tiny_qwen(0), kind="hf", eos_token_id=EOS, pad_token_id=0, max_new_tokens=4)
     return engine, tiny_qwen(1)
 
@@ -812,10 +820,10 @@ def test_each_role_computes_what_needs_says(key, roles):
     batch = teacher_cache.score(teacher, traj, need.teacher, o.teacher_topk, o.samples,
                                 torch.Generator().manual_seed(1))
     assert set(batch) - set(traj) == need.teacher
-    input_ids, attention_mask, rows = teacher_cache.pad_batch(batch)
+    input_ids, attention_mask, rows = batch_format.pad_batch(batch)
     with torch.no_grad():
         h = engine.model.model(input_ids=input_ids, attention_mask=attention_mask)[0].reshape(-1, 32)[rows]
-        s = E.student_logp(h, engine.model.lm_head.weight, E.student_ids(batch, o))
+        s = E.gather_logprobs(h, engine.model.lm_head.weight, E.student_ids(batch, o))
     batch |= {field: s[ids] for ids, field in need.proximal.items()}  # as train_on_batch: the student before the step
     assert E.required_fields(o) <= set(batch)
     assert torch.isfinite(E.compute_loss(s, batch, o)[0])
@@ -828,3 +836,52 @@ def test_default_options_are_the_recommended_surrogate():
         == ("reverse_kl_mc", "theta", True, 0.0, "token_mean")
     assert E.required_fields(o) \
         == {"token_ids", "loss_mask", "cu_seqlens", "mc_ids", "mc_teacher_logp", "mc_behavior_logp"}
+
+
+def test_every_estimator_has_a_test_config_and_a_reference():
+    """An estimator declared without an entry in CONFIGS (and so without its float64 reference) fails here."""
+    assert {o.name for o in CONFIGS.values()} == set(E.ESTIMATORS)
+    z, cache = make_case(0)
+    with pytest.raises(ValueError, match="no float64 reference for estimator made_up"):
+        reference(E.LossOptions(name="made_up"), z, cache)
+
+
+@pytest.fixture()
+def toy_estimator():
+    """An estimator added the documented way (README, Adding an estimator): one declaration in estimators.py."""
+    @E.estimator(E.Fields(ids=("token_ids",), rollout=("token_ids",), teacher=("teacher_logp",)))
+    def toy_log_ratio(s, cache, opts):
+        """The sampled log-ratio s(y) - t(y) at the generated token (its gradient is grad s(y): a toy)."""
+        return s["token_ids"] - E._field(cache, "teacher_logp", s["token_ids"], opts), {}
+
+    yield E.LossOptions(name="toy_log_ratio")
+    del E.ESTIMATORS["toy_log_ratio"]
+    E.needs.cache_clear()
+
+
+def test_a_new_estimator_runs_through_every_role_from_its_declaration(toy_estimator, tiny_models):
+    """Its options validate, needs() derives each role's work from the declaration alone, and one step of
+    opd_reference (rollout, teacher, learner, the estimator, AdamW) trains with it, its loss the float64 value
+    recomputed from the definition."""
+    o = toy_estimator
+    E.validate_options(o)
+    with pytest.raises(ValueError, match="clip_eps only applies"):
+        E.validate_options(replace(o, clip_eps=0.2))  # not declared policy_gradient
+    need = E.needs(o)
+    assert (need.rollout, need.teacher, need.student_ids, need.student_topk, need.mc_samples) \
+        == ({"token_ids"}, {"teacher_logp"}, ("token_ids",), 0, 0)
+    student_dir, teacher_dir = tiny_models
+    cfg = config.load_config(None, [f"student={student_dir}", f"teacher={teacher_dir}", "batch_size=4",
+                                    "max_new_tokens=8", "loss.name=toy_log_ratio"])
+    config.check_values(cfg)
+    ln, tok = learner.build(cfg, student_dir, sharded=False), AutoTokenizer.from_pretrained(student_dir)
+    prompts = [{"ids": task.encode_prompt(tok, task.addition_prompt(k, 23), False)} for k in range(4)]
+    engine = rollout.engine_from_config(cfg, student_dir, "cpu", tok)
+    before = learner.copy_weights(ln)
+    [(loss, norm)] = opd_reference(ln, engine, teacher_cache.load_teacher(cfg), prompts, steps=1)
+    idx = schedule.unit_prompt_indices(cfg, len(prompts), 0)
+    traj = rollout.rollout_unit(cfg, engine, prompts, idx, 0)  # the step's batch again: its unit's own random stream
+    batch = teacher_cache.score_unit(cfg, teacher_cache.load_teacher(cfg), traj, 0)
+    s_y = (batch["behavior_logp"].double() - batch["teacher_logp"].double()).mean()  # b = s before the step
+    assert loss == pytest.approx(float(s_y), abs=1e-5) and norm > 0
+    assert any(not torch.equal(v, before[k]) for k, v in learner.copy_weights(ln).items())

@@ -10,10 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import asyncopd
 import config
-import coordinator
 import estimators
 import learner
+import rollout
+import teacher_cache
+from runtime import channels, checkpoint, coordinator, preflight
 from test_pipeline import records, train
 
 
@@ -37,12 +40,12 @@ def test_handoff_buffer_reaches_every_rollout_worker_and_outlives_them(tmp_path,
 
 
 def test_visible_device_maps_through_the_parents_restriction():
-    assert config.visible_device("cuda:1", None) == "1"
-    assert config.visible_device("cuda:1", "4,5,6,7") == "5"  # logical 1 of the parent is physical 5
-    assert config.visible_device("cuda", "3") == "3"
-    assert config.visible_device("cuda:0", "GPU-aa, GPU-bb") == "GPU-aa"
+    assert coordinator.visible_device("cuda:1", None) == "1"
+    assert coordinator.visible_device("cuda:1", "4,5,6,7") == "5"  # logical 1 of the parent is physical 5
+    assert coordinator.visible_device("cuda", "3") == "3"
+    assert coordinator.visible_device("cuda:0", "GPU-aa, GPU-bb") == "GPU-aa"
     with pytest.raises(ValueError, match="shows 2 GPUs"):
-        config.visible_device("cuda:2", "0,1")
+        coordinator.visible_device("cuda:2", "0,1")
 
 
 class _Recorder:
@@ -74,25 +77,24 @@ def fsdp_student(tiny_models):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)
     cfg = config.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4,
                           loss=estimators.LossOptions(name="reverse_kl_pg"))
-    student, opt, device = learner.build_learner(cfg, 0, 1, cfg.student)
-    yield cfg, student
+    yield cfg, learner.build(cfg, cfg.student)
     dist.destroy_process_group()
 
 
 def test_publish_copies_in_the_buffer_dtype_then_syncs_then_announces(fsdp_student, monkeypatch):
-    cfg, student = fsdp_student
+    cfg, ln = fsdp_student
     with torch.no_grad():
-        for p in student.parameters():
+        for p in ln.student.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # values that bf16 rounds
     log = []
     recorder = _Recorder(log)
-    ch = SimpleNamespace(lock=recorder, version=recorder)
-    monkeypatch.setattr(learner, "sync_devices", lambda *d: log.append("sync"))
+    ch = SimpleNamespace(lock=recorder, version=recorder, stop=threading.Event())
+    monkeypatch.setattr(asyncopd, "sync_devices", lambda *d: log.append("sync"))
     cfg.mixed_precision = True
     buffer = learner.weight_buffer(cfg.student, config.training_dtype(cfg))
-    learner.publish_weights(ch, student, buffer, 7, rank=0)
+    asyncopd.publish(ch, ln, buffer, 7)
     assert log == ["acquire", "sync", "version 7", "release"]
-    full = learner.full_state_dict(student)
+    full = checkpoint.full_state_dict(ln.student)
     assert set(buffer) == set(full)  # HF names, every entry
     for k, v in full.items():
         assert buffer[k].dtype == torch.bfloat16 and torch.equal(buffer[k], v.to(torch.bfloat16)), k
@@ -101,7 +103,7 @@ def test_publish_copies_in_the_buffer_dtype_then_syncs_then_announces(fsdp_stude
 def test_handoff_owner_waits_for_every_release_but_not_forever_once_stopping():
     ch = SimpleNamespace(released=SimpleNamespace(value=0), stop=threading.Event())
     done = threading.Event()
-    t = threading.Thread(target=lambda: (learner.hold_until_released(ch, 2), done.set()))
+    t = threading.Thread(target=lambda: (channels.hold_until_released(ch, 2), done.set()))
     t.start()
     ch.released.value = 1
     assert not done.wait(0.3)  # one of two workers still holds a handle
@@ -109,7 +111,7 @@ def test_handoff_owner_waits_for_every_release_but_not_forever_once_stopping():
     assert done.wait(2)
     ch.released.value, t0 = 0, __import__("time").time()
     ch.stop.set()  # a crashed worker never releases: the stopping owner gives up after its grace period
-    learner.hold_until_released(ch, 2, grace_s=0.2)
+    channels.hold_until_released(ch, 2, grace_s=0.2)
     assert __import__("time").time() - t0 < 2
 
 
@@ -120,22 +122,22 @@ def test_transport_and_dtypes_are_resolved_before_start(tmp_path, tiny_models):
     assert config.resolve_transport(cfg) == "handoff" and config.training_dtype(cfg) == torch.bfloat16
     cfg.engine = "vllm"  # a vLLM child sees only its own GPU: host shared memory
     assert config.resolve_transport(cfg) == "shared"
-    assert config.teacher_dtype(config.Config(teacher_device="cuda:4")) == torch.bfloat16
-    assert config.teacher_dtype(config.Config()) == torch.float32
-    assert config.teacher_dtype(config.Config(teacher_dtype="bfloat16")) == torch.bfloat16
+    assert teacher_cache.scoring_dtype(config.Config(teacher_device="cuda:4")) == torch.bfloat16
+    assert teacher_cache.scoring_dtype(config.Config()) == torch.float32
+    assert teacher_cache.scoring_dtype(config.Config(teacher_dtype="bfloat16")) == torch.bfloat16
     student, teacher = tiny_models
     base = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}"]
     for extra, msg in [(["teacher_dtype=fp16"], "teacher_dtype='fp16'"),
                        (["weight_transport=ipc"], "weight_transport='ipc'"),
                        (["engine=vllm", "weight_transport=handoff"], "handoff needs engine=hf")]:
         with pytest.raises(ValueError, match=msg):
-            config.validate(config.load_config(None, base + extra))
+            preflight.check_inputs(config.load_config(None, base + extra))
 
 
 def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
     """`bash run.sh gpu-check` cannot run here; its plan can: every run it would make is a valid config that
     names only visible GPUs, covers every GPU path, and NCCL gets distinct GPUs."""
-    import gpu_check
+    from tools import gpu_check
     for n in range(1, 9):
         runs = gpu_check.plan(n, with_vllm=True)
         assert len(runs) == 10 and {s for _, s, _ in runs} == {"sync", "async"}
@@ -159,13 +161,12 @@ def test_vllm_settings_refused_before_any_process_starts(tmp_path, tiny_models):
     student, teacher = tiny_models
     base = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}", "engine=vllm"]
     with pytest.raises(ValueError, match="runs on a GPU"):
-        config.validate(config.load_config(None, base))
-    import rollout
+        preflight.check_inputs(config.load_config(None, base))
     for kw, msg in [(dict(temperature=3.0), "0.01 <= temperature <= 2"),
                     (dict(temperature=0.005), "0.01 <= temperature"),
                     (dict(top_p=0.9), "top_p=0.9")]:
         with pytest.raises(ValueError, match=msg):
-            rollout.engine_supports("vllm", {"mc_ids"}, **{"mc_samples": 8, "devices": ["cuda:0"], **kw})
+            rollout.check_engine("vllm", {"mc_ids"}, **{"mc_samples": 8, "devices": ["cuda:0"], **kw})
     out = subprocess.run([sys.executable, "asyncopd.py", "train", *base, "progress=false"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "engine 'vllm' runs on a GPU" in out.stderr
@@ -187,13 +188,13 @@ def test_publish_gathers_a_tied_embedding_once_and_fills_both_names(tmp_path, mo
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)
     try:
         cfg = config.Config(student=str(tmp_path), batch_size=4)
-        student, _, _ = learner.build_learner(cfg, 0, 1, cfg.student)
+        ln = learner.build(cfg, cfg.student)
         gathers = []
         real = DTensor.full_tensor
         monkeypatch.setattr(DTensor, "full_tensor", lambda self, **kw: gathers.append(self.shape) or real(self, **kw))
         buffer = learner.weight_buffer(cfg.student, torch.float32)
-        learner.publish_weights(SimpleNamespace(lock=_Recorder([]), version=_Recorder([])), student, buffer, 1, rank=0)
-        full = learner.full_state_dict(student)
+        learner.publish_weights(ln, buffer)
+        full = checkpoint.full_state_dict(ln.student)
         assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(buffer) and set(buffer) == set(full)
         assert all(torch.equal(buffer[k], v) for k, v in full.items())
         assert len(gathers) == len(buffer) - 1  # the tied pair: one all-gather

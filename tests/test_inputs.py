@@ -1,6 +1,6 @@
 """Hostile input (issue #11): every case is refused before any process starts, in one line naming the key or
-file and the fix. Most cases go through validate(load_config(...)) in-process; a few through the real command
-line (exit code 2, one stderr line, no traceback, no run folder)."""
+file and the fix. Most cases go through preflight.check_inputs(load_config(...)) in-process; a few through the real
+command line (exit code 2, one stderr line, no traceback, no run folder)."""
 import errno
 import json
 import multiprocessing
@@ -14,10 +14,10 @@ import pytest
 
 import asyncopd
 import config
-import coordinator
-import offline
 import task
 from conftest import ROOT, make_model_dir
+from optional import offline
+from runtime import coordinator, preflight
 
 VALID = ["eval_size=8", "max_new_tokens=12", "max_prompt_len=100", "batch_size=4", "progress=false", "run_name=r"]
 
@@ -198,7 +198,7 @@ def overrides(env, args):
 def test_hostile_input_is_refused_in_one_line(env, case, config_file, args, says):
     before = sorted(os.listdir(env["runs"]))
     with pytest.raises(ValueError) as e:
-        config.validate(config.load_config(config_file and fill(env, config_file), overrides(env, args)))
+        preflight.check_inputs(config.load_config(config_file and fill(env, config_file), overrides(env, args)))
     message = str(e.value)
     assert all(fill(env, part) in message for part in says.split(" ... ")) and "\n" not in message, message
     assert sorted(os.listdir(env["runs"])) == before and not multiprocessing.active_children()
@@ -206,8 +206,8 @@ def test_hostile_input_is_refused_in_one_line(env, case, config_file, args, says
 
 def test_the_valid_baseline_passes(env):
     """The table's cases differ from this accepted config only by what they name."""
-    config.validate(config.load_config(None, overrides(env, [])))
-    config.validate(config.load_config(None, overrides(env, ["data=<ok.jsonl>", "student=<astudent>",
+    preflight.check_inputs(config.load_config(None, overrides(env, [])))
+    preflight.check_inputs(config.load_config(None, overrides(env, ["data=<ok.jsonl>", "student=<astudent>",
                                                                  "teacher=<ateacher>"])))
 
 
@@ -236,7 +236,7 @@ def test_make_run_dir_never_shares_a_folder(tmp_path):
 def test_precompute_refuses_a_bad_cache_dir_and_reports_a_full_disk(env, monkeypatch, capsys):
     base = overrides(env, ["precompute_prompts=4", "chunk_prompts=4", "eval_size=0"])
     with pytest.raises(ValueError, match=r"cache_dir=.*afile is a file, not a folder"):
-        offline.precompute(config.load_config(None, base + [f"cache_dir={env['afile']}"]))
+        preflight.check_inputs(config.load_config(None, base + [f"cache_dir={env['afile']}"]), precompute=True)
 
     def full(*_, **__):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{env['d']}/cache/chunk_00000.safetensors")

@@ -1,4 +1,4 @@
-"""lab.py: the controlled-staleness loop generates every batch with exactly the intended weights, and the
+"""tools/lab.py: the controlled-staleness loop generates every batch with exactly the intended weights, and the
 --quick report (shipped models) is complete, finite, and its cache statistics behave as the theory says."""
 import os
 import re
@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-import asyncopd
-import lab
 import learner
 import task
+import teacher_cache
 from conftest import ROOT
+from tools import lab
 
 
 def test_batch_j_is_generated_by_exactly_version_max0_j_minus_S(tiny_models, monkeypatch):
@@ -23,17 +23,17 @@ def test_batch_j_is_generated_by_exactly_version_max0_j_minus_S(tiny_models, mon
     from transformers import AutoModelForCausalLM
     student_dir, teacher_dir = tiny_models
     tok = task.build_tokenizer()
-    train = task.load_prompts("addition", "train", 64)
+    train = task.read_prompts("addition", "train", 64)
     for r in train:
         r["ids"] = task.encode_prompt(tok, r["prompt"], False)
     args = argparse.Namespace(student=student_dir, teacher=teacher_dir, out="")
-    state = dict(p=dict(lab.QUICK, batch=4, lr=0.05), tok=tok, pad=tok.pad_token_id, args=args, train=train,
+    state = dict(p=dict(lab.QUICK, batch=4, lr=0.05), tok=tok, args=args, train=train,
                  evals=train[:4], teacher=AutoModelForCausalLM.from_pretrained(teacher_dir).eval())
     published, batches = [], []
-    copy_weights, score_unit = learner.copy_weights, asyncopd.score_unit
-    monkeypatch.setattr(learner, "copy_weights", lambda m: published.append(copy_weights(m)) or published[-1])
-    monkeypatch.setattr(asyncopd, "score_unit", lambda cfg, t, traj, j, pad: batches.append((j, traj)) or
-                        score_unit(cfg, t, traj, j, pad))
+    copy_weights, score_unit = learner.copy_weights, teacher_cache.score_unit
+    monkeypatch.setattr(learner, "copy_weights", lambda ln: published.append(copy_weights(ln)) or published[-1])
+    monkeypatch.setattr(teacher_cache, "score_unit", lambda cfg, t, traj, j: batches.append((j, traj)) or
+                        score_unit(cfg, t, traj, j))
     S, steps = 2, 6
     lab.train_student(state, lab.LossOptions(name="reverse_kl_mc", samples=3), S, 0, steps)
     assert [j for j, _ in batches] == list(range(steps)) and len(published) >= steps + 1
@@ -42,18 +42,18 @@ def test_batch_j_is_generated_by_exactly_version_max0_j_minus_S(tiny_models, mon
         v = max(0, j - S)
         assert (batch["policy_version"] == v).all(), (j, batch["policy_version"].unique())
         model.load_state_dict(published[v])
-        b = lab.forward(model, batch, tok.pad_token_id)[1].gather(1, batch["token_ids"][:, None])[:, 0]
+        b = lab.forward(model, batch)[1].gather(1, batch["token_ids"][:, None])[:, 0]
         torch.testing.assert_close(b.float(), batch["behavior_logp"], atol=1e-5, rtol=0)
         if v != j:  # the current weights would give other log-probs: the check can tell versions apart
             model.load_state_dict(published[j])
-            other = lab.forward(model, batch, tok.pad_token_id)[1].gather(1, batch["token_ids"][:, None])[:, 0]
+            other = lab.forward(model, batch)[1].gather(1, batch["token_ids"][:, None])[:, 0]
             assert (other.float() - batch["behavior_logp"]).abs().max() > 1e-4
 
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("lab")
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "lab.py"), "all", "--quick", "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "tools.lab", "all", "--quick", "--out", str(out)],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     return out
@@ -69,7 +69,7 @@ def table(text):
 def test_quick_report_complete_and_finite(quick_report):
     report = open(quick_report / "REPORT.md").read()
     for name, title in lab.PARTS.items():
-        assert f"## {title}" in report and "Command: `python lab.py all --quick" in report
+        assert f"## {title}" in report and "Command: `python -m tools.lab all --quick" in report
         assert os.path.getsize(quick_report / f"{name}.png") > 1000, name
         rows = table(open(quick_report / f"{name}.md").read())
         assert rows, f"{name} has no table rows"

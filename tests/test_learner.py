@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import batch_format
 import config
-import coordinator
 import estimators
 import learner
 import teacher_cache
+from runtime import channels, checkpoint, coordinator
 
 # (prompt, response) lengths; with mini_batches=2 mini-batch 0 is sequences 0, 2, 4, 6 and 1 is 1, 3, 5, 7
 LENGTHS = [(3, 9), (5, 2), (2, 7), (6, 6), (4, 1), (2, 10), (3, 3), (5, 8)]
@@ -49,26 +50,25 @@ def make_cfg(student_dir, **kw):
                            schedule="sync", max_staleness=1, **kw)
 
 
-def step_grads(cfg, student, opt, batch, rank=0, world=1):
+def step_grads(ln, batch):
     """Full gradients of every mini-batch of one train_on_batch call, captured just before each opt.step."""
-    grads, step = [], opt.step
+    grads, step = [], ln.opt.step
 
     def capture(*args, **kwargs):
         grads.append([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
-                      for p in student.parameters()])
+                      for p in ln.student.parameters()])
         return step(*args, **kwargs)
 
-    opt.step = capture
+    ln.opt.step = capture
     try:
-        stats = learner.train_on_batch(cfg, student, opt, batch, 0, rank, world, torch.device("cpu"), 0)
+        stats = learner.train_on_batch(ln, batch, 0)
     finally:
-        del opt.step
+        del ln.opt.step
     return grads, stats
 
 
 def fresh_grads(cfg, batch):
-    student, opt, _ = learner.build_learner(cfg, 0, 1, cfg.student, dtype=torch.float64)
-    return step_grads(cfg, student, opt, batch)
+    return step_grads(learner.build(cfg, cfg.student, dtype=torch.float64), batch)
 
 
 def assert_same(a, b, atol, bitwise=False):
@@ -114,8 +114,7 @@ def test_checkpointing_and_micro_batches_give_the_plain_gradient(group, tiny_mod
     cfg = make_cfg(tiny_models[0], aggregation=aggregation, micro_batch_tokens=13)
     shard = learner.plan_batch(cfg, batch, 0, 1)[0]
     shard["count"] = [[c + 1 for c in counts] for counts in shard["count"]]
-    student, opt, _ = learner.build_learner(cfg, 0, 1, cfg.student, dtype=torch.float64)
-    wrong, _ = step_grads(cfg, student, opt, shard)
+    wrong, _ = step_grads(learner.build(cfg, cfg.student, dtype=torch.float64), shard)
     assert max(float((x - y).abs().max()) for x, y in zip(wrong[0], plain[0], strict=True)) > 1e-6
 
 
@@ -140,12 +139,12 @@ def test_plan_batch_shards_counts_and_fillers(vocab):
     shards = learner.plan_batch(cfg, batch, 0, 2)
     seen = []
     for r, shard in enumerate(shards):
-        index = shard["cache"]["prompt_index"].tolist()
+        index = shard["batch"]["prompt_index"].tolist()
         assert index == sorted(index, key=lambda i: (i % 2, -sum(lengths[i]), i))  # mini-batch 0 first, longest first
         # mini-batch i = i, i+2, ...; every 2nd to a rank
         assert set(index) == {i for i in range(8) if (i // 2) % 2 == r}
         seen += index
-        assert int(shard["cache"]["cu_seqlens"][-1]) == sum(lengths[i][1] for i in index)  # only its rows
+        assert int(shard["batch"]["cu_seqlens"][-1]) == sum(lengths[i][1] for i in index)  # only its rows
     assert sorted(seen) == list(range(8))
     for i in range(2):
         assert len(shards[0]["plan"][i]) == len(shards[1]["plan"][i])
@@ -163,20 +162,20 @@ def test_state_dict_names_stay_hf_with_checkpointing(group, tiny_models, tmp_pat
     """Weights and checkpoints leave the learner under the Hugging Face names, loadable as is."""
     from transformers import AutoModelForCausalLM
     cfg = make_cfg(tiny_models[0], activation_checkpointing=True)
-    student, opt, _ = learner.build_learner(cfg, 0, 1, cfg.student)
-    assert any("_checkpoint_wrapped_module" in n for n, _ in student.named_parameters())  # really wrapped
+    ln = learner.build(cfg, cfg.student)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in ln.student.named_parameters())  # really wrapped
     hf = AutoModelForCausalLM.from_pretrained(cfg.student).state_dict()
-    sd = learner.full_state_dict(student)
+    sd = checkpoint.full_state_dict(ln.student)
     assert set(sd) == set(hf)
     assert all(torch.equal(sd[k], hf[k]) for k in hf)
-    path = learner.save_checkpoint(cfg, student, opt, 1, cfg.student, str(tmp_path), 0)
+    path = checkpoint.save(ln, 1, cfg.student, str(tmp_path))
     from safetensors.torch import load_file
     assert set(load_file(os.path.join(path, "model.safetensors"))) <= set(hf)
     _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     osd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)["optimizer"]
     assert not [k for k in osd["state"] if "_checkpoint_wrapped_module" in k]
-    learner.load_optimizer(student, opt, path, 0)  # and resumes into the wrapped model
+    checkpoint.load_optimizer(ln, path)  # and resumes into the wrapped model
 
 
 def test_get_shard_stop_marker_and_timeout():
@@ -184,16 +183,15 @@ def test_get_shard_stop_marker_and_timeout():
     named error if after a stop nothing comes within dist_timeout_s."""
     spawn = mp.get_context("spawn")
     ch = SimpleNamespace(stop=spawn.Event(), shard_qs=[None, spawn.Queue(2)])
-    cfg = config.Config(dist_timeout_s=1)
     ch.shard_qs[1].put({"plan": "x"})
     ch.shard_qs[1].put(None)
     ch.stop.set()
-    assert learner.get_shard(ch, cfg, 1) == {"plan": "x"}
-    assert learner.get_shard(ch, cfg, 1) is None
+    assert channels.get_shard(ch, 1, 1) == {"plan": "x"}
+    assert channels.get_shard(ch, 1, 1) is None
     t0 = time.time()
     with pytest.raises(RuntimeError,
                        match="learner rank 1: no batch or stop marker from rank 0 within dist_timeout_s=1"):
-        learner.get_shard(ch, cfg, 1)
+        channels.get_shard(ch, 1, 1)
     assert time.time() - t0 < 5
 
 
@@ -202,22 +200,22 @@ def _rank(rank, port, cfg, batch, q, stop, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        student, opt, device = learner.build_learner(cfg, rank, 2, cfg.student, dtype=torch.float64)
+        ln = learner.build(cfg, cfg.student, rank, 2, dtype=torch.float64)
         ch = SimpleNamespace(stop=stop, shard_qs=[None, q])
         if rank == 0:
             shards = learner.plan_batch(cfg, batch, 0, 2)
             q.put(shards[1])
             shard = shards[0]
         else:
-            shard = learner.get_shard(ch, cfg, 1)
-        grads, stats = step_grads(cfg, student, opt, shard, rank, 2)
+            shard = channels.get_shard(ch, 1, cfg.dist_timeout_s)
+        grads, stats = step_grads(ln, shard)
         if rank == 0:
             stop.set()  # as on Ctrl-C: rank 1 is polling, not in a collective, and ends on the marker
             q.put(None)
             ended = True
         else:
-            ended = learner.get_shard(ch, cfg, 1) is None
-        torch.save({"grads": grads, "stats": stats, "index": shard["cache"]["prompt_index"].tolist(),
+            ended = channels.get_shard(ch, 1, cfg.dist_timeout_s) is None
+        torch.save({"grads": grads, "stats": stats, "index": shard["batch"]["prompt_index"].tolist(),
                     "plan": shard["plan"], "ended": ended}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -228,7 +226,6 @@ def test_get_treats_a_vanished_sender_as_the_stop_only_once_stopping(error):
     """Rebuilding a shared-memory tensor connects to its sender; one that exited on the stop fails that handshake
     (refused, reset, or closed mid-handshake: EOFError). While stopping, channels.get returns None; otherwise the
     error is raised."""
-    import channels
 
     class Vanished:
         def get(self, timeout):
@@ -262,7 +259,7 @@ def test_world_size_2_micro_batches_match_world_size_1(group, tiny_models, vocab
                        start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r1["ended"]
-    assert r1["index"] == shards[1]["cache"]["prompt_index"].tolist() and r1["plan"] == shards[1]["plan"]
+    assert r1["index"] == shards[1]["batch"]["prompt_index"].tolist() and r1["plan"] == shards[1]["plan"]
     assert not set(r1["index"]) & set(r0["index"])  # rank 1 never saw rank 0's sequences
     assert_same(r0["grads"], plain, 1e-12)
     assert_same(r1["grads"], plain, 1e-12)
@@ -281,7 +278,7 @@ def test_teacher_sub_batches_equal_one_forward(tiny_models):
                                              chunk_size=5, batch_tokens=budget)
     one = run(0)
     for budget in (1, 13, 25):
-        assert len(teacher_cache.split_by_tokens(traj, budget)) > 1
+        assert len(batch_format.split_by_tokens(traj, budget)) > 1
         sub = run(budget)
         assert set(sub) == set(one)
         for k in one:
@@ -293,10 +290,10 @@ def test_teacher_sub_batches_equal_one_forward(tiny_models):
 
 def test_split_by_tokens(vocab):
     batch = synthetic_batch(vocab, [(2, 3), (1, 1), (4, 6), (2, 2)], masked={})  # lengths 5, 2, 10, 4
-    assert teacher_cache.split_by_tokens(batch, 0) == [[0, 1, 2, 3]]
-    assert teacher_cache.split_by_tokens(batch, 9) == [[2], [0], [3, 1]]  # 10 alone (over budget), 2x5 > 9, 2x4 <= 9
-    assert teacher_cache.split_by_tokens(batch, 20) == [[2, 0], [3, 1]]
-    assert teacher_cache.split_by_tokens(batch, 100, [3, 1]) == [[3, 1]]
+    assert batch_format.split_by_tokens(batch, 0) == [[0, 1, 2, 3]]
+    assert batch_format.split_by_tokens(batch, 9) == [[2], [0], [3, 1]]  # 10 alone (over budget), 2x5 > 9, 2x4 <= 9
+    assert batch_format.split_by_tokens(batch, 20) == [[2, 0], [3, 1]]
+    assert batch_format.split_by_tokens(batch, 100, [3, 1]) == [[3, 1]]
 
 
 def test_bad_budgets_are_refused(tiny_models, tmp_path):

@@ -9,14 +9,16 @@ import sys
 import pytest
 import torch
 
+import batch_format
 import config
 import estimators
-import offline
 import rollout
 import schedule
 import task
 import teacher_cache
 from conftest import ROOT, make_model_dir
+from optional import offline
+from runtime import preflight
 
 # 16 prompts in 4 chunks of 4; batch_size=4 and steps=4 make one epoch over the cache
 PRE = ["precompute_prompts=16", "chunk_prompts=4", "max_new_tokens=12", "eval_size=0", "threads=1", "progress=false",
@@ -31,7 +33,7 @@ def cli(cmd, student, teacher, *args, timeout=180):
 
 
 def sft_student(src, dst, teacher_fp):
-    """Copy of a student whose asyncopd_sft.json names `teacher_fp` as its SFT teacher (as sft.py writes)."""
+    """Copy of a student whose asyncopd_sft.json names `teacher_fp` as its SFT teacher (as tools/sft.py writes)."""
     shutil.copytree(src, dst)
     if teacher_fp is not None:
         with open(os.path.join(dst, "asyncopd_sft.json"), "w") as f:
@@ -57,6 +59,12 @@ def cache_dir(models):
     return str(root / "cache")
 
 
+def precompute(cfg):
+    """`asyncopd.py precompute` in-process: the inputs checked, then the cache written."""
+    tok, train, _ = preflight.check_inputs(cfg, precompute=True)
+    return offline.precompute(cfg, tok, train)
+
+
 def make_config(student, teacher, args, **kw):
     return config.load_config(None, [f"student={student}", f"teacher={teacher}", *args]
                                 + [f"{k}={v}" for k, v in kw.items()])
@@ -71,7 +79,7 @@ def logp_at_tokens(model_dir, cache):
     """log softmax(model) at the cached response tokens, float64, by a plain padded forward."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    input_ids, attention_mask, rows = teacher_cache.pad_batch(cache, pad_token_id=0)
+    input_ids, attention_mask, rows = batch_format.pad_batch(cache)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[rows], dim=-1)
@@ -106,7 +114,7 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
     if ratio:  # no rollout role evaluates: the coordinator grades the start and the end
         from transformers import AutoModelForCausalLM, AutoTokenizer
         final = task.evaluate(AutoModelForCausalLM.from_pretrained(os.path.join(run, "ckpt_00004")),
-                              AutoTokenizer.from_pretrained(student), task.load_prompts("addition", "test", 8),
+                              AutoTokenizer.from_pretrained(student), task.read_prompts("addition", "test", 8),
                               max_new_tokens=12)
         assert [(r["step"], r["accuracy"]) for r in records(run, "eval")][1:] == [(4, final)]
         assert records(run, "eval")[0]["step"] == 0 and "student accuracy after" in out.stdout
@@ -114,7 +122,7 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
     else:
         assert all(r["ratio_mean"] == 1.0 for r in steps)
         first = schedule.unit_prompt_indices(config.Config(batch_size=4, rollout_batch_size=4, seed=3), 16, 0)
-        gap = teacher_cache.select_sequences(dict(cache, teacher_logp=(s0 - t).float()), first)["teacher_logp"]
+        gap = batch_format.select_sequences(dict(cache, teacher_logp=(s0 - t).float()), first)["teacher_logp"]
         assert abs(steps[0]["loss"] - float(gap.mean())) < 1e-5  # value s - t on step 1's sequences
 
 
@@ -123,10 +131,10 @@ def online_scores(cfg, chunk_prompts, n_chunks):
     """What the rollout and teacher roles produce for unit c (same per-unit generators), unit = chunk."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(cfg.student)
-    prompts = task.load_prompts("addition", "train", chunk_prompts * n_chunks)
+    prompts = task.read_prompts("addition", "train", chunk_prompts * n_chunks)
     engine = rollout.make_engine(cfg.student, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    teacher = config.load_teacher(cfg)  # as the teacher role loads it
+    teacher = teacher_cache.load_teacher(cfg)  # as the teacher role loads it
     need = estimators.needs(cfg.loss)
     out = []
     for c in range(n_chunks):
@@ -135,8 +143,7 @@ def online_scores(cfg, chunk_prompts, n_chunks):
                                need.student_topk, need.mc_samples, schedule.unit_generator(cfg, c, 1))
         teacher_fields = need.teacher | {"teacher_logp"}  # as teacher_role
         out.append(teacher_cache.score(teacher, traj, teacher_fields, cfg.loss.teacher_topk,
-                                       cfg.loss.samples, generator=schedule.unit_generator(cfg, c, 2),
-                                       pad_token_id=tok.pad_token_id))
+                                       cfg.loss.samples, generator=schedule.unit_generator(cfg, c, 2)))
     return out
 
 
@@ -152,7 +159,7 @@ def test_cache_round_trips_exactly(models, cache_dir, tmp_path, loss, dtype):
         directory, args = cache_dir, PRE + ["teacher_dtype=auto"]
     else:
         directory = str(tmp_path / "cache")
-        offline.precompute(make_config(student, teacher, args, cache_dir=directory))
+        precompute(make_config(student, teacher, args, cache_dir=directory))
     cfg = make_config(student, teacher, args)
     online = online_scores(cfg, 4, 4)
     needed = estimators.required_fields(cfg.loss) - {"cu_seqlens"}
@@ -162,9 +169,9 @@ def test_cache_round_trips_exactly(models, cache_dir, tmp_path, loss, dtype):
         for k in want:
             assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (c, k)
         assert meta["teacher_fingerprint"] == offline.fingerprint(teacher) and meta["chunk_index"] == c
-        assert meta["teacher_dtype"] == str(config.teacher_dtype(cfg))
+        assert meta["teacher_dtype"] == str(teacher_cache.scoring_dtype(cfg))
     whole, meta = offline.load_dir(directory)
-    for k, v in teacher_cache.concat(online).items():
+    for k, v in batch_format.concat(online).items():
         assert torch.equal(whole[k], v), k
     assert meta["num_chunks"] == 4 and whole["prompt_index"].tolist() == list(range(16))
 
@@ -175,7 +182,7 @@ def test_interrupted_precompute_resumes_without_recomputing(models, cache_dir, t
     untouched (same mtime), 2-3 are computed, and every file equals the uninterrupted run's."""
     student, teacher, _ = models
     directory = str(tmp_path / "cache")
-    cfg = lambda: make_config(student, teacher, PRE, cache_dir=directory)  # noqa: E731 - precompute edits cfg
+    cfg = lambda: make_config(student, teacher, PRE, cache_dir=directory)  # noqa: E731 - checks fill in cfg
     real_save, calls = offline.save_file, []
 
     def crash_on_third(tensors, path, metadata=None):
@@ -188,14 +195,14 @@ def test_interrupted_precompute_resumes_without_recomputing(models, cache_dir, t
 
     monkeypatch.setattr(offline, "save_file", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        offline.precompute(cfg())
+        precompute(cfg())
     monkeypatch.setattr(offline, "save_file", real_save)
     assert offline.finished_chunks(directory) == {0, 1}
     assert any(".tmp-" in n for n in os.listdir(directory))
     assert "holds 8 of the 16 sequences" in refused(student, teacher, directory)  # unfinished: not trainable
     mtimes = {n: os.stat(os.path.join(directory, n)).st_mtime_ns
               for n in os.listdir(directory) if n.startswith("chunk_0000")}
-    message = offline.precompute(cfg())
+    message = precompute(cfg())
     assert "2 chunks computed" in message and "2 reused" in message
     for n, t in mtimes.items():
         if ".tmp-" not in n:
@@ -205,15 +212,15 @@ def test_interrupted_precompute_resumes_without_recomputing(models, cache_dir, t
     for n in names:
         with open(os.path.join(directory, n), "rb") as a, open(os.path.join(cache_dir, n), "rb") as b:
             assert a.read() == b.read(), n
-    assert "0 chunks computed" in offline.precompute(cfg())  # finished: nothing to do
+    assert "0 chunks computed" in precompute(cfg())  # finished: nothing to do
     with pytest.raises(ValueError, match="holds chunks of another precompute .seed 3 there, 4 now"):
-        offline.precompute(make_config(student, teacher, PRE, cache_dir=directory, seed=4))
+        precompute(make_config(student, teacher, PRE, cache_dir=directory, seed=4))
 
 
 # ----------------------------------------------------------------------------- (d) guards
 def refused(student, teacher, cache, **kw):
     with pytest.raises(ValueError) as e:
-        config.validate(make_config(student, teacher, TRAIN, cache_dir=cache, **kw))
+        preflight.check_inputs(make_config(student, teacher, TRAIN, cache_dir=cache, **kw))
     return str(e.value)
 
 
@@ -224,9 +231,9 @@ def test_teacher_consistency_guard(models, cache_dir, tiny_models, tmp_path):
     msg = refused(other, teacher, cache_dir)
     assert "teacher consistency" in msg and fp in msg and "0123456789abcdef" in msg and "allow_teacher_mismatch" in msg
     # the ablation
-    config.validate(make_config(other, teacher, TRAIN, cache_dir=cache_dir, allow_teacher_mismatch="true"))
+    preflight.check_inputs(make_config(other, teacher, TRAIN, cache_dir=cache_dir, allow_teacher_mismatch="true"))
     assert "no asyncopd_sft.json" in refused(tiny_models[0], teacher, cache_dir)  # a student sft.py did not make
-    config.validate(make_config(student, teacher, TRAIN, cache_dir=cache_dir))  # the consistent pair passes
+    preflight.check_inputs(make_config(student, teacher, TRAIN, cache_dir=cache_dir))  # the consistent pair passes
     # and on the command line: one line, exit code 2, no run started
     out = cli("train", other, teacher, *TRAIN, f"cache_dir={cache_dir}", f"out_dir={tmp_path}/runs")
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]

@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 
 import asyncopd
 import config
-import coordinator
 import estimators
 import learner
 import rollout
 import schedule
 import teacher_cache
 from conftest import ROOT, make_model_dir
+from runtime import coordinator, preflight
 
 TINY = ["eval_size=8", "eval_every=2", "max_new_tokens=12", "batch_size=4", "threads=1", "progress=false",
         "loss.teacher_topk=4", "loss.student_topk=4", "loss.samples=4", "lr=0.01"]
@@ -117,8 +117,7 @@ def fsdp_student(tiny_models):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{coordinator.free_port()}", rank=0, world_size=1)
     cfg = config.Config(student=tiny_models[0], teacher=tiny_models[1], batch_size=4, lr=0.01, max_new_tokens=10,
                           loss=estimators.LossOptions(name="reverse_kl_mc", samples=4))
-    student, opt, device = learner.build_learner(cfg, 0, 1, cfg.student)
-    yield cfg, student, opt, device
+    yield cfg, learner.build(cfg, cfg.student)
     dist.destroy_process_group()
 
 
@@ -133,36 +132,35 @@ def test_weight_sync_behaviour_equals_learner_logp(fsdp_student):
     """After a step and a publish, the rollout's b for its new samples equals the learner's
     log-probs under the published weights (same version), and b from before differs."""
     from transformers import AutoModelForCausalLM
-    cfg, student, opt, device = fsdp_student
+    cfg, ln = fsdp_student
     engine = rollout.make_engine(cfg.student, eos_token_id=1, pad_token_id=0, max_new_tokens=10)
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher)
     batch = scored_batch(cfg, engine, teacher, 0)
-    learner.train_on_batch(cfg, student, opt, batch, 0, 0, 1, device, 0)
+    learner.train_on_batch(ln, batch, 0)
     buffer = learner.weight_buffer(cfg.student, torch.float32)
-    for k, v in learner.full_state_dict(student).items():
-        buffer[k].copy_(v)
+    learner.publish_weights(ln, buffer)
     engine.load_weights(buffer, 1)
     fresh = scored_batch(cfg, engine, teacher, 1, seed=5)
     with torch.no_grad():
-        s = learner.student_logps(student, fresh, cfg, 0, device)
+        s = learner.current_logprobs(ln, fresh)
     torch.testing.assert_close(s["token_ids"], fresh["behavior_logp"], atol=1e-5, rtol=0)
     torch.testing.assert_close(s["mc_ids"], fresh["mc_behavior_logp"], atol=1e-5, rtol=0)
     with torch.no_grad():
-        old = learner.student_logps(student, batch, cfg, 0, device)
+        old = learner.current_logprobs(ln, batch)
     assert (old["token_ids"] - batch["behavior_logp"]).abs().max() > 1e-4  # the step changed the policy
 
 
 def test_learner_refuses_stale_tokens_and_nonfinite_loss(fsdp_student):
     from transformers import AutoModelForCausalLM
-    cfg, student, opt, device = fsdp_student
+    cfg, ln = fsdp_student
     engine = rollout.make_engine(cfg.student, eos_token_id=1, pad_token_id=0, max_new_tokens=6)
     batch = scored_batch(cfg, engine, AutoModelForCausalLM.from_pretrained(cfg.teacher), 0)
     cfg.schedule, cfg.max_staleness = "async", 2
     with pytest.raises(RuntimeError, match="staleness bound violated at step 3"):
-        learner.train_on_batch(cfg, student, opt, batch, 3, 0, 1, device, 0)
+        learner.train_on_batch(ln, batch, 3)
     batch["mc_teacher_logp"][2, 1] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite loss .* at step 0, mini-batch 0"):
-        learner.train_on_batch(cfg, student, opt, batch, 0, 0, 1, device, 0)
+        learner.train_on_batch(ln, batch, 0)
 
 
 def test_fsdp_world_size_2_matches_world_size_1_and_resume_matches(tmp_path, tiny_models):
@@ -242,7 +240,7 @@ def bad(tiny_models, tmp_path, **kw):
     overrides = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}"]
     overrides += [f"{k}={v}" for k, v in kw.items()]
     with pytest.raises(ValueError) as e:
-        config.validate(config.load_config(None, overrides))
+        preflight.check_inputs(config.load_config(None, overrides))
     return str(e.value)
 
 
@@ -293,25 +291,23 @@ def test_reference_loop_equals_the_pipeline_in_sync(tmp_path, tiny_models, loss)
     """asyncopd.opd_reference (plain model, one process) and the pipeline with schedule=sync (three processes,
     FSDP learner) give the same loss and gradient norm at both steps, and the same weights after them."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
     out = train(tmp_path, tiny_models, "schedule=sync", "steps=2", "run_name=r", "eval_size=0", *loss)
     assert out.returncode == 0, out.stderr[-3000:]
     steps = records(only_run(tmp_path, "r"))
     student_dir, teacher_dir = tiny_models
     cfg = config.load_config(None, [f"student={student_dir}", f"teacher={teacher_dir}", *TINY, "eval_size=0", *loss])
-    tok, prompts, _ = config.validate(cfg, run=False)
-    student = learner.StudentForLoss(AutoModelForCausalLM.from_pretrained(student_dir), cfg)
+    tok, prompts, _ = preflight.check_inputs(cfg)
+    ln = learner.build(cfg, student_dir, sharded=False)
     engine = rollout.engine_from_config(cfg, student_dir, "cpu", tok)
     threads = torch.get_num_threads()  # the pipeline's roles run with cfg.threads; reductions then sum alike
     torch.set_num_threads(cfg.threads)
     try:
-        history = asyncopd.opd_reference(cfg, student, learner.make_optimizer(cfg, student), engine,
-                                         config.load_teacher(cfg), prompts, tok.pad_token_id, steps=2)
+        history = asyncopd.opd_reference(ln, engine, teacher_cache.load_teacher(cfg), prompts, steps=2)
     finally:
         torch.set_num_threads(threads)
     for (loss_value, norm), rec in zip(history, steps, strict=True):
         assert loss_value == pytest.approx(rec["loss"], rel=1e-5, abs=1e-6)
         assert norm == pytest.approx(rec["grad_norm"], rel=1e-5)
     saved = load_file(os.path.join(only_run(tmp_path, "r"), "ckpt_00002", "model.safetensors"))
-    for name, value in learner.copy_weights(student).items():
+    for name, value in learner.copy_weights(ln).items():
         torch.testing.assert_close(saved[name], value, rtol=0, atol=1e-6)

@@ -237,26 +237,26 @@ def test_bad_input_errors(model):
 def test_engine_supports(monkeypatch):
     """Settings checks run in the parent before any process starts, without importing vllm."""
     import importlib.metadata
-    rollout.engine_supports("hf", {"token_ids", "mc_ids", "mc_behavior_logp", "student_topk_ids"},
+    rollout.check_engine("hf", {"token_ids", "mc_ids", "mc_behavior_logp", "student_topk_ids"},
                             16, 5.0, 0.5, ["cpu"])
     ok = dict(mc_samples=16, temperature=1.0, top_p=1.0, devices=["cuda:0"])
-    rollout.engine_supports("vllm", {"token_ids", "mc_ids", "mc_behavior_logp"}, **ok)
+    rollout.check_engine("vllm", {"token_ids", "mc_ids", "mc_behavior_logp"}, **ok)
     for bad, match in ((dict(devices=["cuda:0", "cpu"]), "GPU"), (dict(temperature=0.005), "temperature"),
                        (dict(temperature=2.5), "temperature"), (dict(top_p=0.9), "top_p=1")):
         with pytest.raises(ValueError, match=match):
-            rollout.engine_supports("vllm", {"mc_ids"}, **{**ok, **bad})
-    rollout.engine_supports("vllm", {"token_ids"}, **{**ok, "top_p": 0.9})  # no MC: top-p is fine
-    rollout.engine_supports("vllm", {"mc_ids"}, **{**ok, "top_p": 0.9, "mc_samples": 1})  # generated token only
+            rollout.check_engine("vllm", {"mc_ids"}, **{**ok, **bad})
+    rollout.check_engine("vllm", {"token_ids"}, **{**ok, "top_p": 0.9})  # no MC: top-p is fine
+    rollout.check_engine("vllm", {"mc_ids"}, **{**ok, "top_p": 0.9, "mc_samples": 1})  # generated token only
     with pytest.raises(ValueError, match="unknown rollout engine"):
-        rollout.engine_supports("tgi", {"token_ids"})
+        rollout.check_engine("tgi", {"token_ids"})
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.32.0")
     with pytest.raises(ValueError, match="0.33.0"):
-        rollout.engine_supports("vllm", {"token_ids"}, **ok)
+        rollout.check_engine("vllm", {"token_ids"}, **ok)
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
     monkeypatch.setattr(importlib.metadata, "version", missing)
     with pytest.raises(ValueError, match="requirements-gpu.txt"):
-        rollout.engine_supports("vllm", {"token_ids"}, **ok)
+        rollout.check_engine("vllm", {"token_ids"}, **ok)
     with pytest.raises(ValueError, match="requirements-gpu.txt"):
         rollout.make_engine("/nonexistent", kind="vllm", device="cuda", eos_token_id=EOS)

@@ -2,8 +2,6 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-import math_task
 import task
+from optional import math_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER, STUDENT = os.path.join(ROOT, "models", "teacher"), os.path.join(ROOT, "models", "student")
@@ -74,19 +72,19 @@ def test_addition_checker():
 
 
 def test_splits_disjoint_and_deterministic():
-    train = task.load_prompts("addition", "train", 5000)
-    test = task.load_prompts("addition", "test", 1000)
+    train = task.read_prompts("addition", "train", 5000)
+    test = task.read_prompts("addition", "test", 1000)
     assert len({r["prompt"] for r in train}) == 5000 and len({r["prompt"] for r in test}) == 1000
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
-    assert task.load_prompts("addition", "test", 1000) == test
-    assert task.load_prompts("addition", "test", 10) == test[:10]   # a smaller limit is a prefix
+    assert task.read_prompts("addition", "test", 1000) == test
+    assert task.read_prompts("addition", "test", 10) == test[:10]   # a smaller limit is a prefix
     assert all(r["checker"] == "addition" and int(r["answer"]) == sum(map(int, r["prompt"][:-1].split("+")))
                for r in train[:100])
     # the held-out share is about 10% of all problems (binomial, 10k draws: sd 0.003)
     share = sum(task.is_heldout(a, b) for a in range(100) for b in range(100)) / 10000
     assert 0.085 < share < 0.115
     with pytest.raises(ValueError, match="unknown split"):
-        task.load_prompts("addition", "validation", 5)
+        task.read_prompts("addition", "validation", 5)
 
 
 @pytest.mark.parametrize("response, answer, ok", [
@@ -116,57 +114,49 @@ def test_math_checker(response, answer, ok):
 
 
 def test_last_boxed_nested():
-    assert math_task.last_boxed("a \\boxed{\\{1, \\frac{2}{3}\\}} b") == "\\{1, \\frac{2}{3}\\}"
-    assert math_task.last_boxed("no box") is None
-
-
-def test_addition_never_loads_math_task():
-    """The default run's line budget counts what it imports: real-data support is loaded only on use."""
-    code = "\n".join(["import sys", "import task", "rows = task.load_prompts('addition', 'test', 5)",
-                      "assert all(task.check(r['checker'], '>' + r['answer'], r['answer']) for r in rows)",
-                      "assert 'math_task' not in sys.modules, 'task imported math_task for the addition task'"])
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    assert math_data.last_boxed("a \\boxed{\\{1, \\frac{2}{3}\\}} b") == "\\{1, \\frac{2}{3}\\}"
+    assert math_data.last_boxed("no box") is None
 
 
 def test_load_prompts_files(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(ValueError, match="nope.jsonl not found"):
-        task.load_prompts(str(missing), "train")
+        task.read_prompts(str(missing), "train")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty.jsonl has no rows"):
-        task.load_prompts(str(empty), "train")
+        task.read_prompts(str(empty), "train")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "hi"}) + "\n")
     with pytest.raises(ValueError, match="needs prompt"):
-        task.load_prompts(str(bad), "train")
+        task.read_prompts(str(bad), "train")
     with pytest.raises(ValueError, match=".jsonl or .parquet"):
         (tmp_path / "x.csv").write_text("a,b\n")
-        task.load_prompts(str(tmp_path / "x.csv"), "train")
+        task.read_prompts(str(tmp_path / "x.csv"), "train")
 
     rows = [{"question": "What is 6*7?", "answer": "6*7 = 42\n#### 42"},
             {"question": "Half of 3? Put it in \\boxed{}.", "answer": "#### 1.5"}]
     (tmp_path / "gsm_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = task.load_prompts(str(tmp_path / "gsm_{split}.jsonl"), "test")
+    got = task.read_prompts(str(tmp_path / "gsm_{split}.jsonl"), "test")
     assert [r["checker"] for r in got] == ["math", "math"]
-    assert got[0]["prompt"] == "What is 6*7?" + math_task.MATH_INSTRUCTION
+    assert got[0]["prompt"] == "What is 6*7?" + math_data.MATH_INSTRUCTION
     assert got[1]["prompt"] == rows[1]["question"]               # already asks for \boxed{}
     assert task.check("math", "\\boxed{42}", got[0]["answer"]) and task.check("math", "\\boxed{3/2}", got[1]["answer"])
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm.parquet")
-    assert task.load_prompts(str(tmp_path / "gsm.parquet"), "train", limit=1) == got[:1]
+    assert task.read_prompts(str(tmp_path / "gsm.parquet"), "train", limit=1) == got[:1]
     pq.write_table(pa.Table.from_pylist(rows).slice(0, 0), tmp_path / "none.parquet")
     with pytest.raises(ValueError, match="none.parquet has no rows"):
-        task.load_prompts(str(tmp_path / "none.parquet"), "train")
+        task.read_prompts(str(tmp_path / "none.parquet"), "train")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
 def test_hf_source_without_datasets():
     with pytest.raises(ValueError, match="pip install datasets"):
-        task.load_prompts("hf:openai/gsm8k:main", "test")
+        task.read_prompts("hf:openai/gsm8k:main", "test")
 
 
 def test_shipped_models():
-    from offline import fingerprint  # the same hash the pipeline's teacher guard uses
+    from optional.offline import fingerprint  # the same hash the pipeline's teacher guard uses
     models = {}
     for d in (TEACHER, STUDENT):
         assert os.path.getsize(os.path.join(d, "model.safetensors")) <= 10 * 2**20
@@ -184,4 +174,4 @@ def test_shipped_models():
     # the teacher really solves held-out problems greedily (it scored >= 0.95 on 500)
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(TEACHER)
-    assert task.evaluate(models[TEACHER], tok, task.load_prompts("addition", "test", 40)) >= 0.9
+    assert task.evaluate(models[TEACHER], tok, task.read_prompts("addition", "test", 40)) >= 0.9

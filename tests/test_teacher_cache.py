@@ -1,17 +1,16 @@
-"""Tests for teacher_cache.py: the shift, teacher scoring against float64 references, validation,
-slicing, the disk format and the multiprocessing round-trip. CPU, tiny random Qwen2, no downloads."""
+"""Tests for teacher_cache.py and batch_format.py: the shift, teacher scoring against float64 references,
+validation, slicing, the disk format and the multiprocessing round-trip. CPU, tiny random Qwen2, no downloads."""
 import copy
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import offline
-import teacher_cache as tc  # noqa: E402
+import batch_format as bf
+import teacher_cache as tc
+from optional import offline
 
 V, KS, M = 40, 5, 6
 PROMPT_LENS, RESP_LENS = [3, 1, 5, 2], [4, 6, 1, 3]  # ragged: right padding is exercised
@@ -72,18 +71,18 @@ ALL = {"teacher_logp", "teacher_topk_ids", "teacher_topk_logp", "student_topk_te
 
 # ----------------------------------------------------------------------------- the shift
 def test_response_positions_hand_made():
-    b, pos = tc.response_positions(torch.tensor([3, 1, 2]), torch.tensor([2, 3, 1]))
+    b, pos = bf.response_positions(torch.tensor([3, 1, 2]), torch.tensor([2, 3, 1]))
     assert b.tolist() == [0, 0, 1, 1, 1, 2]
     assert pos.tolist() == [2, 3, 0, 1, 2, 1]  # P_i + r - 1
     with pytest.raises(ValueError, match="prompt needs >= 1 token"):
-        tc.response_positions(torch.tensor([0]), torch.tensor([2]))
+        bf.response_positions(torch.tensor([0]), torch.tensor([2]))
 
 
 def test_pad_batch_rows_point_at_the_scoring_position():
     EOS = 39
     traj = {"prompt_ids": torch.tensor([5, 6, 7, 8, 9, 11]), "prompt_cu_seqlens": torch.tensor([0, 3, 4, 6]),
             "cu_seqlens": torch.tensor([0, 2, 5, 6]), "token_ids": torch.tensor([20, EOS, 21, 22, EOS, 23])}
-    input_ids, mask, rows = tc.pad_batch(traj, pad_token_id=0)
+    input_ids, mask, rows = bf.pad_batch(traj)
     assert input_ids.tolist() == [[5, 6, 7, 20, EOS], [8, 21, 22, EOS, 0], [9, 11, 23, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
     S = 5
@@ -125,7 +124,7 @@ def test_shifted_positions_give_different_values(teacher):
     out = tc.score(teacher, traj, {"teacher_dense_logp"})
     shifted = reference_logp(teacher, traj, shift=1)
     assert (out["teacher_dense_logp"].double() - shifted).abs().amax(1).min() > 1e-2  # every row is off
-    input_ids, mask, rows = tc.pad_batch(traj)
+    input_ids, mask, rows = bf.pad_batch(traj)
     with torch.no_grad():
         h = teacher.model(input_ids=input_ids, attention_mask=mask)[0].reshape(-1, 32)
         wrong = torch.log_softmax(teacher.lm_head(h[rows + 1]).float(), -1)
@@ -181,7 +180,7 @@ def scored_like(traj, K=4, Mt=3):
 
 
 def test_validate_accepts_a_good_cache():
-    tc.validate(scored_like(make_traj()), vocab_size=V, where="x")
+    bf.validate_batch(scored_like(make_traj()), vocab_size=V, where="x")
 
 
 def _break(name, fn):
@@ -226,16 +225,16 @@ def _set(idx, value):
         "missing"])
 def test_validate_rejects(cache_fn, message):
     with pytest.raises(ValueError, match=message):
-        tc.validate(cache_fn(), vocab_size=V, where="here")
+        bf.validate_batch(cache_fn(), vocab_size=V, where="here")
 
 
 def test_validate_allows_neg_inf_only_for_topp_behaviour_on_student_support():
     c = make_traj()
     c["student_topk_behavior_logp"][0, -1] = float("-inf")  # outside the top-p nucleus
-    tc.validate(c, vocab_size=V)
+    bf.validate_batch(c, vocab_size=V)
     c["mc_behavior_logp"][0, -1] = float("-inf")  # but a sampled id can never have b = 0
     with pytest.raises(ValueError, match="mc_behavior_logp"):
-        tc.validate(c, vocab_size=V)
+        bf.validate_batch(c, vocab_size=V)
 
 
 def test_bytes_per_token_formula():
@@ -243,7 +242,7 @@ def test_bytes_per_token_formula():
     c = scored_like(make_traj(), K=K, Mt=Mt)
     N, B, sum_P = sum(RESP_LENS), len(RESP_LENS), sum(PROMPT_LENS)
     per_token = 25 + 12 * K + 16 * KS + 16 * M + 12 * Mt
-    assert tc.bytes_per_token(c) == pytest.approx(per_token + (8 * sum_P + 25 * B + 16) / N)
+    assert bf.bytes_per_token(c) == pytest.approx(per_token + (8 * sum_P + 25 * B + 16) / N)
 
 
 # ----------------------------------------------------------------------------- slicing
@@ -255,24 +254,24 @@ def assert_equal_cache(a, b):
 
 def test_select_sequences_and_concat_round_trip():
     c = scored_like(make_traj())
-    parts = [tc.select_sequences(c, [0, 1]), tc.select_sequences(c, [2]), tc.select_sequences(c, [3])]
-    assert_equal_cache(tc.concat(parts), c)
-    rev = tc.select_sequences(c, [3, 2, 1, 0])
-    tc.validate(rev, vocab_size=V)
-    assert_equal_cache(tc.select_sequences(rev, [3, 2, 1, 0]), c)
-    one = tc.select_sequences(c, [2])  # the content of one sequence, rebuilt from the packed layout
+    parts = [bf.select_sequences(c, [0, 1]), bf.select_sequences(c, [2]), bf.select_sequences(c, [3])]
+    assert_equal_cache(bf.concat(parts), c)
+    rev = bf.select_sequences(c, [3, 2, 1, 0])
+    bf.validate_batch(rev, vocab_size=V)
+    assert_equal_cache(bf.select_sequences(rev, [3, 2, 1, 0]), c)
+    one = bf.select_sequences(c, [2])  # the content of one sequence, rebuilt from the packed layout
     assert torch.equal(one["token_ids"], c["token_ids"][c["cu_seqlens"][2]:c["cu_seqlens"][3]])
     assert torch.equal(one["prompt_ids"], c["prompt_ids"][c["prompt_cu_seqlens"][2]:c["prompt_cu_seqlens"][3]])
     assert one["cu_seqlens"].tolist() == [0, RESP_LENS[2]] and one["prompt_index"].tolist() == [12]
-    empty = tc.select_sequences(c, [])
-    tc.validate(empty, vocab_size=V)
-    assert_equal_cache(tc.concat([empty, c]), c)
+    empty = bf.select_sequences(c, [])
+    bf.validate_batch(empty, vocab_size=V)
+    assert_equal_cache(bf.concat([empty, c]), c)
     with pytest.raises(ValueError, match="indices must lie in"):
-        tc.select_sequences(c, [4])
-    with pytest.raises(ValueError, match="concat: cache 1 has fields"):
-        tc.concat([c, make_traj()])
-    with pytest.raises(ValueError, match="field 'mc_ids' of cache 1"):
-        tc.concat([c, dict(c, mc_ids=c["mc_ids"][:, :2])])
+        bf.select_sequences(c, [4])
+    with pytest.raises(ValueError, match="concat: batch 1 has fields"):
+        bf.concat([c, make_traj()])
+    with pytest.raises(ValueError, match="field 'mc_ids' of batch 1"):
+        bf.concat([c, dict(c, mc_ids=c["mc_ids"][:, :2])])
 
 
 # ----------------------------------------------------------------------------- disk format
@@ -312,7 +311,7 @@ def test_truncated_or_corrupt_file_is_refused_with_its_path(tmp_path):
 
 def test_chunk_dir_load_equals_concat_and_ignores_tmp_files(tmp_path):
     c = scored_like(make_traj())
-    parts = [tc.select_sequences(c, [0]), tc.select_sequences(c, [1, 2]), tc.select_sequences(c, [3])]
+    parts = [bf.select_sequences(c, [0]), bf.select_sequences(c, [1, 2]), bf.select_sequences(c, [3])]
     assert offline.finished_chunks(tmp_path / "none") == set()
     for i, (p, first) in enumerate(zip(parts, [0, 1, 3], strict=True)):
         offline.write_chunk(tmp_path, i, p, META, first)
@@ -326,14 +325,14 @@ def test_chunk_dir_load_equals_concat_and_ignores_tmp_files(tmp_path):
 
 def test_chunk_dir_refuses_mismatched_meta_and_gaps(tmp_path):
     c = scored_like(make_traj())
-    offline.write_chunk(tmp_path, 0, tc.select_sequences(c, [0, 1]), META, 0)
-    offline.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), dict(META, teacher_fingerprint="cccc"), 2)
+    offline.write_chunk(tmp_path, 0, bf.select_sequences(c, [0, 1]), META, 0)
+    offline.write_chunk(tmp_path, 1, bf.select_sequences(c, [2, 3]), dict(META, teacher_fingerprint="cccc"), 2)
     with pytest.raises(ValueError, match="chunk_00001.safetensors: meta 'teacher_fingerprint' = 'cccc' "
                                          "but .*chunk_00000.safetensors has 'aaaa'"):
         offline.load_dir(tmp_path)
-    offline.write_chunk(tmp_path, 1, tc.select_sequences(c, [2, 3]), META, 2)
+    offline.write_chunk(tmp_path, 1, bf.select_sequences(c, [2, 3]), META, 2)
     offline.load_dir(tmp_path)  # rewriting the chunk with the right meta fixes it
-    offline.write_chunk(tmp_path, 3, tc.select_sequences(c, [0]), META, 4)
+    offline.write_chunk(tmp_path, 3, bf.select_sequences(c, [0]), META, 4)
     with pytest.raises(ValueError, match=r"chunks \[2\] are missing"):
         offline.load_dir(tmp_path)
     with pytest.raises(ValueError, match="no chunk_"):
@@ -343,7 +342,7 @@ def test_chunk_dir_refuses_mismatched_meta_and_gaps(tmp_path):
 # ----------------------------------------------------------------------------- transport
 def _echo_child(q_in, q_out):
     cache = q_in.get()
-    q_out.put((cache, tc.bytes_per_token(cache)))
+    q_out.put((cache, bf.bytes_per_token(cache)))
     q_in.get()  # stay alive until the parent has read the shared-memory tensors
 
 
@@ -363,7 +362,7 @@ def test_cache_crosses_a_spawn_multiprocessing_queue(tmp_path):
             back = {k: v.clone() for k, v in back.items()}
             q_in.put("done")
             assert_equal_cache(back, c)
-            assert nbytes == tc.bytes_per_token(c)
+            assert nbytes == bf.bytes_per_token(c)
             if sent is c:
                 child.join(timeout=60)
                 child = ctx.Process(target=_echo_child, args=(q_in, q_out))
@@ -429,7 +428,7 @@ def test_flipped_logprob_exponent_is_refused_with_its_path(tmp_path):
     _flip_bit(path, "teacher_logp", 2, 3, 0)  # exponent bit 1: t times 4 or 1/4
     raw = load_file(path)
     assert raw["teacher_logp"][2] != c["teacher_logp"][2]
-    tc.validate(raw, vocab_size=V)  # still a plausible cache
+    bf.validate_batch(raw, vocab_size=V)  # still a plausible cache
     with pytest.raises(ValueError, match=f"{path}: sha256 mismatch"):
         offline.load(path)
     from safetensors.torch import save_file
@@ -443,7 +442,7 @@ def test_flipped_logprob_exponent_is_refused_with_its_path(tmp_path):
 def test_copied_swapped_or_duplicated_chunks_are_refused_with_the_path(tmp_path):
     c = scored_like(make_traj())
     for i, seqs in enumerate([[0], [1, 2], [3]]):
-        offline.write_chunk(tmp_path / "good", i, tc.select_sequences(c, seqs), META, seqs[0])
+        offline.write_chunk(tmp_path / "good", i, bf.select_sequences(c, seqs), META, seqs[0])
     chunk = [tmp_path / "good" / f"chunk_{i:05d}.safetensors" for i in range(3)]
 
     def refused(edit):

@@ -16,8 +16,8 @@ from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcessor, LogitsProcRequestState
 
 import rollout
-import vllm_engine
-from vllm_engine import MC_KEY, MCDrawProcessor
+from optional import vllm_engine
+from optional.vllm_engine import MC_KEY, MCDrawProcessor
 
 EOS = 1
 

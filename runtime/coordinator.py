@@ -1,6 +1,6 @@
 """The coordinator's machinery: how a child process starts and reports, the watch loop that notices a failed,
 hung or signalled role, and the run's outputs (run folder, metrics.jsonl, trace.json, plots.png, summary table).
-asyncopd.run() uses it; nothing here knows about OPD.
+asyncopd.train() uses it; nothing here knows about OPD, and you need not read it to learn OPD.
 """
 import dataclasses
 import json
@@ -15,16 +15,17 @@ import time
 import traceback
 
 import torch
+import torch.multiprocessing as mp
 import yaml
+from tqdm import tqdm
 
-import channels
-import childguard
+from runtime import channels, childguard
 
 
 def child_main(role, fn, ch, *args):
     """Entry of every child: die with the coordinator, turn SIGTERM/SIGINT into a clean stop of the whole run,
     report any exception to the coordinator as (role, error, traceback)."""
-    childguard.die_with(ch.coordinator)  # again: the main module may not be asyncopd.py (bench, lab, tests), or forked
+    childguard.die_with(ch.coordinator)  # again: the main module may not be asyncopd.py (tools, tests), or forked
     os.environ.pop(childguard.COORDINATOR_ENV, None)  # a forked child did not re-import childguard, which pops it
     channels.ROLE = role  # its first beat comes with its first wait or stage: model loading is not watched
     received = []
@@ -51,6 +52,19 @@ def child_main(role, fn, ch, *args):
         sys.exit(1)
 
 
+def visible_device(device: str, parent_visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a child that must see only `device` ("cuda:N", numbered as the parent sees the GPUs):
+    the parent's own restriction (e.g. "4,5,6,7") maps N to its N-th entry."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if parent_visible is None:
+        return str(index)
+    entries = [e.strip() for e in parent_visible.split(",") if e.strip()]
+    if index >= len(entries):
+        raise ValueError(f"{device} but CUDA_VISIBLE_DEVICES={parent_visible!r} shows {len(entries)} GPUs: "
+                         "use a device index below that")
+    return entries[index]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,7 +76,6 @@ def start_children(ch, roles, run_dir, method):
     pids go to run_dir/pids.json. Children start with SIGTERM/SIGINT blocked (the mask survives fork and exec) and
     unblock them once their handlers are in place: a Ctrl-C during their start stops the run instead of printing a
     traceback per child."""
-    import torch.multiprocessing as mp
     context, procs, stop_signals = mp.get_context(method), {}, {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     os.environ[childguard.COORDINATOR_ENV] = str(os.getpid())  # read by childguard in each child, first thing
@@ -103,7 +116,6 @@ class Watch:
     """What the coordinator has seen so far: records and summary, signals, stalled roles (see watch())."""
 
     def __init__(self, cfg, run_dir, start_step):
-        from tqdm import tqdm
         # bounded: the last step record and running staleness figures, not every step (metrics.jsonl has them)
         self.summary = {"evals": [], "teacher_accuracy": None, "last_step": None, "stale": [math.inf, 0.0, 0.0, 0]}
         self.stopping, self.stalled, self.longest = [], [], 0.0  # (signal, time) received; (role, seconds silent)

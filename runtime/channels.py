@@ -1,4 +1,5 @@
-"""The channels between asyncopd's processes, and the blocking calls every role makes on them.
+"""The channels between asyncopd's processes, and the blocking calls every role makes on them. You need not read this
+to learn OPD: to the roles in asyncopd.py these calls are plain get, put and wait.
 
 How one rollout unit (rollout_batch_size prompts) travels:
 
@@ -11,6 +12,7 @@ of its data. Every blocking call here polls: it beats the caller's heartbeat and
 so no role blocks forever on a peer that died.
 """
 import ctypes
+import os
 import queue
 import threading
 import time
@@ -21,6 +23,7 @@ from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event, Lock
 
 import torch
+import torch.multiprocessing as mp
 
 ROLE = None  # this process's role name, set by coordinator.child_main: the heartbeat slot it beats in
 POLL_S = 0.1  # how long one blocking call waits between checks of `stop`
@@ -49,12 +52,9 @@ class Channels:
     threads: int  # torch CPU threads per process
 
 
-def make_channels(cfg, roles, start_version, weights, method):
+def make_channels(cfg, roles: list[str], start_version: int, weights: dict | None, method: str) -> Channels:
     """The run's channels, from the context (fork or spawn, config.start_method) its children start with.
     weights: the shared buffer or None."""
-    import os
-
-    import torch.multiprocessing as mp
     ctx = mp.get_context(method)
     return Channels(rollout_q=ctx.Queue(cfg.queue_size), teacher_q=ctx.Queue(cfg.queue_size),
                     shard_qs=[None] + [ctx.Queue(2) for _ in cfg.learner_devices[1:]], weights=weights,
@@ -141,6 +141,18 @@ def put(ch, q, item):
             pass
 
 
+@contextmanager
+def holding(ch, lock, take: bool = True):
+    """`with holding(ch, lock, take) as held:` the lock taken (if take) while the body runs; held is False where it was
+    not taken (take=False, or the run is stopping)."""
+    held = take and acquire(ch, lock)
+    try:
+        yield held
+    finally:
+        if held:
+            lock.release()
+
+
 def acquire(ch, lock):
     """Take the weights lock, beating while waiting (a stopped peer may hold it: the coordinator then names the
     peer, not us); False once the run is stopping."""
@@ -157,3 +169,33 @@ def sync_devices(*devices):
     for d in {torch.device(d) for d in devices}:
         if d.type == "cuda":
             torch.cuda.synchronize(d)
+
+
+def get_shard(ch, rank: int, timeout_s: float):
+    """Ranks >= 1: their shard of the next batch from rank 0, or None (rank 0's stop marker). After a stop,
+    rank 0's marker (or last shard) still comes, within a step, so that all ranks checkpoint together;
+    none within timeout_s (dist_timeout_s) means rank 0 is gone."""
+    stopped = None
+    while True:
+        try:
+            beat(ch)
+            return ch.shard_qs[rank].get(timeout=0.1)
+        except queue.Empty:
+            if ch.stop.is_set():
+                stopped = stopped or time.time()
+                if time.time() - stopped > timeout_s:
+                    why = f"no batch or stop marker from rank 0 within dist_timeout_s={timeout_s} s of a stop"
+                    raise RuntimeError(f"learner rank {rank}: {why}: see rank 0's error") from None
+
+
+def hold_until_released(ch, workers, grace_s=10.0):
+    """The buffer's owner stays alive until every rollout worker dropped its handle (CUDA IPC needs the producer
+    alive while consumers hold it); once the run is stopping, a crashed worker is not waited for past grace_s."""
+    deadline = None
+    while ch.released.value < workers:
+        beat(ch)
+        if ch.stop.is_set():
+            deadline = deadline or time.time() + grace_s
+            if time.time() > deadline:
+                return
+        time.sleep(0.01)

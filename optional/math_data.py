@@ -1,8 +1,8 @@
 """Real data sets: prompt files and the \\boxed{} grader.
 
-task.py loads this module only for a data source other than "addition" or a row graded by "math", so the
-default run never imports it. Rows from GSM8K, MATH, DeepMath and the like get MATH_INSTRUCTION appended
-(unless they already ask for \\boxed{}) and are graded by check_math.
+task.read_prompts reads any data source other than "addition" here, and task.check grades a "math" row here. Rows from
+GSM8K, MATH, DeepMath and the like get MATH_INSTRUCTION appended (unless they already ask for \\boxed{}) and are
+graded by check_math.
 """
 import json
 import os
@@ -14,7 +14,7 @@ MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer with
 
 # ----------------------------------------------------------------------------- prompt files
 
-def load_prompts(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
+def read_rows(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
     """Rows {"prompt", "answer", "checker": "math"} from
     - a .jsonl / .parquet path (fields prompt|question|problem and answer|final_answer|solution;
       "{split}" in the path is replaced by split),

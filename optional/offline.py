@@ -4,10 +4,10 @@ cache on disk; the learner then trains from it with no rollout or teacher proces
     python asyncopd.py precompute configs/offline.yaml      # writes cache_dir/chunk_00000.safetensors, ...
     python asyncopd.py train configs/offline.yaml           # schedule: offline
 
-The cache is teacher_cache.py's dict, chunk by chunk, each a safetensors file with a sha256 over its tensors
-and meta; a chunk is written atomically, so an interrupted precompute resumes at the first missing chunk.
-Training refuses a cache that does not fit the student (tokenizer, vocabulary, fields) or that was scored by
-a teacher other than the one that made the student's SFT data ("teacher consistency").
+The cache is batch_format.py's dict (scored by teacher_cache.py), chunk by chunk, each a safetensors file with a
+sha256 over its tensors and meta; a chunk is written atomically, so an interrupted precompute resumes at the first
+missing chunk. Training refuses a cache that does not fit the student (tokenizer, vocabulary, fields) or that was
+scored by a teacher other than the one that made the student's SFT data ("teacher consistency").
 """
 import hashlib
 import json
@@ -19,14 +19,17 @@ import time
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
-import config
-import coordinator
 import estimators
+import rollout
 import schedule
 import task
 import teacher_cache
-from teacher_cache import concat, validate, widths
+from batch_format import bytes_per_token, concat, select_sequences, validate_batch, widths
+from config import Config
+from runtime import coordinator
 
 FORMAT_VERSION = 2  # 2: a sha256 over tensors and meta, and each chunk's sequence range
 REQUIRED_META = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "student_version")
@@ -50,7 +53,7 @@ def save(cache, path, meta):
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"save: meta lacks {missing} (needed to guard offline training); add them")
-    validate(cache, vocab_size=meta["vocab_size"], where=f"save {path}")
+    validate_batch(cache, vocab_size=meta["vocab_size"], where=f"save {path}")
     meta = dict(meta, format_version=FORMAT_VERSION, fields=sorted(cache), widths=widths(cache),
                 num_tokens=int(cache["cu_seqlens"][-1]), num_sequences=cache["cu_seqlens"].numel() - 1)
     meta["sha256"] = checksum(cache, meta)  # flipped bytes in a tensor or the meta are refused on load
@@ -79,7 +82,7 @@ def load(path, mmap=True):
         raise ValueError(f"{path}: sha256 mismatch, the file was altered or damaged; delete it, rerun the precompute")
     if not mmap:
         cache = {k: v.clone() for k, v in cache.items()}
-    validate(cache, vocab_size=vocab_size, where=os.fspath(path))
+    validate_batch(cache, vocab_size=vocab_size, where=os.fspath(path))
     return cache, meta
 
 
@@ -151,12 +154,11 @@ def sft_teacher(student_dir):
         return json.load(f).get("teacher_fingerprint")
 
 
-def check_offline_cache(cfg, student_dir, tok, fields):
+def check_cache(cfg: Config, student_dir: str, tok: PreTrainedTokenizerBase, fields) -> None:
     """Lightning OPD guards: the cache exists, is intact, fits the student's tokenizer, holds the
     estimator's fields, and was scored by the teacher that made the student's SFT data."""
     if not cfg.cache_dir:
         raise ValueError("schedule=offline needs cache_dir=PATH: run `python asyncopd.py precompute` first")
-    from transformers import AutoConfig
     cache, meta = load_dir(cfg.cache_dir)
     if meta["tokenizer_fingerprint"] != teacher_cache.tokenizer_fingerprint(tok):
         raise ValueError(f"cache {cfg.cache_dir} was built with tokenizer {meta['tokenizer_fingerprint']}, the student "
@@ -174,7 +176,7 @@ def check_offline_cache(cfg, student_dir, tok, fields):
     sft = sft_teacher(student_dir)
     if sft is None and not cfg.allow_teacher_mismatch:
         raise ValueError(f"teacher consistency: {student_dir} has no asyncopd_sft.json naming its SFT teacher: SFT it "
-                         "with `python sft.py student --teacher DIR`, or allow_teacher_mismatch=true")
+                         "with `python -m tools.sft student --teacher DIR`, or allow_teacher_mismatch=true")
     if sft != meta["teacher_fingerprint"] and not cfg.allow_teacher_mismatch:
         raise ValueError(f"teacher consistency: cache {cfg.cache_dir} was scored by teacher "
                          f"{meta['teacher_fingerprint']} "
@@ -182,26 +184,15 @@ def check_offline_cache(cfg, student_dir, tok, fields):
                          "use the SFT teacher, or allow_teacher_mismatch=true for the ablation")
 
 
-def precompute(cfg):
-    """Lightning OPD, once: the (SFT) student rolls out `precompute_prompts` prompts, the teacher
-    scores them, chunk by chunk into cache_dir. Finished chunks are skipped on a rerun."""
-    from tqdm import tqdm
-
-    import rollout
-    if not cfg.cache_dir:
-        raise ValueError("precompute needs cache_dir=PATH (where the chunks go)")
-    chosen, cfg.schedule = cfg.schedule, "sync"  # validate the teacher side like an online run
-    tok, train, _ = config.validate(cfg, run=False)
-    if cfg.engine == "vllm" and cfg.rollout_devices[0] not in ("cuda", "cuda:0"):
-        raise ValueError(f"precompute with engine=vllm runs vLLM in this process, which takes the first visible GPU, "
-                         f"not {cfg.rollout_devices[0]}: set rollout_devices=[cuda:0] or CUDA_VISIBLE_DEVICES")
-    config.writable(cfg.cache_dir, "cache_dir")
+def precompute(cfg: Config, tok: PreTrainedTokenizerBase, train: list[dict]) -> str:
+    """Lightning OPD, once: the (SFT) student rolls out `precompute_prompts` prompts of `train`, the teacher scores
+    them, chunk by chunk into cache_dir. Finished chunks are skipped on a rerun. The inputs are checked first
+    (runtime/preflight.check_inputs(cfg, precompute=True)). Returns a one-line report."""
     torch.set_num_threads(cfg.threads)
-    cfg.schedule = chosen
     fields = estimators.required_fields(cfg.loss)
     engine = rollout.engine_from_config(cfg, cfg.student, cfg.rollout_devices[0], tok)
-    teacher = config.load_teacher(cfg)
-    meta = {"teacher_fingerprint": fingerprint(cfg.teacher), "teacher_dtype": str(config.teacher_dtype(cfg)),
+    teacher = teacher_cache.load_teacher(cfg)
+    meta = {"teacher_fingerprint": fingerprint(cfg.teacher), "teacher_dtype": str(teacher_cache.scoring_dtype(cfg)),
             "tokenizer_fingerprint": teacher_cache.tokenizer_fingerprint(tok), "vocab_size": teacher.config.vocab_size,
             "student_version": 0, "student_fingerprint": fingerprint(cfg.student),
             "estimator": cfg.loss.name, "seed": cfg.seed}
@@ -225,27 +216,27 @@ def precompute(cfg):
     t0 = time.time()
     for c in tqdm([c for c in chunks if c not in done], desc="precompute", disable=not cfg.progress):
         idx = list(range(c * cfg.chunk_prompts, min(n, (c + 1) * cfg.chunk_prompts)))
-        traj = schedule.rollout_unit(cfg, engine, train, idx, c, cfg.rollout_devices[0])
-        scored = schedule.score_unit(cfg, teacher, traj, c, tok.pad_token_id)  # what the teacher role sends online
+        traj = rollout.rollout_unit(cfg, engine, train, idx, c)
+        scored = teacher_cache.score_unit(cfg, teacher, traj, c)  # what the teacher role sends online
         write_chunk(cfg.cache_dir, c, scored, meta, first_sequence=idx[0])
     cache, meta = load_dir(cfg.cache_dir)
     return (f"cache {cfg.cache_dir}: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens in "
-            f"{meta['num_chunks']} chunks, {teacher_cache.bytes_per_token(cache):.0f} bytes/token "
+            f"{meta['num_chunks']} chunks, {bytes_per_token(cache):.0f} bytes/token "
             f"({len(chunks) - len(done)} chunks computed "
             f"in {time.time() - t0:.1f}s, {len(done)} reused)")
 
 
-def offline_batches(cfg, start_step):
+def offline_batches(cfg: Config, start_step: int):
     """Offline schedule: rollout units read from the precomputed disk cache, in seeded epoch order."""
     cache, _ = load_dir(cfg.cache_dir)
     n_seq = len(cache["cu_seqlens"]) - 1
     for unit in range(start_step * schedule.units_per_batch(cfg), cfg.steps * schedule.units_per_batch(cfg)):
-        yield {"unit": unit}, teacher_cache.select_sequences(cache, schedule.unit_prompt_indices(cfg, n_seq, unit))
+        yield {"unit": unit}, select_sequences(cache, schedule.unit_prompt_indices(cfg, n_seq, unit))
 
 
-def offline_evals(cfg, tok, evals, points, run_dir):
+def offline_evals(cfg: Config, tok: PreTrainedTokenizerBase, evals: list[dict], points: list[tuple[str, int]],
+                  run_dir: str) -> list[dict]:
     """Offline runs have no rollout role to evaluate: grade the (model dir, step) points after training."""
-    import rollout
     torch.set_num_threads(cfg.threads)
     recs = []
     for path, step in points:

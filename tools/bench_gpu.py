@@ -1,12 +1,13 @@
 """Benchmarks that size the GPU path (commands, not timed tests); the runs on this machine are in bench.py.
 
-    python bench_gpu.py loss [--tokens 1024,2048,4096] [--vocab 151936] [--hidden 896] [--device cpu|cuda]
-    python bench_gpu.py memory [CONFIG.yaml ...] [--tokens 256]
-    python bench_gpu.py mc-draw [--rows 1,8,32,128] [--vocab 151936] [--samples 64] [--device cpu|cuda]
+    .venv/bin/python -m tools.bench_gpu loss [--tokens 1024,2048,4096] [--vocab 151936] [--hidden 896] [--device cpu]
+    .venv/bin/python -m tools.bench_gpu memory [CONFIG.yaml ...] [--tokens 256]
+    .venv/bin/python -m tools.bench_gpu mc-draw [--rows 1,8,32,128] [--vocab 151936] [--samples 64] [--device cpu]
 
-loss: peak extra memory and time of the learner's loss path (student_logp + estimator + backward) at a Qwen-size
-vocabulary, chunked gather (estimators.student_logp) vs naive (full float32 log_softmax, then gather), each point in a
-fresh subprocess; see loss_point(). On CPU, scale tokens down and read the linear fit's extrapolation to EXTRAPOLATE.
+loss: peak extra memory and time of the learner's loss path (gather + estimator + backward) at a Qwen-size
+vocabulary, chunked gather (estimators.gather_logprobs) vs naive (full float32 log_softmax, then gather), each point
+in a fresh subprocess; see loss_point(). On CPU, scale tokens down and read the linear fit's extrapolation to
+EXTRAPOLATE.
 memory: modelled peak GPU memory of every role of each shipped GPU config against an 80 GB GPU (fits: <= 68 GB), from
 one real-size decoder layer per model measured on CPU in seconds (no downloads); see cmd_memory() and the *_terms()
 functions, one line per term. Exit status 1 if a config does not fit.
@@ -25,7 +26,8 @@ import torch
 
 import config
 import estimators as E
-from bench import cli
+from batch_format import FIELD_SPECS
+from tools.bench import ROOT, cli
 
 # loss: ids per token (M), student_logp chunk; naive is skipped above NAIVE_MAX_TOKENS (~2.3 MB/token)
 SAMPLES, CHUNK_SIZE, NAIVE_MAX_TOKENS, EXTRAPOLATE = 64, 1024, 2048, 16384
@@ -65,7 +67,7 @@ def loss_point(variant, tokens, vocab, hidden_size, device, samples=SAMPLES, chu
     opts = E.LossOptions(name="reverse_kl_mc", samples=M, chunk_size=chunk_size)
     before, start = _memory_bytes(device, start=True), time.perf_counter()
     if variant == "chunked":
-        s = E.student_logp(hidden, weight, {"mc_ids": ids}, chunk_size=chunk_size)
+        s = E.gather_logprobs(hidden, weight, {"mc_ids": ids}, chunk_size=chunk_size)
     else:  # naive: the whole float32 [N, V] log-softmax, then gather
         s = {"mc_ids": torch.log_softmax(hidden.float() @ weight.float().T, dim=-1).gather(1, ids)}
     loss, _ = E.compute_loss(s, cache, opts)
@@ -84,8 +86,8 @@ def cmd_loss(args):
     results = {}
     for variant, n in [(v, n) for v in ("chunked", "naive") for n in tokens if v == "chunked" or n <= NAIVE_MAX_TOKENS]:
         spec = dict(variant=variant, tokens=n, vocab=V, hidden_size=H, device=args.device)
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "_loss_point", json.dumps(spec)],
-                             capture_output=True, text=True)  # a fresh process: the peak is this point's alone
+        out = subprocess.run([sys.executable, "-m", "tools.bench_gpu", "_loss_point", json.dumps(spec)],  # a fresh
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))  # process: its peak
         if out.returncode != 0:
             raise RuntimeError(f"{variant} at {n} tokens failed (rc {out.returncode}): {out.stderr.strip()[-500:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -166,11 +168,10 @@ def measure_model(name, tokens=256):
 
 
 def cache_bytes_per_token(cfg):
-    """Bytes per response token of the batch's cache fields (teacher_cache.py's table) for this estimator."""
-    import teacher_cache
+    """Bytes per response token of the batch's cache fields (batch_format.py's table) for this estimator."""
     fields = E.required_fields(cfg.loss) | {"behavior_logp", "teacher_logp", "policy_version"}
     width = {"K": cfg.loss.teacher_topk, "Ks": cfg.loss.student_topk, "M": cfg.loss.samples, "Mt": cfg.loss.samples}
-    specs = [teacher_cache.FIELD_SPECS[f] for f in fields]
+    specs = [FIELD_SPECS[f] for f in fields]
     per_token = sum(s["dtype"].itemsize * (width[s["width"]] if s["width"] else 1) for s in specs if s["rows"] == "N")
     return per_token + 8  # + the prompt ids, ~1 prompt token per response token at most
 
@@ -301,7 +302,7 @@ def cmd_mc_draw(args):
     from vllm import SamplingParams
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 
-    import vllm_engine
+    from optional import vllm_engine
     torch.set_num_threads(args.threads)
     rows_list, dev = [int(r) for r in args.rows.split(",")], args.device
     n = max(rows_list)

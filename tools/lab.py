@@ -1,10 +1,11 @@
 """Staleness lab: the AsyncOPD claims (arXiv 2606.24143) at toy scale on a CPU, with plots.
 
-    python lab.py all|direction|surrogates|cache|throughput [--quick] [--out results]
+    .venv/bin/python -m tools.lab all|direction|surrogates|cache|throughput [--quick] [--out runs/lab]
 
 Each experiment writes <out>/<name>.md (table, command, run time) and <out>/<name>.png, rewriting only its own
-part; <out>/REPORT.md concatenates the parts that exist. --quick: the CI smoke (tiny budgets, 1 seed). Models: the
-shipped models/student and models/teacher on the written-addition task (17 tokens); 1 CPU thread.
+part; <out>/REPORT.md concatenates the parts that exist (the committed report: --out results/lab). --quick: the CI
+smoke (tiny budgets, 1 seed). Models: the shipped models/student and models/teacher on the written-addition task
+(17 tokens); 1 CPU thread.
   direction   forward KL (teacher top-8) vs reverse KL (MC-16, A_theta, ratio, no clip) at controlled staleness S
   surrogates  reverse_kl_mc (M = 16) surrogates at large S
   cache       bias and variance of finite-cache reverse-KL gradient estimators on the real distributions
@@ -17,7 +18,7 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
+import transformers
 
 import asyncopd
 import config
@@ -25,8 +26,9 @@ import estimators
 import learner
 import rollout
 import task
-import teacher_cache
+from batch_format import pad_batch
 from estimators import LossOptions
+from tools import bench
 
 PARTS = {"direction": "1. KL direction vs staleness", "surrogates": "2. Reverse-KL surrogates under staleness",
          "cache": "3. Finite-cache bias and variance", "throughput": "4. Throughput: sync vs step_off(2) vs async"}
@@ -45,12 +47,13 @@ def gen(seed):
 
 
 def engine_for(lab, model):
-    return rollout.make_engine(model, "hf", "cpu", 1.0, 1.0, task.MAX_NEW_TOKENS, lab["tok"].eos_token_id, lab["pad"])
+    return rollout.make_engine(model, max_new_tokens=task.MAX_NEW_TOKENS, eos_token_id=lab["tok"].eos_token_id,
+                               pad_token_id=lab["tok"].pad_token_id)
 
 
-def forward(model, traj, pad):
+def forward(model, traj):
     """Final-normed hidden states [N, H] and log_softmax [N, V], float64, at every response row of traj."""
-    input_ids, mask, rows = teacher_cache.pad_batch(traj, pad)
+    input_ids, mask, rows = pad_batch(traj)
     with torch.no_grad():
         h = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         h = h.reshape(-1, h.shape[-1])[rows]
@@ -62,7 +65,7 @@ def final_metrics(lab, engine):
     vocabulary, averaged over the tokens of responses the student samples on the held-out prompts."""
     acc, rows = task.evaluate(engine, lab["tok"], lab["evals"]), lab["evals"]
     traj = engine.generate([r["ids"] for r in rows], list(range(len(rows))), engine.policy_version, 0, 0, gen(12345))
-    s, t = forward(engine.model, traj, lab["pad"])[1], forward(lab["teacher"], traj, lab["pad"])[1]
+    s, t = forward(engine.model, traj)[1], forward(lab["teacher"], traj)[1]
     return acc, float((s.exp() * (s - t)).sum(-1).mean())
 
 
@@ -72,11 +75,9 @@ def train_student(lab, loss, staleness, seed, steps):
     p, args = lab["p"], lab["args"]
     cfg = config.Config(student=args.student, teacher=args.teacher, loss=loss, lr=p["lr"], seed=seed,
                         batch_size=p["batch"], rollout_batch_size=p["batch"], max_new_tokens=task.MAX_NEW_TOKENS)
-    student = learner.StudentForLoss(AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32), cfg)
-    engine = engine_for(lab, args.student)
-    asyncopd.opd_reference(cfg, student, learner.make_optimizer(cfg, student), engine, lab["teacher"], lab["train"],
-                           lab["pad"], steps, staleness)
-    engine.load_weights(learner.copy_weights(student), steps)
+    ln, engine = learner.build(cfg, args.student, sharded=False), engine_for(lab, args.student)
+    asyncopd.opd_reference(ln, engine, lab["teacher"], lab["train"], steps, staleness)
+    engine.load_weights(learner.copy_weights(ln), steps)
     return engine
 
 
@@ -166,7 +167,7 @@ def grads(name, z, b, t, ids=None):
                   "mc_behavior_logp": b.gather(1, ids), "mc_teacher_logp": t.gather(1, ids)}
     s_all = torch.log_softmax(z, -1)
     s = {f: (s_all if ids is None else s_all.gather(1, ids)) for f, ids in estimators.student_ids(cache, o).items()}
-    estimators.ESTIMATORS[name](s, cache, o)[0].sum().backward()
+    estimators.ESTIMATORS[name].fn(s, cache, o)[0].sum().backward()
     return z.grad
 
 
@@ -185,7 +186,7 @@ def cache(lab):
     lm_head weight of one response's token-mean loss, variance over fresh responses from b to the same prompt (MC
     column 0 = the generated token): it keeps the randomness of the states, which M does not reduce. Ratios +-
     standard error over sequences (local) or prompts (sequence). Paper, M = 64: local 1.49%, sequence level 11.2%."""
-    p, R, reps, pad, rows, curves = lab["p"], lab["p"]["reps"], lab["p"]["seq_reps"], lab["pad"], [], {}
+    p, R, reps, rows, curves = lab["p"], lab["p"]["reps"], lab["p"]["seq_reps"], [], {}
     stale = engine_for(lab, lab["args"].student)
     prompts = [r["ids"] for r in lab["evals"][:p["cache_prompts"]]]
     local = stale.generate(prompts, list(range(len(prompts))), 0, 0, 0, gen(1))
@@ -195,8 +196,8 @@ def cache(lab):
              for traj in (local, seq)]
     for k in p["cache_staleness"]:  # k on-policy steps: the same first k steps for every k (seeded per unit)
         current = train_student(lab, LossOptions(name="reverse_kl_mc", samples=16), 0, 0, k)
-        (_, b), (_, t), (_, z) = (forward(m, local, pad) for m in (stale.model, lab["teacher"], current.model))
-        (h, zs), (_, bs), (_, ts) = (forward(m, seq, pad) for m in (current.model, stale.model, lab["teacher"]))
+        (_, b), (_, t), (_, z) = (forward(m, local) for m in (stale.model, lab["teacher"], current.model))
+        (h, zs), (_, bs), (_, ts) = (forward(m, seq) for m in (current.model, stale.model, lab["teacher"]))
         g, N, drift = grads("reverse_kl_dense", z, b, t), len(z), float((b.exp() * (b - z)).sum(-1).mean())
         # name -> (R local estimates [R, N, V] at the same states, one estimate at every position of the sequences)
         est = {f"stale top-{KS} support": (grads("reverse_kl_support", z, b, t, b.topk(KS).indices)[None],
@@ -231,7 +232,6 @@ def cache(lab):
 
 def throughput(lab):
     """Paper: AsyncOPD gives 1.6x to 3.8x the throughput of strict sync (8 GPUs)."""
-    import bench
     args, keys = lab["args"], ("tokens_per_s", "speedup", "bound", "efficiency", "step_s", "gen_s", "score_s",
                                "train_s", "busy", "stale_mean")
     overrides = [f"student={args.student}", f"teacher={args.teacher}", "threads=1", *lab["p"]["tp"]]
@@ -255,19 +255,18 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=["all", *PARTS])
     parser.add_argument("--quick", action="store_true", help="CI smoke: tiny budgets, 1 seed")
-    for flag, default in (("--out", "results"), ("--student", "models/student"), ("--teacher", "models/teacher")):
+    for flag, default in (("--out", "runs/lab"), ("--student", "models/student"), ("--teacher", "models/teacher")):
         parser.add_argument(flag, default=default)
     args = parser.parse_args(argv)
     if not all(os.path.isfile(os.path.join(d, "config.json")) for d in (args.student, args.teacher)):
         raise SystemExit(f"lab: error: no model in {args.student} or {args.teacher}: "
-                         "pass --student/--teacher or run sft.py")
-    import transformers
+                         "pass --student/--teacher or train them with `python -m tools.sft`")
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.out, exist_ok=True)
     tok, p = transformers.AutoTokenizer.from_pretrained(args.student), QUICK if args.quick else FULL
-    lab = dict(p=p, tok=tok, pad=tok.pad_token_id, args=args, train=task.load_prompts("addition", "train", 5000),
-               evals=task.load_prompts("addition", "test", p["eval_size"]),
+    lab = dict(p=p, tok=tok, args=args, train=task.read_prompts("addition", "train", 5000),
+               evals=task.read_prompts("addition", "test", p["eval_size"]),
                teacher=transformers.AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval())
     for r in lab["train"] + lab["evals"]:
         r["ids"] = task.encode_prompt(tok, r["prompt"], False)
@@ -276,13 +275,13 @@ def main(argv):
         print(f"lab: {name}", flush=True)
         lines = globals()[name](lab)
         with open(os.path.join(args.out, f"{name}.md"), "w") as f:
-            f.write(f"## {PARTS[name]}\n\nCommand: `python lab.py {' '.join(argv)}` ({time.time() - t0:.0f} s, 1 CPU "
-                    f"thread)\n\n" + "\n".join(lines + ["", f"![{name}]({name}.png)"]) + "\n")
+            f.write(f"## {PARTS[name]}\n\nCommand: `python -m tools.lab {' '.join(argv)}` ({time.time() - t0:.0f} s, "
+                    f"1 CPU thread)\n\n" + "\n".join(lines + ["", f"![{name}]({name}.png)"]) + "\n")
         parts = [os.path.join(args.out, f"{n}.md") for n in PARTS]
         parts = [open(part).read() for part in parts if os.path.isfile(part)]
         with open(os.path.join(args.out, "REPORT.md"), "w") as f:
-            f.write("# asyncopd staleness lab\n\nMade by `lab.py` (see its docstring); each section names the command "
-                    "that made it.\n\n" + "\n".join(parts))
+            f.write("# asyncopd staleness lab\n\nMade by `tools/lab.py` (see its docstring); each section names the "
+                    "command that made it.\n\n" + "\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """vLLM 0.33.0 rollout engine (GPU only) and the logits processor that draws the Monte Carlo samples.
 
-Imported lazily by rollout.make_engine after it set VLLM_ENABLE_V1_MULTIPROCESSING=0 and
+Imported (lazily: it imports vllm) by rollout.make_engine after it set VLLM_ENABLE_V1_MULTIPROCESSING=0 and
 VLLM_USE_V2_MODEL_RUNNER=1. Facts used, read in the vllm 0.33.0 source (paths inside the package):
 
 - Engine core in-process: with VLLM_ENABLE_V1_MULTIPROCESSING=0 (envs.py) LLM uses InprocClient, whose
@@ -22,7 +22,7 @@ VLLM_USE_V2_MODEL_RUNNER=1. Facts used, read in the vllm 0.33.0 source (paths in
 - Row <-> token (v1/worker/gpu/input_batch.py): a logits row is the last scheduled token of its request,
   pos = num_computed + num_scheduled - 1; its token is sampled only if pos >= prefill_len - 1 (earlier
   rows are chunked-prefill chunks, get_num_sampled_and_rejected) and becomes the token at pos + 1,
-  i.e. response row r = pos - prompt_len + 1 (teacher_cache.py's shift convention).
+  i.e. response row r = pos - prompt_len + 1 (batch_format.py's shift convention).
 - Preemption (v1/core/sched/scheduler.py _preempt_request, schedule): a preempted request leaves its
   slot and is re-added (add_request again) with prefill = prompt + delivered outputs, so prefill_len
   grows and already-sampled positions are recomputed but not resampled (dropped by the filter above).
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
-import rollout
+from batch_format import check_generate_request, pack_trajectory
 
 MC_KEY = "asyncopd_mc"  # SamplingParams.extra_args entry: {"request": int, "draws": M - 1, "seed": int}
 ROW_CHUNK_ELEMENTS = 2**24  # float64 [rows, V] working set per chunk: 128 MiB (outside vLLM's memory profile)
@@ -209,8 +209,8 @@ def sampling_params(SamplingParams, n_prompts, temperature, top_p, max_new_token
 
 
 def assemble(outputs, params, prompts, prompt_index, policy_version, eos_token_id, student_topk, mc_samples):
-    """RequestOutputs (input order) -> trajectory dict (rollout._pack). Column 0 of mc_* is the generated token
-    with vLLM's processed log-prob; columns 1.. are MCDrawProcessor's draws for the same logits row."""
+    """RequestOutputs (input order) -> trajectory (batch_format.pack_trajectory). Column 0 of mc_* is the generated
+    token with vLLM's processed log-prob; columns 1.. are MCDrawProcessor's draws for the same logits row."""
     completions = [out.outputs[0] for out in outputs]
     finished = [c.finish_reason == "stop" for c in completions]
     for c, stopped in zip(completions, finished, strict=True):
@@ -232,7 +232,7 @@ def assemble(outputs, params, prompts, prompt_index, policy_version, eos_token_i
                                                [len(p) for p in prompts], lengths, mc_samples - 1)
             ids, b = torch.cat([ids, extra_ids], 1), torch.cat([b, extra_b], 1)
         per_token.update(mc_ids=ids, mc_behavior_logp=b)
-    return rollout._pack(prompts, prompt_index, lengths, finished, policy_version, per_token)
+    return pack_trajectory(prompts, prompt_index, lengths, finished, policy_version, per_token)
 
 
 def load_weights(llm, state_dict):
@@ -264,14 +264,14 @@ class VLLMEngine:
                             max_logprobs=self.max_logprobs, tensor_parallel_size=1,
                             logits_processors=[MCDrawProcessor], **llm_kwargs)
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.eos_token_id = eos_token_id
+        self.eos_token_id, self.device = eos_token_id, torch.device(device)
         self.policy_version = 0
 
     def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None,
                  greedy=False):
         from vllm import SamplingParams, TokensPrompt
 
-        rollout._check_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
+        check_generate_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
         if student_topk > self.max_logprobs:
             raise ValueError(f"student_topk={student_topk} > max_logprobs={self.max_logprobs}: "
                              f"pass max_logprobs={student_topk} to make_engine")

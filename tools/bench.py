@@ -1,8 +1,9 @@
-"""Benchmarks on this machine (commands, not timed tests); the GPU sizing ones are in bench_gpu.py.
+"""Benchmarks on this machine (commands, not timed tests); the GPU sizing ones are in bench_gpu.py. From the repository
+root, with the environment `bash run.sh` made:
 
-    python bench.py pipeline [--config configs/default.yaml] [--steps 24] [--max-staleness 2] [--repeats 1] [k=v]
-    python bench.py offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
-    python bench.py peer [--systems asyncopd,...,trl-distill] [--seeds 0,1,2] [--steps 2000] [key=value ...]
+    .venv/bin/python -m tools.bench pipeline [--config configs/default.yaml] [--steps 24] [--repeats 1] [k=v ...]
+    .venv/bin/python -m tools.bench offline [--steps 60] [--prompts 3840] [--teacher-b DIR] [key=value ...]
+    .venv/bin/python -m tools.bench peer [--systems asyncopd,...,trl-distill] [--seeds 0,1,2] [--steps 2000] [k=v ...]
 
 pipeline: the real pipeline (`asyncopd.py train`, a fresh process per run) per schedule on one config; see throughput().
 offline: online async OPD vs offline Lightning OPD (precompute included) and teacher A vs B; see cmd_offline().
@@ -19,10 +20,18 @@ import sys
 import time
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+import batch_format
 import config
-import offline
 import schedule
+import task
+import teacher_cache
+from optional import offline
+from runtime import preflight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: asyncopd.py is here
 
 
 # ----------------------------------------------------------------------------- pipeline throughput
@@ -68,7 +77,7 @@ def throughput(overrides, schedules, config_path="configs/default.yaml", repeats
 
 def cmd_pipeline(args):
     if args.steps < 4:  # throughput() drops two start-up steps and times the rest from the first one kept
-        raise SystemExit(f"bench.py pipeline: --steps {args.steps} leaves nothing to time (the first two steps are "
+        raise SystemExit(f"tools.bench pipeline: --steps {args.steps} leaves nothing to time (the first two steps are "
                          "start-up): use --steps 4 or more, e.g. 60")
     rows = throughput([f"steps={args.steps}", *args.overrides], [
         ("sync", ["schedule=sync"]), ("step_off(2)", ["schedule=step_off", "step_off=2"]),
@@ -87,27 +96,25 @@ def cmd_pipeline(args):
 
 
 # ----------------------------------------------------------------------------- timed runs, graded afterwards
-def _run_script(argv, script="asyncopd.py", cpus=0):
-    """`python SCRIPT ARGV` in a fresh process, on the first `cpus` allowed cores if cpus > 0 (its children
-    inherit them; Linux only, elsewhere unpinned): (launch time, wall seconds, stdout)."""
+def _run_script(argv, module=None, cpus=0):
+    """`python asyncopd.py ARGV` (or `python -m MODULE ARGV`) in a fresh process, in our working directory, on the
+    first `cpus` allowed cores if cpus > 0 (its children inherit them; Linux only, elsewhere unpinned):
+    (launch time, wall seconds, stdout)."""
     cores = sorted(os.sched_getaffinity(0))[:cpus] if cpus and hasattr(os, "sched_setaffinity") else None
+    what = ["-m", module] if module else [os.path.join(ROOT, "asyncopd.py")]
     t0 = time.time()
-    here = os.path.dirname(os.path.abspath(__file__))  # the script's folder; it runs in our working directory
-    out = subprocess.run([sys.executable, os.path.join(here, script), *argv], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, *what, *argv], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT),  # -m tools.bench from any working directory
                          preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     if out.returncode:
-        raise RuntimeError(f"{script} {' '.join(argv)} failed: {out.stderr.strip()[-800:]}")
+        raise RuntimeError(f"{' '.join(what)} {' '.join(argv)} failed: {out.stderr.strip()[-800:]}")
     return t0, time.time() - t0, out.stdout.strip()
 
 
 def _grader(cfg, n):
     """grade(model dir) -> greedy accuracy on the first n held-out problems."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    import task
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per graded checkpoint would bury the report
-    tok, rows = AutoTokenizer.from_pretrained(cfg.student), task.load_prompts("addition", "test", n)
+    tok, rows = AutoTokenizer.from_pretrained(cfg.student), task.read_prompts("addition", "test", n)
     return lambda model_dir: task.evaluate(AutoModelForCausalLM.from_pretrained(model_dir), tok, rows)
 
 
@@ -131,7 +138,7 @@ def cmd_offline(args):
     cfg, out = config.load_config(args.config, args.overrides), os.path.abspath(args.out)
     if not os.path.isfile(os.path.join(args.teacher_b, "config.json")):
         raise ValueError(f"--teacher-b {args.teacher_b}: no model; train one: "
-                         f"python sft.py teacher --out {args.teacher_b} --seed 1")
+                         f".venv/bin/python -m tools.sft teacher --out {args.teacher_b} --seed 1")
     common = [args.config, *args.overrides, f"steps={args.steps}", f"save_every={args.eval_every}", "eval_size=0",
               "progress=false", f"threads={args.threads}", f"out_dir={out}", f"precompute_prompts={args.prompts}",
               f"chunk_prompts={args.chunk_prompts}", "allow_teacher_mismatch=true"]  # only teacher B needs it
@@ -154,7 +161,6 @@ def cmd_offline(args):
 
 
 def _offline_report(args, cfg, out, runs):
-    import teacher_cache
     grade = _grader(cfg, args.eval_n)
     acc0, table = grade(cfg.student), {}
     for name, (run, pre, t0, wall) in runs.items():
@@ -177,9 +183,9 @@ def _offline_report(args, cfg, out, runs):
     disk = sum(os.path.getsize(os.path.join(f"{out}/cache_A", n)) for n in os.listdir(f"{out}/cache_A"))
     single = {k: v for k, v in cache.items() if not k.startswith("mc_")}  # what a reverse_kl_pg precompute writes
     print(f"cache A: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens, M={cfg.loss.samples}: "
-          f"{teacher_cache.bytes_per_token(cache):.1f} bytes/token in memory "
+          f"{batch_format.bytes_per_token(cache):.1f} bytes/token in memory "
           f"({disk / meta['num_tokens']:.1f} on disk); without the mc_* columns (a reverse_kl_pg cache) "
-          f"{teacher_cache.bytes_per_token(single):.1f}")
+          f"{batch_format.bytes_per_token(single):.1f}")
     print("steps/s: learner steps per second, step 1 to the last (start-up excluded). total s, s to target: wall clock "
           "from launch (offline: precompute included) to the end / to the first checkpoint at the target (the lower "
           "final accuracy of online A and offline A). Teacher B runs use allow_teacher_mismatch=true, same prompts "
@@ -187,7 +193,7 @@ def _offline_report(args, cfg, out, runs):
 
 
 # ----------------------------------------------------------------------------- peer: asyncopd vs TRL
-# Systems of `bench.py peer`: asyncopd as key=value overrides of --config, or a TRL trainer by name (see trl_run).
+# Systems of `tools.bench peer`: asyncopd as key=value overrides of --config, or a TRL trainer by name (see trl_run).
 PEER_SYSTEMS = {
     "asyncopd": [],                                  # the config as is (default: async, exact forward KL)
     "asyncopd-sync": ["schedule=sync"],              # the same estimator, strict sync: nothing overlaps
@@ -209,10 +215,10 @@ def trl_run(trainer, beta, config_path, overrides, run_dir, steps, save_every, s
     Writes metrics.jsonl step times and ckpt_NNNNN like asyncopd."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is local; never reach the hub
     torch.set_num_threads(threads)
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from datasets import Dataset  # TRL's dependencies: optional
+    from transformers import TrainerCallback
     cfg = config.load_config(config_path, [*overrides, f"seed={seed}", f"steps={steps}", "eval_size=0"])
-    tok, train, _ = config.validate(cfg)  # asyncopd's checks; its tokenizer and encoded prompts
+    tok, train, _ = preflight.check_inputs(cfg)  # asyncopd's checks; its tokenizer and encoded prompts
     order = [i for u in range(steps * schedule.units_per_batch(cfg))
              for i in schedule.unit_prompt_indices(cfg, len(train), u)]
 
@@ -246,7 +252,7 @@ def trl_run(trainer, beta, config_path, overrides, run_dir, steps, save_every, s
         args = DistillationConfig(**common, max_completion_length=cfg.max_new_tokens, shuffle_dataset=False)
         extra = dict(train_dataset=Dataset.from_dict({"prompt": [train[i]["prompt"] for i in order]}))
     student = AutoModelForCausalLM.from_pretrained(cfg.student)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=config.teacher_dtype(cfg))  # asyncopd's teacher
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=teacher_cache.scoring_dtype(cfg))  # asyncopd's
     Trainer(model=student, teacher_model=teacher, args=args, processing_class=tok, callbacks=[Saver()], **extra).train()
     log.close()
 
@@ -257,14 +263,14 @@ def cmd_peer(args):
     off the clock. Times are seconds from the launch of the process to the end of the checkpoint's step."""
     systems, seeds = args.systems.split(","), [int(x) for x in args.seeds.split(",")]
     if any(s not in PEER_SYSTEMS for s in systems):
-        raise SystemExit(f"bench.py peer: unknown system in --systems {args.systems}; "
+        raise SystemExit(f"tools.bench peer: unknown system in --systems {args.systems}; "
                          f"use some of {','.join(PEER_SYSTEMS)}")
     if any(isinstance(PEER_SYSTEMS[s], tuple) for s in systems):
         try:
             import trl  # noqa: F401
         except ImportError:
-            raise SystemExit("bench.py peer: the trl-* systems need TRL: .venv/bin/python -m pip install trl==1.16.0 "
-                             "(or leave them out of --systems)") from None
+            raise SystemExit("tools.bench peer: the trl-* systems need TRL: .venv/bin/python -m pip install "
+                             "trl==1.16.0 (or leave them out of --systems)") from None
     torch.set_num_threads(args.cpus)
     cfg, out = config.load_config(args.config, args.overrides), os.path.abspath(args.out)
     grade, results = _grader(cfg, args.eval_n), []
@@ -278,7 +284,7 @@ def cmd_peer(args):
                 spec = dict(trainer=trainer, beta=beta, config_path=args.config, overrides=args.overrides,
                             run_dir=run_dir, steps=args.steps, save_every=args.save_every, seed=seed,
                             threads=args.trl_threads or args.cpus)
-                t0, _, _ = _run_script(["_trl", json.dumps(spec)], "bench.py", args.cpus)
+                t0, _, _ = _run_script(["_trl", json.dumps(spec)], "tools.bench", args.cpus)
             else:
                 t0, _, _ = _run_script(["train", args.config, *PEER_SYSTEMS[name], *args.overrides,
                                         f"steps={args.steps}", f"save_every={args.save_every}", "eval_size=0",
@@ -354,8 +360,8 @@ def main(argv=None):
             config, ("--steps", 60), ("--eval-every", 10, "checkpoint (and grade) every N learner steps"),
             ("--eval-n", 1000, "held-out problems per grade"),
             ("--prompts", 3840, "precompute: prompts rolled out once"), ("--chunk-prompts", 256),
-            ("--teacher-b", "/tmp/asyncopd_teacher_b", "a different teacher (not committed)"),
-            ("--out", "/tmp/asyncopd_bench_offline"), threads,
+            ("--teacher-b", "runs/teacher_b", "another teacher: python -m tools.sft teacher --out DIR --seed 1"),
+            ("--out", "runs/bench_offline"), threads,
             (overrides, [], "key=value config overrides for every run, e.g. lr=0.0003")]),
         "peer": (cmd_peer, "asyncopd vs TRL (GKD, Distillation): seconds and steps to 80/90/95%% held-out accuracy", [
             config, ("--systems", ",".join(PEER_SYSTEMS), "comma-separated keys of PEER_SYSTEMS"), ("--seeds", "0,1,2"),
@@ -363,7 +369,7 @@ def main(argv=None):
             ("--eval-n", 500, "held-out problems per grade"),
             ("--cpus", 2, "cores every run is pinned to (asyncopd: threads per process from the config)"),
             ("--trl-threads", 0, "TRL's torch threads (0 = --cpus; 1 can be 4x faster on a busy machine)"),
-            ("--out", "/tmp/asyncopd_bench_peer"),
+            ("--out", "runs/bench_peer"),
             (overrides, [], "key=value overrides for every system "
                             "(TRL takes models, data, batch, lengths, optimizer)")]),
         "_trl": (lambda a: trl_run(**json.loads(a.spec)), None, [("spec", None)]),  # one TRL run

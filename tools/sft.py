@@ -2,9 +2,9 @@ r"""Supervised fine-tuning: the embedded teacher and the teacher-consistent stud
 
 Reproduce the shipped models (CPU, one thread of a busy 2-core machine: 12 min and 1.5 min):
 
-    python sft.py teacher --out models/teacher --steps 1200 --seed 0 --threads 1
-    python sft.py student --teacher models/teacher --out models/student --steps 1000 --target-accuracy 0.2 \
-        --seed 0 --threads 1
+    .venv/bin/python -m tools.sft teacher --out models/teacher --steps 1200 --seed 0 --threads 1
+    .venv/bin/python -m tools.sft student --teacher models/teacher --out models/student --steps 1000 \
+        --target-accuracy 0.2 --seed 0 --threads 1
 
 The teacher learns the written additions of task.py from the ground truth. The student is
 smaller and learns from the teacher's own samples (temperature 1), so the teacher that scores
@@ -12,7 +12,7 @@ its OPD rollouts is the one it was distilled from ("teacher consistency", Lightn
 teacher's fingerprint goes into <out>/asyncopd_sft.json. Both losses are the next-token
 cross-entropy on response tokens only:  L = -1/|R| sum_{r in R} log p(y_r | x, y_<r).
 
-    python sft.py eval --model models/student --n 500   # held-out greedy accuracy
+    .venv/bin/python -m tools.sft eval --model models/student --n 500   # held-out greedy accuracy
 """
 import argparse
 import json
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 import task
-from offline import fingerprint
+from optional.offline import fingerprint
 
 # Shapes of the two embedded models (Qwen2 = Llama-style decoder with RoPE, RMSNorm, SwiGLU).
 SIZES = {
@@ -125,7 +125,7 @@ def save(model, tokenizer, out: str, info: dict):
 
 
 def heldout_eval(model, tokenizer, n: int) -> float:
-    return task.evaluate(model, tokenizer, task.load_prompts("addition", "test", n))
+    return task.evaluate(model, tokenizer, task.read_prompts("addition", "test", n))
 
 
 def training_data(args, steps: int):
@@ -140,10 +140,10 @@ def training_data(args, steps: int):
         return tokenizer, prompts, responses, {"data": "ground truth"}
     if not args.teacher or not os.path.isfile(os.path.join(args.teacher, "model.safetensors")):
         raise ValueError(f"--teacher {args.teacher} has no model.safetensors; train one with "
-                         "`python sft.py teacher --out models/teacher`")
+                         "`python -m tools.sft teacher --out models/teacher`")
     tokenizer, teacher = AutoTokenizer.from_pretrained(args.teacher), AutoModelForCausalLM.from_pretrained(args.teacher)
     prompts = [task.encode_prompt(tokenizer, r["prompt"], False)
-               for r in task.load_prompts("addition", "train", args.samples + VAL_PROBLEMS)]
+               for r in task.read_prompts("addition", "train", args.samples + VAL_PROBLEMS)]
     t0 = time.time()
     responses = sample_responses(teacher, tokenizer, prompts[:-VAL_PROBLEMS], args.temperature, batch_size=500)
     print(f"sampled {len(responses)} teacher responses at temperature {args.temperature} in {time.time() - t0:.0f}s")
@@ -187,7 +187,7 @@ def main():
     steps = args.steps or defaults["steps"]
     target = defaults["target_accuracy"] if args.target_accuracy is None else (args.target_accuracy or None)
     tokenizer, prompts, responses, info = training_data(args, steps)
-    val = task.load_prompts("addition", "train", len(prompts))[-VAL_PROBLEMS:]
+    val = task.read_prompts("addition", "train", len(prompts))[-VAL_PROBLEMS:]
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=128,
                                          tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
                                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
@@ -197,7 +197,7 @@ def main():
                   eval_fn=lambda: task.evaluate(model, tokenizer, val), stop_at=target)
     accuracy = heldout_eval(model, tokenizer, args.n)
     info.update(steps=taken, max_steps=steps, target_accuracy=target, accuracy=accuracy, eval_n=args.n,
-                seed=args.seed, wall_s=round(time.time() - t0), command="python " + " ".join(sys.argv))
+                seed=args.seed, wall_s=round(time.time() - t0), command="python -m tools.sft " + " ".join(sys.argv[1:]))
     save(model, tokenizer, args.out, info)
     print(f"{args.stage}: held-out greedy accuracy {accuracy:.3f} (n={args.n}), {time.time() - t0:.0f}s")
 

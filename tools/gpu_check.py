@@ -1,8 +1,8 @@
 """One command that checks a GPU box: every GPU path of the pipeline, for real, with the shipped tiny models.
 
     bash run.sh gpu-check            # builds .venv-gpu from requirements-gpu.txt (vLLM) on first use
-    python gpu_check.py [--steps 6]  # in any environment with CUDA torch + requirements.txt's packages
-    python gpu_check.py --plan 8     # print the runs it would make on an 8-GPU box (no GPU needed)
+    python -m tools.gpu_check [--steps 6]  # in any environment with CUDA torch + requirements.txt's packages
+    python -m tools.gpu_check --plan 8     # print the runs it would make on an 8-GPU box (no GPU needed)
 
 Each path is `asyncopd.py train` in a fresh process on 1-8 GPUs (roles spread over what is visible):
 HF rollout with every role on cuda (host shared-memory weights), HF rollout with the learner's buffer handed
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: asyncopd.py is here
 RATIO_TOL = 0.05  # bf16 rollout vs bf16-compute learner on the tiny models: |mean exp(s - b) - 1| seen well below this
 COMMON = ["student=models/student", "teacher=models/teacher", "data=addition", "eval_size=32", "eval_every=2",
           "max_prompt_len=16", "max_new_tokens=48", "batch_size=32", "rollout_batch_size=16", "lr=5e-4",

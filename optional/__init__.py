@@ -1,0 +1,1 @@
+"""Paths a run takes only when its config asks: the vLLM engine, offline (Lightning) OPD, real data sets."""

@@ -1,0 +1,146 @@
+"""Durable checkpoints: a run folder's ckpt_NNNNN/ (the student in Hugging Face format, the optimizer, the RNG state,
+trainer_state.json), written whole or not at all, and checked on resume before any process starts. You need not read
+this to learn OPD.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from config import Config
+from learner import Learner, StudentForLoss
+
+
+def full_state_dict(student: StudentForLoss) -> dict[str, torch.Tensor]:
+    """All ranks must call (it all-gathers); rank 0 gets CPU tensors with HF key names."""
+    sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
+def resume_point(cfg: Config) -> tuple[str, int, int]:
+    """(weights folder, learner step, policy version) a run starts from: the student at 0, or the checkpoint."""
+    if not cfg.resume:
+        return cfg.student, 0, 0
+    with open(os.path.join(cfg.resume, "trainer_state.json")) as f:
+        state = json.load(f)
+    return cfg.resume, state["step"], state["version"]
+
+
+def save(ln: Learner, step: int, start_dir: str, run_dir: str) -> str | None:
+    """All ranks call (collectives); rank 0 writes run_dir/ckpt_NNNNN into a temp folder, with a manifest.json
+    (sha256 of every file) written last, then renames it: a crash never leaves a folder that looks finished.
+    Returns the folder on rank 0."""
+    cfg, student = ln.cfg, ln.student
+    sd = full_state_dict(student)
+    osd = get_optimizer_state_dict(student, ln.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ln.rank != 0:
+        return None
+    path = os.path.join(run_dir, f"ckpt_{step:05d}")
+    if cfg.resume and os.path.realpath(path) == os.path.realpath(cfg.resume):  # stopped at once, resumed in place
+        return path  # never rewrite the checkpoint the run started from (the rollout may be reading it)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in os.listdir(start_dir):  # config, tokenizer, generation config
+        if os.path.isfile(os.path.join(start_dir, name)) and not name.endswith((".safetensors", ".pt")) \
+                and name not in ("trainer_state.json", "manifest.json"):
+            shutil.copy(os.path.join(start_dir, name), tmp)
+    if student.model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+    torch.save({"optimizer": osd, "rng": torch.get_rng_state()}, os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump({"step": step, "version": step * cfg.mini_batches, "config": dataclasses.asdict(cfg)}, f, indent=1)
+    write_manifest(tmp)
+    if os.path.isdir(path):  # a folder of an earlier run under this run_name: swap it out, then delete it
+        os.replace(path, f"{tmp}.old")
+    os.replace(tmp, path)
+    shutil.rmtree(f"{tmp}.old", ignore_errors=True)
+    _fsync(run_dir)  # the rename itself is durable
+    return path
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str) -> None:
+    """folder/manifest.json = sha256 of every file in it, after fsyncing each (the manifest is written last)."""
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        if name != "manifest.json":
+            _fsync(os.path.join(folder, name))
+            files[name] = _sha256(os.path.join(folder, name))
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_resume(cfg: Config) -> None:
+    """resume=DIR, before any process starts: every file matches the manifest, and trainer_state.json fits this
+    config (version = step * mini_batches, the same unit numbering, steps beyond the checkpoint). One-line errors."""
+    if not cfg.resume:
+        return
+    try:
+        with open(os.path.join(cfg.resume, "manifest.json")) as f:
+            files = dict(json.load(f)["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"resume={cfg.resume}: no readable manifest.json ({type(e).__name__}), so the checkpoint is "
+                         "unfinished or damaged: resume from another ckpt_* folder") from None
+    for name in sorted(set(files) | {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}):
+        path = os.path.join(cfg.resume, name)  # hashing reads every byte: a few seconds per GB
+        problem = "missing" if not os.path.isfile(path) else "not in manifest.json" if name not in files \
+            else "damaged (sha256 differs from manifest.json)" if _sha256(path) != files[name] else None
+        if problem:
+            raise ValueError(f"resume: {path} is {problem}: resume from another ckpt_* folder")
+    with open(os.path.join(cfg.resume, "trainer_state.json")) as f:
+        state = json.load(f)
+    state = state if isinstance(state, dict) else {}
+    step, version, saved = state.get("step"), state.get("version"), state.get("config")
+    saved = saved if isinstance(saved, dict) else {}
+    where = f"resume: {cfg.resume}/trainer_state.json"
+    if not isinstance(step, int) or not isinstance(version, int) or step < 0:
+        raise ValueError(f"{where} has step={step!r} version={version!r}: not a checkpoint of asyncopd")
+    for key in ("schedule", "mini_batches", "batch_size", "rollout_batch_size"):  # they decide unit and version numbers
+        if saved.get(key) != getattr(cfg, key):
+            raise ValueError(f"resume: the checkpoint ran {key}={saved.get(key)!r}, this run {key}="
+                             f"{getattr(cfg, key)!r}: resume with {key}={saved.get(key)!r}, or start a new run from it "
+                             f"with student={cfg.resume}")
+    if version != step * cfg.mini_batches:
+        raise ValueError(f"{where} has version {version} but step {step} * mini_batches {cfg.mini_batches} = "
+                         f"{step * cfg.mini_batches}: the file was edited; resume from another ckpt_* folder")
+    if cfg.steps <= step:
+        raise ValueError(f"resume: steps={cfg.steps} is not above the checkpoint's step {step}: raise steps")
+
+
+def load_optimizer(ln: Learner, resume: str) -> None:
+    """The optimizer state and (rank 0) the RNG state of checkpoint `resume`, broadcast from rank 0."""
+    state = torch.load(os.path.join(resume, "optimizer.pt"), weights_only=False) if ln.rank == 0 else {"optimizer": {}}
+    set_optimizer_state_dict(ln.student, ln.opt, optim_state_dict=state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if ln.rank == 0:
+        torch.set_rng_state(state["rng"])
