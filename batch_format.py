@@ -70,7 +70,7 @@ def _segments(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return seg, torch.arange(seg.numel(), device=lens.device) - first[seg]
 
 
-def response_positions(prompt_lens, response_lens) -> tuple[torch.Tensor, torch.Tensor]:
+def response_positions(prompt_lens: torch.Tensor, response_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch_index [N], position [N]): row r of sequence i is read at position P_i + r - 1."""
     prompt_lens, response_lens = torch.as_tensor(prompt_lens), torch.as_tensor(response_lens)
     if (prompt_lens < 1).any():
@@ -95,8 +95,8 @@ def pad_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return input_ids, attention_mask, b * S + pos
 
 
-def check_generate_request(engine, prompts: Sequence[Sequence[int]], prompt_index: Sequence[int], policy_version: int,
-                           student_topk: int, mc_samples: int) -> None:
+def check_generate_request(engine: object, prompts: Sequence[Sequence[int]], prompt_index: Sequence[int],
+                           policy_version: int, student_topk: int, mc_samples: int) -> None:
     """What every rollout engine's generate() checks first (rollout.py's interface)."""
     if len(prompts) == 0 or len(prompts) != len(prompt_index):
         raise ValueError(f"generate got {len(prompts)} prompts and {len(prompt_index)} prompt_index entries: "
@@ -111,7 +111,7 @@ def check_generate_request(engine, prompts: Sequence[Sequence[int]], prompt_inde
 
 
 def pack_trajectory(prompts: Sequence[Sequence[int]], prompt_index: Sequence[int], lengths: Sequence[int],
-                    finished, policy_version: int, per_token: Batch) -> Batch:
+                    finished: Sequence[bool], policy_version: int, per_token: Batch) -> Batch:
     """A rollout engine's output in this format: sequence fields + per-token fields (already packed, token-major)."""
     n = int(sum(lengths))
     return {"prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int64),
@@ -136,7 +136,7 @@ def widths(batch: Batch) -> dict[str, int]:
 
 def validate_batch(batch: Batch, vocab_size: int | None = None, where: str = "") -> None:
     """Check names, shapes, dtypes and ranges; raise ValueError (one line) at the first problem."""
-    def bad(name, problem):
+    def bad(name: str, problem: str):
         raise ValueError(f"field '{name}'{' in ' + where if where else ''}: {problem}")
 
     for name in [n for n in REQUIRED_FIELDS if n not in batch]:
@@ -193,7 +193,7 @@ def bytes_per_token(batch: Batch) -> float:
     return sum(t.numel() * t.element_size() for t in batch.values()) / N
 
 
-def select_sequences(batch: Batch, seq_idx) -> Batch:
+def select_sequences(batch: Batch, seq_idx: Sequence[int] | torch.Tensor) -> Batch:
     """Batch holding only sequences seq_idx (in that order): mini-batches, micro-batches, FSDP rank shards."""
     seq_idx = torch.as_tensor(seq_idx, dtype=I64, device=batch["cu_seqlens"].device).reshape(-1)
     B = batch["cu_seqlens"].numel() - 1
@@ -210,7 +210,7 @@ def select_sequences(batch: Batch, seq_idx) -> Batch:
                   if FIELD_SPECS[name]["rows"] != "B+1"}
 
 
-def split_by_tokens(batch: Batch, budget: int, seq_idx=None) -> list[list[int]]:
+def split_by_tokens(batch: Batch, budget: int, seq_idx: Sequence[int] | None = None) -> list[list[int]]:
     """Groups of sequence indices (seq_idx, default all), longest first, greedy, each padding to len(group) * longest
     <= `budget` prompt+response tokens; a longer sequence runs alone, over budget. budget 0: one group, as given."""
     seq_idx = list(range(batch["cu_seqlens"].numel() - 1)) if seq_idx is None else [int(i) for i in seq_idx]
@@ -245,6 +245,6 @@ def concat(batches: Sequence[Batch]) -> Batch:
     return out
 
 
-def to_device(batch: dict, device) -> dict:
+def to_device(batch: dict, device: str | torch.device) -> dict:
     """The same dict with every tensor on `device` (other values as they are)."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

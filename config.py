@@ -1,19 +1,18 @@
 """Configuration: every key with its default and meaning (`python asyncopd.py --help` prints them), the strict YAML
-loader, and check_values(), the checks a config needs no file, model or device for. The checks that do (models, data,
-devices, the run folder, a checkpoint to resume) run in runtime/preflight.py, before any process starts.
+loader, and what a few keys resolve to. Every value is checked before any process starts, in runtime/preflight.py.
 """
 import dataclasses
 import difflib
 import inspect
-import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import yaml
 
-from estimators import LossOptions, validate_options
+from estimators import LossOptions
 
 
 @dataclass
@@ -80,32 +79,6 @@ class Config:
     progress: bool = True  # tqdm bar on the console
 
 
-# Per-key ranges, checked first by validate(): (keys, predicate, the fix). Every float must also be finite.
-RANGES = [
-    ("steps batch_size mini_batches eval_every max_prompt_len max_new_tokens threads precompute_prompts chunk_prompts "
-     "dist_timeout_s",
-     lambda v: v >= 1, "must be >= 1"),
-    ("eval_size queue_size save_every rollout_batch_size step_off max_staleness micro_batch_tokens "
-     "teacher_batch_tokens",
-     lambda v: v >= 0, "is negative: must be >= 0 (see --help for what 0 means)"),
-    ("lr stall_timeout_s", lambda v: v > 0, "must be > 0"),
-    ("weight_decay grad_clip", lambda v: v >= 0, "must be >= 0"),
-    ("betas", lambda v: len(v) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in v),
-     "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
-    ("rollout_devices learner_devices", lambda v: len(v) > 0 and all(isinstance(d, str) for d in v),
-     "must be a non-empty list of devices, e.g. [cpu] or [cuda:0, cuda:1]"),
-    ("seed", lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),
-    ("out_dir data", lambda v: v != "", "is empty: give a path"),
-    ("run_name", lambda v: v == "" or (os.path.basename(v) == v and v not in (".", "..") and not {"\\", "\0"} & set(v)),
-     "must be a plain folder name (no path separator, not . or ..): the run folder stays inside out_dir"),
-]
-
-
-# Keys with a fixed set of values, checked right after RANGES
-CHOICES = {"schedule": ("sync", "step_off", "async", "offline"), "teacher_dtype": ("auto", "bfloat16", "float32"),
-           "weight_transport": ("auto", "shared", "handoff"), "start_method": ("auto", "fork", "spawn")}
-
-
 def _coerce(value, default, key):
     """YAML-typed value -> the field's type; one-line error on mismatch."""
     kind = type(default)
@@ -145,7 +118,7 @@ def _apply(obj, updates, prefix=""):
 
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key written twice (PyYAML silently keeps the last one)."""
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key in (k for k, _ in node.value if isinstance(k, yaml.ScalarNode)):
             if key.value in seen:
@@ -166,7 +139,7 @@ def _yaml(text, where):
         raise ValueError(f"{where}{at}: {problem}{opened}: fix the YAML") from None
 
 
-def load_config(path: str | None = None, overrides=()) -> Config:
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- key=value overrides (dotted keys reach the loss section)."""
     cfg = Config()
     if path:
@@ -202,49 +175,6 @@ def resolve_transport(cfg: Config) -> str:
         return cfg.weight_transport
     on_cuda = cfg.rollout_devices[0].startswith("cuda") and cfg.learner_devices[0].startswith("cuda")
     return "handoff" if cfg.engine == "hf" and on_cuda else "shared"
-
-
-def check_values(cfg: Config) -> None:
-    """Ranges, choices and the relations between keys, the loss options included; fills rollout_batch_size and
-    queue_size when 0. One-line ValueErrors."""
-    for keys, ok, fix in RANGES:
-        for key in keys.split():
-            if not ok(getattr(cfg, key)):
-                raise ValueError(f"{key}={getattr(cfg, key)!r} {fix}")
-    for opts, prefix in ((cfg, ""), (cfg.loss, "loss.")):
-        for f in dataclasses.fields(opts):
-            if isinstance(getattr(opts, f.name), float) and not math.isfinite(getattr(opts, f.name)):
-                raise ValueError(f"{prefix}{f.name}={getattr(opts, f.name)}: must be a finite number")
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"{key}={getattr(cfg, key)!r}: use one of {', '.join(allowed)}")
-    validate_options(cfg.loss)
-    cfg.rollout_batch_size = cfg.rollout_batch_size or cfg.batch_size
-    cfg.queue_size = cfg.queue_size or 2 * max(1, cfg.batch_size // cfg.rollout_batch_size)
-    world = len(cfg.learner_devices)
-    if cfg.batch_size % cfg.rollout_batch_size:
-        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of rollout_batch_size="
-                         f"{cfg.rollout_batch_size}")
-    if cfg.batch_size % (cfg.mini_batches * world):
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by mini_batches*learner ranks="
-                         f"{cfg.mini_batches * world}")
-    if cfg.schedule == "async" and cfg.max_staleness < cfg.mini_batches - 1:
-        raise ValueError(f"max_staleness={cfg.max_staleness} < mini_batches-1={cfg.mini_batches - 1}: "
-                         "the later mini-batches of a batch are that stale even in sync; raise max_staleness")
-    if resolve_transport(cfg) == "handoff" and cfg.engine != "hf":
-        raise ValueError(f"weight_transport=handoff needs engine=hf: a {cfg.engine} rollout sees only its own GPU, "
-                         "so it cannot open a buffer on the learner's; use weight_transport=shared")
-    if start_method(cfg) == "fork":
-        if any(str(d).startswith("cuda") for d in role_devices(cfg)):
-            raise ValueError("start_method=fork with a cuda device: CUDA cannot be used in a forked child; "
-                             "use start_method=spawn (or auto)")
-        if cfg.threads > 1:  # as torch's DataLoader workers: forked, one thread
-            raise ValueError(f"start_method=fork with threads={cfg.threads}: a forked child may hang in OpenMP (its "
-                             "thread pool does not survive a fork); use threads=1 or start_method=spawn (or auto)")
-    if not 0 < cfg.gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization}: must be in (0, 1], e.g. 0.8")
-    if not 0 < cfg.temperature <= 10 or not 0 < cfg.top_p <= 1:
-        raise ValueError(f"temperature={cfg.temperature} top_p={cfg.top_p}: need 0 < temperature and 0 < top_p <= 1")
 
 
 def role_devices(cfg: Config) -> list[str]:

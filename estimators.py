@@ -96,7 +96,7 @@ ESTIMATORS: dict[str, Estimator] = {}  # name -> declaration, filled by @estimat
 
 def estimator(fields: Fields | dict, policy_gradient: bool = False, finite_support: bool = False) -> Callable:
     """Declare the function below as an estimator, under its own name, with the fields it reads and its flags."""
-    def declare(fn):
+    def declare(fn: Callable) -> Callable:
         ESTIMATORS[fn.__name__] = Estimator(fn, fields, policy_gradient, finite_support)
         return fn
     return declare
@@ -216,7 +216,8 @@ class _ChunkedGatherLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, temperature, chunk_size):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, temperature: float,
+                chunk_size: int) -> torch.Tensor:
         w32 = weight.to(_compute_dtype(weight))  # no copy when the weight already is float32
         out = torch.empty(ids.shape, dtype=w32.dtype, device=hidden.device)
         lse = torch.empty(ids.shape[0], dtype=w32.dtype, device=hidden.device)
@@ -231,7 +232,7 @@ class _ChunkedGatherLogProb(torch.autograd.Function):
         return out - lse[:, None]
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g: torch.Tensor) -> tuple:
         hidden, weight, ids, lse = ctx.saved_tensors
         temperature, C = ctx.temperature, ctx.chunk_size
         w32 = weight.to(_compute_dtype(weight))

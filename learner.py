@@ -16,7 +16,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 import estimators
 from batch_format import Batch, pad_batch, select_sequences, split_by_tokens, to_device
@@ -28,11 +28,12 @@ class StudentForLoss(torch.nn.Module):
     """Backbone + chunked log-prob gather inside one forward, so FSDP2 unshards the root
     parameters (embeddings, final norm, lm_head) for it and reduces their gradients."""
 
-    def __init__(self, model, cfg: Config):
+    def __init__(self, model: PreTrainedModel, cfg: Config):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, input_ids, attention_mask, rows, ids):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                ids: dict) -> dict[str, torch.Tensor]:
         # use_cache=False: no KV cache to fill (a checkpointed layer's recompute would append to it a second time)
         hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
@@ -52,7 +53,7 @@ class Learner:
     world: int = 1
 
 
-def build(cfg: Config, start_dir: str, rank: int = 0, world: int = 1, dtype: torch.dtype = torch.float32,
+def build(cfg: Config, start_dir: str, rank: int = 0, world: int = 1, *, dtype: torch.dtype = torch.float32,
           sharded: bool = True) -> Learner:
     """The student from start_dir and its AdamW, on this rank's device; dtype = master weights (float32; tests use
     float64). sharded=False: a plain module, no process group (opd_reference, the lab)."""
@@ -223,7 +224,7 @@ def publish_weights(ln: Learner, weights: dict[str, torch.Tensor] | None) -> Non
             weights[name].copy_(full.detach())
 
 
-def weight_buffer(start_dir: str, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
+def weight_buffer(start_dir: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The buffer the learner publishes weights into (HF names, one tensor per state-dict entry): in host shared
     memory for weight_transport=shared, on the learner's device for handoff (shared with the rollout on a queue)."""
     with torch.device("meta"):

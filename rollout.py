@@ -17,9 +17,10 @@ engine's settings before any process starts.
 """
 import importlib.metadata
 import os
+from typing import Protocol
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 import estimators
 from batch_format import Batch, check_generate_request, pack_trajectory
@@ -27,11 +28,22 @@ from config import Config, training_dtype
 from schedule import ROLLOUT_STREAM, unit_generator
 
 ENGINES = ("hf", "vllm")
+
+
+class Engine(Protocol):
+    """What every rollout engine offers (HFEngine below; VLLMEngine in optional/vllm_engine.py)."""
+    device: torch.device  # where it samples (its generator's device)
+    policy_version: int  # the learner version of the weights it holds
+
+    def generate(self, prompts: list[list[int]], prompt_index: list[int], policy_version: int, student_topk: int = 0,
+                 mc_samples: int = 0, generator: torch.Generator | None = None, greedy: bool = False) -> Batch: ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
 VLLM_VERSION = "0.33.0"  # optional/vllm_engine.py is written against exactly this release
 
 
-def check_engine(kind: str, fields=(), mc_samples: int | None = None, temperature: float | None = None,
-                 top_p: float = 1.0, devices=()) -> None:
+def check_engine(kind: str, fields: set | frozenset = frozenset(), *, mc_samples: int | None = None,
+                 temperature: float | None = None, top_p: float = 1.0, devices: list[str] | tuple = ()) -> None:
     """Raise ValueError (naming the fix) if engine `kind` cannot produce the cache `fields` the estimator needs with
     these settings. Called at config validation, before any process starts; does not import vllm."""
     if kind not in ENGINES:
@@ -58,9 +70,9 @@ def check_engine(kind: str, fields=(), mc_samples: int | None = None, temperatur
                          "use top_p=1 or engine=hf")
 
 
-def make_engine(model: str | PreTrainedModel, kind: str = "hf", device="cpu", temperature: float = 1.0,
-                top_p: float = 1.0, max_new_tokens: int = 64, eos_token_id: int | None = None,
-                pad_token_id: int | None = None, dtype=None, **vllm_kwargs):
+def make_engine(model: str | PreTrainedModel, *, kind: str = "hf", device: str | torch.device = "cpu",
+                temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, eos_token_id: int | None = None,
+                pad_token_id: int | None = None, dtype: torch.dtype | str | None = None, **vllm_kwargs) -> Engine:
     """Build a rollout engine from a model directory or (hf only) a built transformers model, moved to `device` in
     place. dtype: torch dtype for hf (None = the built model's, float32 from a directory), vLLM dtype string for vllm
     (None = "auto"). vllm_kwargs go to vllm.LLM (e.g. max_logprobs)."""
@@ -81,13 +93,15 @@ def make_engine(model: str | PreTrainedModel, kind: str = "hf", device="cpu", te
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
         from optional.vllm_engine import VLLMEngine  # imports vllm
-        return VLLMEngine(model, device, temperature, top_p, max_new_tokens, eos_token_id, dtype, **vllm_kwargs)
+        return VLLMEngine(model, device, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                          eos_token_id=eos_token_id, dtype=dtype, **vllm_kwargs)
     if vllm_kwargs:
         raise ValueError(f"engine 'hf' takes no extra options, got {sorted(vllm_kwargs)}: drop them or use engine=vllm")
-    return HFEngine(model, device, temperature, top_p, max_new_tokens, eos_token_id, pad_token_id, dtype)
+    return HFEngine(model, device, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, dtype=dtype)
 
 
-def engine_from_config(cfg: Config, model: str, device, tokenizer):
+def engine_from_config(cfg: Config, model: str, device: str, tokenizer: PreTrainedTokenizerBase) -> Engine:
     """The engine a config asks for (rollout role, precompute, reference loop): one dtype, one sampler."""
     vllm_options = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.engine == "vllm" else {}
     return make_engine(model, kind=cfg.engine, device=device, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -123,7 +137,8 @@ class HFEngine:
     and position ids count real tokens only, so every logit equals that of a plain right-padded forward over prompt +
     response. Sequences past EOS run on (fed pad); packing drops their rows."""
 
-    def __init__(self, model, device, temperature, top_p, max_new_tokens, eos_token_id, pad_token_id, dtype):
+    def __init__(self, model: str | PreTrainedModel, device: str | torch.device, *, temperature: float, top_p: float,
+                 max_new_tokens: int, eos_token_id: int, pad_token_id: int, dtype: torch.dtype | None):
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or torch.float32)
         elif dtype is not None:
@@ -181,7 +196,7 @@ class HFEngine:
         self.policy_version = int(version)
 
 
-def rollout_unit(cfg: Config, engine, rows: list[dict], idx: list[int], unit: int) -> Batch:
+def rollout_unit(cfg: Config, engine: Engine, rows: list[dict], idx: list[int], unit: int) -> Batch:
     """Rollout unit `unit` from the prompts rows[i], i in idx, with the behaviour-side fields the estimator needs,
     sampled from the unit's own random stream."""
     need = estimators.needs(cfg.loss)

@@ -64,6 +64,6 @@ def unit_prompt_indices(cfg: Config, n_prompts: int, unit: int) -> list[int]:
     return out
 
 
-def unit_generator(cfg: Config, unit: int, stream: int, device="cpu") -> torch.Generator:
+def unit_generator(cfg: Config, unit: int, stream: int, device: str | torch.device = "cpu") -> torch.Generator:
     """Per-unit generator: a unit's samples do not depend on timing, resumption or schedule."""
     return torch.Generator(device).manual_seed((cfg.seed * UNIT_PRIME + unit) * ROLE_PRIME + stream)

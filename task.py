@@ -18,7 +18,7 @@ import hashlib
 import random
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import rollout
 from config import Config
@@ -102,8 +102,8 @@ def prepare_prompts(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[list[dic
         batch = None if cfg.chat_template else _encode_batch(tok, [r["prompt"] for r in rows])
         for i, row in enumerate(rows):
             try:
-                row["ids"] = encode_prompt(tok, row["prompt"], cfg.chat_template, known, cfg.max_prompt_len,
-                                           batch[i] if batch else None)
+                row["ids"] = encode_prompt(tok, row["prompt"], cfg.chat_template, known=known,
+                                           max_len=cfg.max_prompt_len, ids=batch[i] if batch else None)
             except ValueError as e:
                 raise ValueError(f"{where} row {i + 1}: {e}") from None
     if len(train) < cfg.rollout_batch_size:
@@ -120,7 +120,7 @@ def _encode_batch(tok, texts):
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def encode_prompt(tokenizer, text: str, chat_template: bool, known: set | None = None,
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool, *, known: set | None = None,
                   max_len: int | None = None, ids: list[int] | None = None) -> list[int]:
     """Prompt token ids: the raw characters for the synthetic task, or the model's chat template
     (one user turn + generation prompt) for instruct models. Text the tokenizer cannot represent is
@@ -177,8 +177,8 @@ def check(checker: str, response_text: str, answer: str) -> bool:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, tokenizer, prompts: list[dict], batch_size: int = 250,
-             max_new_tokens: int = MAX_NEW_TOKENS, chat_template: bool = False) -> float:
+def evaluate(model: rollout.Engine | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict], *,
+             batch_size: int = 250, max_new_tokens: int = MAX_NEW_TOKENS, chat_template: bool = False) -> float:
     """Fraction of prompts answered correctly with greedy decoding. `model` is a rollout engine
     (rollout.make_engine: transformers or vLLM) or a transformers model, wrapped in one."""
     engine = model if hasattr(model, "policy_version") else rollout.make_engine(

@@ -10,7 +10,7 @@ import os
 
 import tokenizers
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 import estimators
 from batch_format import FIELD_SPECS, Batch, pad_batch, select_sequences, split_by_tokens, to_device, validate_batch
@@ -45,8 +45,9 @@ def score_unit(cfg: Config, teacher: PreTrainedModel, traj: Batch, unit: int) ->
 
 
 @torch.no_grad()
-def score(teacher_model: PreTrainedModel, traj: Batch, fields, teacher_topk: int = 0, teacher_mc: int = 0,
-          generator: torch.Generator | None = None, chunk_size: int = 1024, batch_tokens: int = 0) -> Batch:
+def score(teacher_model: PreTrainedModel, traj: Batch, fields: set | frozenset, teacher_topk: int = 0,
+          teacher_mc: int = 0, *, generator: torch.Generator | None = None, chunk_size: int = 1024,
+          batch_tokens: int = 0) -> Batch:
     """Teacher forward over the padded batch: traj + the requested fields. t = the teacher's float32 log_softmax
     (temperature 1), `chunk_size` rows at a time: no [N, V] unless teacher_dense_logp is asked for. teacher_mc_ids:
     `teacher_mc` i.i.d. draws with replacement from softmax(t) by `generator`. batch_tokens > 0: one forward per
@@ -101,7 +102,7 @@ def score(teacher_model: PreTrainedModel, traj: Batch, fields, teacher_topk: int
     return out
 
 
-def tokenizer_fingerprint(tokenizer_or_dir) -> str:
+def tokenizer_fingerprint(tokenizer_or_dir: str | os.PathLike | PreTrainedTokenizerBase) -> str:
     """sha256 (16 hex) of the sorted vocabulary with added tokens: a dir and its loaded tokenizer agree."""
     if isinstance(tokenizer_or_dir, (str, os.PathLike)):
         path = os.path.join(tokenizer_or_dir, "tokenizer.json") if os.path.isdir(tokenizer_or_dir) else tokenizer_or_dir

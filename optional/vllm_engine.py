@@ -247,7 +247,7 @@ def load_weights(llm, state_dict):
 class VLLMEngine:
     """rollout.py's engine interface over vllm.LLM (in-process engine core, tensor_parallel_size=1)."""
 
-    def __init__(self, model, device, temperature, top_p, max_new_tokens, eos_token_id, dtype, **llm_kwargs):
+    def __init__(self, model, device, *, temperature, top_p, max_new_tokens, eos_token_id, dtype, **llm_kwargs):
         import vllm
 
         if not isinstance(model, str):

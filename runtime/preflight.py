@@ -1,8 +1,11 @@
 """Everything that can be wrong with a run's input, checked before any process starts: each problem is refused in one
-line that names it and the fix. A check that needs a module's knowledge lives in that module (config.check_values,
-rollout.check_engine, runtime/checkpoint.check_resume, optional/offline.check_cache, task.prepare_prompts); this file
-calls them in order and adds the checks of files, folders, devices and models.
+line that names it and the fix. A check that needs a module's knowledge lives in that module
+(estimators.validate_options, rollout.check_engine, runtime/checkpoint.check_resume, optional/offline.check_cache,
+task.prepare_prompts); this file calls them in order and adds the checks of the config's values, files, folders,
+devices and models. You need not read it to learn OPD.
 """
+import dataclasses
+import math
 import os
 import tempfile
 
@@ -13,9 +16,34 @@ import estimators
 import rollout
 import task
 import teacher_cache
-from config import Config, check_values, role_devices
+from config import Config, resolve_transport, role_devices, start_method
 from optional import offline
 from runtime import checkpoint
+
+# Per-key ranges, checked first by check_values(): (keys, predicate, the fix). Every float must also be finite.
+RANGES = [
+    ("steps batch_size mini_batches eval_every max_prompt_len max_new_tokens threads precompute_prompts chunk_prompts "
+     "dist_timeout_s",
+     lambda v: v >= 1, "must be >= 1"),
+    ("eval_size queue_size save_every rollout_batch_size step_off max_staleness micro_batch_tokens "
+     "teacher_batch_tokens",
+     lambda v: v >= 0, "is negative: must be >= 0 (see --help for what 0 means)"),
+    ("lr stall_timeout_s", lambda v: v > 0, "must be > 0"),
+    ("weight_decay grad_clip", lambda v: v >= 0, "must be >= 0"),
+    ("betas", lambda v: len(v) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in v),
+     "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    ("rollout_devices learner_devices", lambda v: len(v) > 0 and all(isinstance(d, str) for d in v),
+     "must be a non-empty list of devices, e.g. [cpu] or [cuda:0, cuda:1]"),
+    ("seed", lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),
+    ("out_dir data", lambda v: v != "", "is empty: give a path"),
+    ("run_name", lambda v: v == "" or (os.path.basename(v) == v and v not in (".", "..") and not {"\\", "\0"} & set(v)),
+     "must be a plain folder name (no path separator, not . or ..): the run folder stays inside out_dir"),
+]
+
+
+# Keys with a fixed set of values, checked right after RANGES
+CHOICES = {"schedule": ("sync", "step_off", "async", "offline"), "teacher_dtype": ("auto", "bfloat16", "float32"),
+           "weight_transport": ("auto", "shared", "handoff"), "start_method": ("auto", "fork", "spawn")}
 
 
 def check_inputs(cfg: Config, precompute: bool = False) -> tuple[PreTrainedTokenizerBase, list[dict], list[dict]]:
@@ -45,6 +73,49 @@ def check_inputs(cfg: Config, precompute: bool = False) -> tuple[PreTrainedToken
         raise ValueError(f"learner_devices={cfg.learner_devices} mixes cpu and cuda: use one kind")
     tok = check_models(cfg, online=precompute or cfg.schedule != "offline")
     return (tok, *task.prepare_prompts(cfg, tok))
+
+
+def check_values(cfg: Config) -> None:
+    """Ranges, choices and the relations between keys, the loss options included; fills rollout_batch_size and
+    queue_size when 0. One-line ValueErrors."""
+    for keys, ok, fix in RANGES:
+        for key in keys.split():
+            if not ok(getattr(cfg, key)):
+                raise ValueError(f"{key}={getattr(cfg, key)!r} {fix}")
+    for opts, prefix in ((cfg, ""), (cfg.loss, "loss.")):
+        for f in dataclasses.fields(opts):
+            if isinstance(getattr(opts, f.name), float) and not math.isfinite(getattr(opts, f.name)):
+                raise ValueError(f"{prefix}{f.name}={getattr(opts, f.name)}: must be a finite number")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key}={getattr(cfg, key)!r}: use one of {', '.join(allowed)}")
+    estimators.validate_options(cfg.loss)
+    cfg.rollout_batch_size = cfg.rollout_batch_size or cfg.batch_size
+    cfg.queue_size = cfg.queue_size or 2 * max(1, cfg.batch_size // cfg.rollout_batch_size)
+    world = len(cfg.learner_devices)
+    if cfg.batch_size % cfg.rollout_batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of rollout_batch_size="
+                         f"{cfg.rollout_batch_size}")
+    if cfg.batch_size % (cfg.mini_batches * world):
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by mini_batches*learner ranks="
+                         f"{cfg.mini_batches * world}")
+    if cfg.schedule == "async" and cfg.max_staleness < cfg.mini_batches - 1:
+        raise ValueError(f"max_staleness={cfg.max_staleness} < mini_batches-1={cfg.mini_batches - 1}: "
+                         "the later mini-batches of a batch are that stale even in sync; raise max_staleness")
+    if resolve_transport(cfg) == "handoff" and cfg.engine != "hf":
+        raise ValueError(f"weight_transport=handoff needs engine=hf: a {cfg.engine} rollout sees only its own GPU, "
+                         "so it cannot open a buffer on the learner's; use weight_transport=shared")
+    if start_method(cfg) == "fork":
+        if any(str(d).startswith("cuda") for d in role_devices(cfg)):
+            raise ValueError("start_method=fork with a cuda device: CUDA cannot be used in a forked child; "
+                             "use start_method=spawn (or auto)")
+        if cfg.threads > 1:  # as torch's DataLoader workers: forked, one thread
+            raise ValueError(f"start_method=fork with threads={cfg.threads}: a forked child may hang in OpenMP (its "
+                             "thread pool does not survive a fork); use threads=1 or start_method=spawn (or auto)")
+    if not 0 < cfg.gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization}: must be in (0, 1], e.g. 0.8")
+    if not 0 < cfg.temperature <= 10 or not 0 < cfg.top_p <= 1:
+        raise ValueError(f"temperature={cfg.temperature} top_p={cfg.top_p}: need 0 < temperature and 0 < top_p <= 1")
 
 
 def writable(path: str, key: str) -> None:
@@ -108,7 +179,8 @@ def check_models(cfg: Config, online: bool = True) -> PreTrainedTokenizerBase:
     if not online:
         offline.check_cache(cfg, student_dir, tok, fields)
     else:
-        rollout.check_engine(cfg.engine, fields, cfg.loss.samples, cfg.temperature, cfg.top_p, cfg.rollout_devices)
+        rollout.check_engine(cfg.engine, fields, mc_samples=cfg.loss.samples, temperature=cfg.temperature,
+                             top_p=cfg.top_p, devices=cfg.rollout_devices)
         t_conf = _load(AutoConfig, _model_dir(cfg.teacher, "teacher"), "teacher")
         _causal_lm(t_conf, "teacher", cfg.teacher)
         if t_conf.vocab_size != s_conf.vocab_size:

@@ -17,6 +17,7 @@ import schedule
 import task
 import teacher_cache
 from asyncopd import opd_reference
+from runtime import preflight
 
 LENGTHS = (3, 1, 5, 2, 4)  # ragged sequences; the 1-token one has first == last token
 MASKED = (2, 7)  # rows with loss_mask False in the reference tests
@@ -818,7 +819,7 @@ def test_each_role_computes_what_needs_says(key, roles):
                            torch.Generator().manual_seed(0))
     assert set(E.CORE) | need.rollout <= set(traj)
     batch = teacher_cache.score(teacher, traj, need.teacher, o.teacher_topk, o.samples,
-                                torch.Generator().manual_seed(1))
+                                generator=torch.Generator().manual_seed(1))
     assert set(batch) - set(traj) == need.teacher
     input_ids, attention_mask, rows = batch_format.pad_batch(batch)
     with torch.no_grad():
@@ -873,7 +874,7 @@ def test_a_new_estimator_runs_through_every_role_from_its_declaration(toy_estima
     student_dir, teacher_dir = tiny_models
     cfg = config.load_config(None, [f"student={student_dir}", f"teacher={teacher_dir}", "batch_size=4",
                                     "max_new_tokens=8", "loss.name=toy_log_ratio"])
-    config.check_values(cfg)
+    preflight.check_values(cfg)
     ln, tok = learner.build(cfg, student_dir, sharded=False), AutoTokenizer.from_pretrained(student_dir)
     prompts = [{"ids": task.encode_prompt(tok, task.addition_prompt(k, 23), False)} for k in range(4)]
     engine = rollout.engine_from_config(cfg, student_dir, "cpu", tok)

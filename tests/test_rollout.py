@@ -238,7 +238,7 @@ def test_engine_supports(monkeypatch):
     """Settings checks run in the parent before any process starts, without importing vllm."""
     import importlib.metadata
     rollout.check_engine("hf", {"token_ids", "mc_ids", "mc_behavior_logp", "student_topk_ids"},
-                            16, 5.0, 0.5, ["cpu"])
+                         mc_samples=16, temperature=5.0, top_p=0.5, devices=["cpu"])
     ok = dict(mc_samples=16, temperature=1.0, top_p=1.0, devices=["cuda:0"])
     rollout.check_engine("vllm", {"token_ids", "mc_ids", "mc_behavior_logp"}, **ok)
     for bad, match in ((dict(devices=["cuda:0", "cpu"]), "GPU"), (dict(temperature=0.005), "temperature"),

@@ -20,7 +20,7 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.utils import logging as hf_logging
 
 import batch_format
@@ -215,8 +215,7 @@ def trl_run(trainer, beta, config_path, overrides, run_dir, steps, save_every, s
     Writes metrics.jsonl step times and ckpt_NNNNN like asyncopd."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # everything is local; never reach the hub
     torch.set_num_threads(threads)
-    from datasets import Dataset  # TRL's dependencies: optional
-    from transformers import TrainerCallback
+    from datasets import Dataset  # TRL's dependency: optional
     cfg = config.load_config(config_path, [*overrides, f"seed={seed}", f"steps={steps}", "eval_size=0"])
     tok, train, _ = preflight.check_inputs(cfg)  # asyncopd's checks; its tokenizer and encoded prompts
     order = [i for u in range(steps * schedule.units_per_batch(cfg))
@@ -334,9 +333,9 @@ def _peer_report(args, cfg, out, acc0, systems, seeds, results):
 
 
 # ----------------------------------------------------------------------------- command line
-def cli(doc, commands, argv):
-    """argparse from {name: (function, help, arguments as (name, default[, help]))}, then the chosen command; a
-    list default takes any number of values, None a required positional."""
+def build_parser(doc: str, commands: dict) -> argparse.ArgumentParser:
+    """argparse from {name: (function, help, arguments as (name, default[, help]))}: a subcommand each, which sets
+    args.fn to its function; a list default takes any number of values, None a required positional."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, summary, arguments) in commands.items():
@@ -345,13 +344,12 @@ def cli(doc, commands, argv):
         for arg, default, *help_text in arguments:
             kind = {"nargs": "*"} if isinstance(default, list) else {} if default is None else {"type": type(default)}
             p.add_argument(arg, default=default, help=help_text[0] if help_text else None, **kind)
-    args = parser.parse_args(argv)
-    return args.fn(args)
+    return parser
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     config, threads, overrides = ("--config", "configs/default.yaml"), ("--threads", 1), "overrides"
-    return cli(__doc__, {
+    return build_parser(__doc__, {
         "pipeline": (cmd_pipeline, "trained tokens/s: sync vs step_off(2) vs async, with the ideal bound", [
             config, ("--steps", 24), ("--max-staleness", 2),
             ("--repeats", 1, "rounds of the three schedules; medians and the min-max of the efficiency"),
@@ -373,7 +371,12 @@ def main(argv=None):
             (overrides, [], "key=value overrides for every system "
                             "(TRL takes models, data, batch, lengths, optimizer)")]),
         "_trl": (lambda a: trl_run(**json.loads(a.spec)), None, [("spec", None)]),  # one TRL run
-    }, argv)
+    })
+
+
+def main(argv: list[str] | None = None):
+    args = parser().parse_args(argv)
+    return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,15 @@ import types
 
 import numpy as np
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
 import config
 import estimators as E
 from batch_format import FIELD_SPECS
-from tools.bench import ROOT, cli
+from tools.bench import ROOT, build_parser
 
 # loss: ids per token (M), student_logp chunk; naive is skipped above NAIVE_MAX_TOKENS (~2.3 MB/token)
 SAMPLES, CHUNK_SIZE, NAIVE_MAX_TOKENS, EXTRAPOLATE = 64, 1024, 2048, 16384
@@ -130,10 +134,6 @@ def measure_model(name, tokens=256):
     (saved_tensors_hooks, unique storages, parameters excluded), without and with activation checkpointing (the
     learner's non-reentrant checkpoint_wrapper: the hooks see what the checkpoint keeps, its input; what the layer
     saves inside goes to the checkpoint's own hooks and is recomputed)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
-    from transformers.models.qwen2 import modeling_qwen2 as qwen2
-    from transformers.models.qwen3 import modeling_qwen3 as qwen3
     d, is_qwen3 = MODELS[name], name.startswith("Qwen3")
     conf = (Qwen3Config if is_qwen3 else Qwen2Config)(
         vocab_size=VOCAB, hidden_size=d["hidden"], intermediate_size=d["inter"], num_hidden_layers=d["layers"],
@@ -334,9 +334,9 @@ def cmd_mc_draw(args):
         print(f"  rows {rows:4d}: {ms:9.2f} ms/step  {ms / rows:7.3f} ms/row")
 
 
-def main(argv=None):
+def parser():
     threads = ("--threads", 1)
-    return cli(__doc__, {  # name: (function, help, arguments as (name, default[, help])), as in bench.py
+    return build_parser(__doc__, {  # name: (function, help, arguments as (name, default[, help])), as in bench.py
         "loss": (cmd_loss, "memory and time of the loss path: chunked vs naive student gather", [
             ("--tokens", "1024,2048,4096", "comma-separated response-token counts"), ("--vocab", 151936),
             ("--hidden", 896), ("--device", "cpu")]),
@@ -348,7 +348,12 @@ def main(argv=None):
             ("--samples", 64, "M (M-1 draws per row)"), ("--device", "cpu"), ("--threads", 2), ("--repeats", 3)]),
         "_loss_point": (lambda a: print(json.dumps(loss_point(**json.loads(a.spec)))), None,
                         [("spec", None)]),  # internal: one measurement in a fresh process
-    }, argv)
+    })
+
+
+def main(argv: list[str] | None = None):
+    args = parser().parse_args(argv)
+    return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -71,12 +71,16 @@ def run_path(name, schedule, overrides, steps, out_dir):
             "ratio": ratio, "problem": problem, "run": os.path.join(out_dir, run_name)}
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6, help="learner steps per path")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu_check"), help="run folders go here")
     p.add_argument("--plan", type=int, metavar="N_GPUS", help="only print the runs for N_GPUS (no GPU needed)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     with_vllm = importlib.util.find_spec("vllm") is not None
     if args.plan:
         for name, schedule, over in plan(args.plan, with_vllm=True):

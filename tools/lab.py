@@ -76,7 +76,7 @@ def train_student(lab, loss, staleness, seed, steps):
     cfg = config.Config(student=args.student, teacher=args.teacher, loss=loss, lr=p["lr"], seed=seed,
                         batch_size=p["batch"], rollout_batch_size=p["batch"], max_new_tokens=task.MAX_NEW_TOKENS)
     ln, engine = learner.build(cfg, args.student, sharded=False), engine_for(lab, args.student)
-    asyncopd.opd_reference(ln, engine, lab["teacher"], lab["train"], steps, staleness)
+    asyncopd.opd_reference(ln, engine, lab["teacher"], lab["train"], steps, staleness=staleness)
     engine.load_weights(learner.copy_weights(ln), steps)
     return engine
 
@@ -251,13 +251,18 @@ def throughput(lab):
 
 
 # ----------------------------------------------------------------------------- command line and report
-def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["all", *PARTS])
-    parser.add_argument("--quick", action="store_true", help="CI smoke: tiny budgets, 1 seed")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=["all", *PARTS])
+    p.add_argument("--quick", action="store_true", help="CI smoke: tiny budgets, 1 seed")
     for flag, default in (("--out", "runs/lab"), ("--student", "models/student"), ("--teacher", "models/teacher")):
-        parser.add_argument(flag, default=default)
-    args = parser.parse_args(argv)
+        p.add_argument(flag, default=default)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
     if not all(os.path.isfile(os.path.join(d, "config.json")) for d in (args.student, args.teacher)):
         raise SystemExit(f"lab: error: no model in {args.student} or {args.teacher}: "
                          "pass --student/--teacher or train them with `python -m tools.sft`")
@@ -285,4 +290,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

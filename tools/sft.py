@@ -152,7 +152,7 @@ def training_data(args, steps: int):
                                            "samples": args.samples}
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["teacher", "student", "eval"])
     p.add_argument("--out", help="output model dir (teacher, student)")
@@ -170,7 +170,11 @@ def main():
     p.add_argument("--n", type=int, default=500, help="held-out problems for the final accuracy")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, help="steps between validation checks (default 100 teacher, 5 student)")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print("reproduce: python " + " ".join(sys.argv), flush=True)
