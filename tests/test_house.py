@@ -170,6 +170,21 @@ def test_tools_write_under_runs_by_default(tool):
                           for p in a.choices.values()]
     for p in parsers:
         for action in p._actions:
-            if action.dest in ("out", "out_dir"):
-                assert action.default is None or os.path.relpath(action.default, ROOT).startswith("runs"), \
-                    (tool, p.prog, action.default)
+            if action.dest in ("out", "out_dir") and action.default is not None:
+                default = action.default
+                rel = os.path.relpath(default, ROOT) if os.path.isabs(default) else os.path.normpath(default)
+                assert rel.split(os.sep)[0] == "runs", (tool, p.prog, default)
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    """Links between README.md, the folder READMEs and results/ point at files that exist."""
+    docs = ["README.md", "runtime/README.md", "optional/README.md", "tools/README.md"]
+    docs += [os.path.join(d, f) for d in ("results", "results/lab") for f in os.listdir(os.path.join(ROOT, d))
+             if f.endswith(".md")]
+    links = 0
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)#]+)\)", open(os.path.join(ROOT, doc)).read()):
+            if not target.startswith("http"):
+                links += 1
+                assert os.path.exists(os.path.join(ROOT, os.path.dirname(doc), target)), (doc, target)
+    assert links >= 15
