@@ -439,7 +439,7 @@ def cache_from(traj, s_true, t_true, seed=0, K=6, M=8):
 
 
 def learner_loss(student, cache, o):
-    """The learner path: pad_batch -> hidden at the rows -> chunked student_logp -> estimator -> aggregate."""
+    """The learner path: pad_batch -> hidden at the rows -> chunked gather_logprobs -> estimator -> aggregate."""
     input_ids, attention_mask, rows = batch_format.pad_batch(cache)
     hidden = student.model(input_ids=input_ids, attention_mask=attention_mask)[0]
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
@@ -470,7 +470,7 @@ def test_alignment_teacher_equal_to_student_scores_zero_and_a_shift_does_not(key
 
 
 def test_learner_student_logp_equals_the_generating_distribution(aligned_batch):
-    """s at token_ids from pad_batch + student_logp equals the autoregressive b, row by row (first and EOS too)."""
+    """s at token_ids from pad_batch + gather_logprobs equals the autoregressive b, row by row (first and EOS too)."""
     student, _, traj, true = aligned_batch
     input_ids, attention_mask, rows = batch_format.pad_batch(traj)
     with torch.no_grad():

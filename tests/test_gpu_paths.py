@@ -152,8 +152,8 @@ def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
 
 
 def test_vllm_settings_refused_before_any_process_starts(tmp_path, tiny_models):
-    """What vLLM would reject (or silently change) inside the rollout child is refused by validate(), in the
-    parent, in one line: a cpu device, a temperature outside [0.01, 2], MC draws under top-p truncation."""
+    """What vLLM would reject (or silently change) inside the rollout child is refused by preflight.check_inputs(), in
+    the parent, in one line: a cpu device, a temperature outside [0.01, 2], MC draws under top-p truncation."""
     import subprocess
     import sys
 

@@ -232,7 +232,7 @@ def test_teacher_consistency_guard(models, cache_dir, tiny_models, tmp_path):
     assert "teacher consistency" in msg and fp in msg and "0123456789abcdef" in msg and "allow_teacher_mismatch" in msg
     # the ablation
     preflight.check_inputs(make_config(other, teacher, TRAIN, cache_dir=cache_dir, allow_teacher_mismatch="true"))
-    assert "no asyncopd_sft.json" in refused(tiny_models[0], teacher, cache_dir)  # a student sft.py did not make
+    assert "no asyncopd_sft.json" in refused(tiny_models[0], teacher, cache_dir)  # a student tools/sft.py did not make
     preflight.check_inputs(make_config(student, teacher, TRAIN, cache_dir=cache_dir))  # the consistent pair passes
     # and on the command line: one line, exit code 2, no run started
     out = cli("train", other, teacher, *TRAIN, f"cache_dir={cache_dir}", f"out_dir={tmp_path}/runs")

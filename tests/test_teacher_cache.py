@@ -420,7 +420,7 @@ def _flip_bit(path, tensor, row, byte, bit):
 
 
 def test_flipped_logprob_exponent_is_refused_with_its_path(tmp_path):
-    """A flipped exponent bit leaves a finite, negative log-prob that validate() accepts: only the checksum sees it."""
+    """A flipped exponent bit leaves a finite, negative log-prob that validate_batch() accepts: the checksum sees it."""
     from safetensors.torch import load_file
     c = scored_like(make_traj())
     path = tmp_path / "cache.safetensors"

@@ -1,4 +1,4 @@
-"""Benchmarks that size the GPU path (commands, not timed tests); the runs on this machine are in bench.py.
+"""Benchmarks that size the GPU path (commands, not timed tests); the runs on this machine are in tools/bench.py.
 
     .venv/bin/python -m tools.bench_gpu loss [--tokens 1024,2048,4096] [--vocab 151936] [--hidden 896] [--device cpu]
     .venv/bin/python -m tools.bench_gpu memory [CONFIG.yaml ...] [--tokens 256]
