@@ -106,7 +106,7 @@ def rollout_role(ch: Channels, run: Run, worker: int) -> None:
     engine = rollout.engine_from_config(cfg, run.start_dir, device, run.tokenizer)
     engine.policy_version = run.start_version
 
-    def evaluate(final: bool = False) -> None:
+    def evaluate_if_due(final: bool = False) -> None:
         v, period = engine.policy_version, cfg.eval_every * cfg.mini_batches
         due = not evaluated or final or (period and v // period > evaluated[-1] // period)
         if worker == 0 and run.eval_prompts and due and (not evaluated or v != evaluated[-1]):
@@ -119,7 +119,7 @@ def rollout_role(ch: Channels, run: Run, worker: int) -> None:
     if weights is None:  # stopped before the handle came
         return
     try:
-        evaluate()
+        evaluate_if_due()
         per_batch = units_per_batch(cfg)
         for unit in range(run.start_step * per_batch + worker, cfg.steps * per_batch, len(cfg.rollout_devices)):
             need = required_version(cfg, unit)
@@ -128,7 +128,7 @@ def rollout_role(ch: Channels, run: Run, worker: int) -> None:
                     if not wait_until(ch, lambda need=need: ch.version.value >= need):
                         return
             load_latest(ch, role, engine, weights)
-            evaluate()
+            evaluate_if_due()
             idx = unit_prompt_indices(cfg, len(run.train_prompts), unit)
             t0 = time.time()
             with span(ch, role, f"generate u{unit}"):
@@ -136,7 +136,7 @@ def rollout_role(ch: Channels, run: Run, worker: int) -> None:
             put(ch, ch.rollout_q, ({"unit": unit, "gen_s": time.time() - t0}, traj))
         if wait_until(ch, lambda: ch.version.value >= cfg.steps * cfg.mini_batches):
             load_latest(ch, role, engine, weights)
-            evaluate(final=True)
+            evaluate_if_due(final=True)
     finally:  # drop our handle, then count it: the buffer's owner (learner rank 0 under handoff) may then exit
         weights.clear()
         with ch.released.get_lock():
@@ -197,7 +197,7 @@ def learn(ch: Channels, run: Run, ln: learner.Learner) -> None:
         weights = learner.weight_buffer(run.start_dir, training_dtype(cfg), ln.device)
         for _ in cfg.rollout_devices:
             ch.weights_q.put(weights)
-    units = offline.offline_batches(cfg, step) if transport == "none" else receive(ch, ch.teacher_q)
+    units = offline.offline_batches(cfg, step) if transport == "none" else receive(ch, ch.teacher_q)  # rank 0 draws
     t_start, tokens, pending = time.time(), 0, {}
     while step < cfg.steps:
         t0 = time.time()
