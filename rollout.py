@@ -2,7 +2,7 @@
 
 make_engine() builds one of two engines ("hf" here; "vllm" in optional/vllm_engine.py, GPU only) with one interface:
 
-    traj = engine.generate(prompts, prompt_index, policy_version, student_topk, mc_samples, generator)
+    traj = engine.generate(prompts, prompt_index, policy_version, student_topk=Ks, mc_samples=M, generator=g)
     engine.load_weights(state_dict, version)     # between generate() calls; sets engine.policy_version
 
 The behaviour distribution over the student's logits z is pi_b(v) = softmax(z / T)(v) / mass(nucleus)
@@ -35,7 +35,7 @@ class Engine(Protocol):
     device: torch.device  # where it samples (its generator's device)
     policy_version: int  # the learner version of the weights it holds
 
-    def generate(self, prompts: list[list[int]], prompt_index: list[int], policy_version: int, student_topk: int = 0,
+    def generate(self, prompts: list[list[int]], prompt_index: list[int], policy_version: int, *, student_topk: int = 0,
                  mc_samples: int = 0, generator: torch.Generator | None = None, greedy: bool = False) -> Batch: ...
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
@@ -149,7 +149,7 @@ class HFEngine:
         self.eos_token_id, self.pad_token_id, self.policy_version = eos_token_id, pad_token_id, 0
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], prompt_index: list[int], policy_version: int, student_topk: int = 0,
+    def generate(self, prompts: list[list[int]], prompt_index: list[int], policy_version: int, *, student_topk: int = 0,
                  mc_samples: int = 0, generator: torch.Generator | None = None, greedy: bool = False) -> Batch:
         """greedy=True (evaluation) takes the argmax; b is then still log pi_b of that token."""
         check_generate_request(self, prompts, prompt_index, policy_version, student_topk, mc_samples)
@@ -199,6 +199,6 @@ class HFEngine:
 def rollout_unit(cfg: Config, engine: Engine, rows: list[dict], idx: list[int], unit: int) -> Batch:
     """Rollout unit `unit` from the prompts rows[i], i in idx, with the behaviour-side fields the estimator needs,
     sampled from the unit's own random stream."""
-    need = estimators.needs(cfg.loss)
-    return engine.generate([rows[i]["ids"] for i in idx], idx, engine.policy_version, need.student_topk,
-                           need.mc_samples, unit_generator(cfg, unit, ROLLOUT_STREAM, engine.device))
+    need, stream = estimators.needs(cfg.loss), unit_generator(cfg, unit, ROLLOUT_STREAM, engine.device)
+    return engine.generate([rows[i]["ids"] for i in idx], idx, engine.policy_version, student_topk=need.student_topk,
+                           mc_samples=need.mc_samples, generator=stream)

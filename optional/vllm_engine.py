@@ -267,7 +267,7 @@ class VLLMEngine:
         self.eos_token_id, self.device = eos_token_id, torch.device(device)
         self.policy_version = 0
 
-    def generate(self, prompts, prompt_index, policy_version, student_topk=0, mc_samples=0, generator=None,
+    def generate(self, prompts, prompt_index, policy_version, *, student_topk=0, mc_samples=0, generator=None,
                  greedy=False):
         from vllm import SamplingParams, TokensPrompt
 

@@ -815,8 +815,8 @@ def test_each_role_computes_what_needs_says(key, roles):
     declared teacher fields, the learner adds the proximal ones: the estimator runs on what the roles produced."""
     o, (engine, teacher) = CONFIGS[key], roles
     need = E.needs(o)
-    traj = engine.generate(PROMPTS, list(range(len(PROMPTS))), 0, need.student_topk, need.mc_samples,
-                           torch.Generator().manual_seed(0))
+    traj = engine.generate(PROMPTS, list(range(len(PROMPTS))), 0, student_topk=need.student_topk,
+                           mc_samples=need.mc_samples, generator=torch.Generator().manual_seed(0))
     assert set(E.CORE) | need.rollout <= set(traj)
     batch = teacher_cache.score(teacher, traj, need.teacher, o.teacher_topk, o.samples,
                                 generator=torch.Generator().manual_seed(1))

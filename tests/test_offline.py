@@ -140,7 +140,8 @@ def online_scores(cfg, chunk_prompts, n_chunks):
     for c in range(n_chunks):
         idx = list(range(c * chunk_prompts, (c + 1) * chunk_prompts))
         traj = engine.generate([task.encode_prompt(tok, prompts[i]["prompt"], False) for i in idx], idx, 0,
-                               need.student_topk, need.mc_samples, schedule.unit_generator(cfg, c, 1))
+                               student_topk=need.student_topk, mc_samples=need.mc_samples,
+                               generator=schedule.unit_generator(cfg, c, 1))
         teacher_fields = need.teacher | {"teacher_logp"}  # as teacher_role
         out.append(teacher_cache.score(teacher, traj, teacher_fields, cfg.loss.teacher_topk,
                                        cfg.loss.samples, generator=schedule.unit_generator(cfg, c, 2)))

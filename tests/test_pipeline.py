@@ -122,8 +122,8 @@ def fsdp_student(tiny_models):
 
 
 def scored_batch(cfg, engine, teacher, version, seed=0):
-    traj = engine.generate([[3, 4, 5, 6], [7, 8], [9, 10, 11], [5]], [0, 1, 2, 3], version, 0, cfg.loss.samples,
-                           torch.Generator().manual_seed(seed))
+    traj = engine.generate([[3, 4, 5, 6], [7, 8], [9, 10, 11], [5]], [0, 1, 2, 3], version,
+                           mc_samples=cfg.loss.samples, generator=torch.Generator().manual_seed(seed))
     return teacher_cache.score(teacher, traj, estimators.needs(cfg.loss).teacher, 0, cfg.loss.samples,
                                generator=torch.Generator().manual_seed(1))
 

@@ -129,7 +129,7 @@ def test_absolute_positions_start_at_zero():
     gpt = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         gpt.lm_head.weight.mul_(5.0)  # tied to the embeddings; peaks the distribution
-    traj = engine_for(gpt, max_new_tokens=6).generate(PROMPTS, [0] * 5, 0, 0, 0, gen(2))
+    traj = engine_for(gpt, max_new_tokens=6).generate(PROMPTS, [0] * 5, 0, generator=gen(2))
     N = traj["token_ids"].numel()
     b_ref = reference_logp(gpt, traj, 1.0)[torch.arange(N), traj["token_ids"]]
     torch.testing.assert_close(traj["behavior_logp"].double(), b_ref, atol=1e-4, rtol=0)
@@ -137,9 +137,9 @@ def test_absolute_positions_start_at_zero():
 
 def test_same_generator_same_output_and_optional_fields(model):
     eng = engine_for(model)
-    a = eng.generate(PROMPTS, [0] * 5, 0, 0, 0, gen(3))
-    b = eng.generate(PROMPTS, [0] * 5, 0, 0, 0, gen(3))
-    c = eng.generate(PROMPTS, [0] * 5, 0, 0, 0, gen(4))
+    a = eng.generate(PROMPTS, [0] * 5, 0, generator=gen(3))
+    b = eng.generate(PROMPTS, [0] * 5, 0, generator=gen(3))
+    c = eng.generate(PROMPTS, [0] * 5, 0, generator=gen(4))
     assert torch.equal(a["token_ids"], b["token_ids"]) and not torch.equal(a["token_ids"], c["token_ids"])
     assert not {"student_topk_ids", "mc_ids", "mc_behavior_logp", "student_topk_behavior_logp"} & set(a)
 
@@ -164,7 +164,7 @@ def test_mc_draws_follow_behaviour_distribution(model, temperature, top_p):
     rejects the distribution at the other temperature (so it has power)."""
     eng = engine_for(model, temperature=temperature, top_p=top_p, max_new_tokens=1)
     B, M = 200, 64
-    traj = eng.generate([[5, 6, 7]] * B, list(range(B)), 0, 0, M, gen(7))
+    traj = eng.generate([[5, 6, 7]] * B, list(range(B)), 0, mc_samples=M, generator=gen(7))
     ref = reference_logp(model, traj, temperature, top_p)
     assert torch.allclose(ref, ref[0:1].expand_as(ref))  # one context
     probs = ref[0].exp()
@@ -183,7 +183,7 @@ def test_mc_draws_follow_behaviour_distribution(model, temperature, top_p):
 def test_top_p_truncates_and_renormalises(model):
     prompts = PROMPTS * 4
     eng = engine_for(model, temperature=0.8, top_p=0.6)
-    traj = eng.generate(prompts, list(range(20)), 0, 4, 16, gen(11))
+    traj = eng.generate(prompts, list(range(20)), 0, student_topk=4, mc_samples=16, generator=gen(11))
     ref = reference_logp(model, traj, 0.8, top_p=0.6)
     N = traj["token_ids"].numel()
     nucleus = ref > -math.inf
@@ -201,13 +201,13 @@ def test_top_p_truncates_and_renormalises(model):
 
 def test_load_weights_changes_outputs_and_version(model):
     eng = engine_for(copy.deepcopy(model))
-    before = eng.generate(PROMPTS, [0] * 5, 0, 0, 0, gen(5))
+    before = eng.generate(PROMPTS, [0] * 5, 0, generator=gen(5))
     new_model = tiny_model(seed=1)
     eng.load_weights({k: v.clone() for k, v in new_model.state_dict().items()}, 3)
     assert eng.policy_version == 3
     with pytest.raises(ValueError, match="load_weights"):
-        eng.generate(PROMPTS, [0] * 5, 2, 0, 0, gen(5))  # version must match the loaded weights
-    after = eng.generate(PROMPTS, [0] * 5, 3, 0, 0, gen(5))
+        eng.generate(PROMPTS, [0] * 5, 2, generator=gen(5))  # version must match the loaded weights
+    after = eng.generate(PROMPTS, [0] * 5, 3, generator=gen(5))
     check_packing(after, PROMPTS, [0] * 5, 3, 12)
     assert not torch.equal(before["behavior_logp"], after["behavior_logp"])
     N = after["token_ids"].numel()
@@ -229,9 +229,9 @@ def test_bad_input_errors(model):
         rollout.make_engine(model, kind="sglang", eos_token_id=EOS)
     eng = engine_for(model)
     with pytest.raises(ValueError, match="empty prompt"):
-        eng.generate([[3], []], [0, 1], 0, 0, 0)
+        eng.generate([[3], []], [0, 1], 0)
     with pytest.raises(ValueError, match="prompt_index"):
-        eng.generate([[3], [4]], [0], 0, 0, 0)
+        eng.generate([[3], [4]], [0], 0)
 
 
 def test_engine_supports(monkeypatch):

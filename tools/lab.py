@@ -64,7 +64,8 @@ def final_metrics(lab, engine):
     """Held-out greedy accuracy, and KL(p_theta || q) = sum_v p(v) (s(v) - t(v)) per token, exact over the
     vocabulary, averaged over the tokens of responses the student samples on the held-out prompts."""
     acc, rows = task.evaluate(engine, lab["tok"], lab["evals"]), lab["evals"]
-    traj = engine.generate([r["ids"] for r in rows], list(range(len(rows))), engine.policy_version, 0, 0, gen(12345))
+    traj = engine.generate([r["ids"] for r in rows], list(range(len(rows))), engine.policy_version,
+                           generator=gen(12345))
     s, t = forward(engine.model, traj)[1], forward(lab["teacher"], traj)[1]
     return acc, float((s.exp() * (s - t)).sum(-1).mean())
 
@@ -189,9 +190,9 @@ def cache(lab):
     p, R, reps, rows, curves = lab["p"], lab["p"]["reps"], lab["p"]["seq_reps"], [], {}
     stale = engine_for(lab, lab["args"].student)
     prompts = [r["ids"] for r in lab["evals"][:p["cache_prompts"]]]
-    local = stale.generate(prompts, list(range(len(prompts))), 0, 0, 0, gen(1))
+    local = stale.generate(prompts, list(range(len(prompts))), 0, generator=gen(1))
     seq = stale.generate([x for x in prompts[:p["seq_prompts"]] for _ in range(reps)], [0] * p["seq_prompts"] * reps,
-                         0, 0, max(MS), gen(2))  # reps responses per prompt, M = 64 draws from b at every position
+                         0, mc_samples=max(MS), generator=gen(2))  # reps responses per prompt, M = 64 draws
     spans = [list(zip(traj["cu_seqlens"][:-1].tolist(), traj["cu_seqlens"][1:].tolist(), strict=True))
              for traj in (local, seq)]
     for k in p["cache_staleness"]:  # k on-policy steps: the same first k steps for every k (seeded per unit)
