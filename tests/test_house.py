@@ -63,6 +63,8 @@ def test_the_top_level_is_the_reading_set():
     assert len(readme.splitlines()) <= MAX_README_LINES
     order = [readme.index(f"`{f}`") for f in READING_SET]  # the reading order is the README's
     assert order == sorted(order)
+    folders = {m.split(".")[0] for m in project_modules() if "." in m}  # every folder of code has its row
+    assert folders == {"runtime", "optional", "tools"} and all(f"[`{f}/`]({f}/README.md)" in readme for f in folders)
 
 
 def test_no_import_cycle_and_lazy_imports_only_for_optional_dependencies():
