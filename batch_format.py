@@ -136,7 +136,7 @@ def widths(batch: Batch) -> dict[str, int]:
 
 def validate_batch(batch: Batch, vocab_size: int | None = None, where: str = "") -> None:
     """Check names, shapes, dtypes and ranges; raise ValueError (one line) at the first problem."""
-    def bad(name: str, problem: str):
+    def bad(name: str, problem: str) -> None:
         raise ValueError(f"field '{name}'{' in ' + where if where else ''}: {problem}")
 
     for name in [n for n in REQUIRED_FIELDS if n not in batch]:

@@ -190,3 +190,14 @@ def test_every_relative_link_in_the_docs_resolves():
                 links += 1
                 assert os.path.exists(os.path.join(ROOT, os.path.dirname(doc), target)), (doc, target)
     assert links >= 15
+
+
+def test_public_functions_of_the_reading_set_have_type_hints():
+    missing = []
+    for f in READING_SET:
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, f)).read())):
+            if isinstance(node, ast.FunctionDef) and (not node.name.startswith("_") or node.name == "__init__"):
+                args = [a for a in node.args.args + node.args.kwonlyargs if a.arg not in ("self", "cls", "ctx")]
+                if any(a.annotation is None for a in args) or (node.returns is None and node.name != "__init__"):
+                    missing.append(f"{f}:{node.lineno} {node.name}")
+    assert not missing, missing
