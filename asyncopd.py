@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 import estimators
@@ -259,7 +260,21 @@ def publish(ch: Channels, ln: learner.Learner, weights: dict[str, torch.Tensor],
             ch.version.value = version
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the runs
+def precompute(cfg: Config, tok: PreTrainedTokenizerBase, train_prompts: list[dict]) -> str:
+    """Offline OPD's one pass (Lightning OPD, optional/offline.py): the SFT student rolls out, the teacher scores, chunk
+    by chunk into cache_dir, as the rollout and teacher roles do online; a rerun resumes at the first missing chunk."""
+    torch.set_num_threads(cfg.threads)
+    engine = rollout.engine_from_config(cfg, cfg.student, cfg.rollout_devices[0], tok)
+    teacher = teacher_cache.load_teacher(cfg)
+    meta, todo = offline.open_cache(cfg, tok, teacher, len(train_prompts))
+    t0 = time.time()
+    for chunk, idx in tqdm(todo, desc="precompute", disable=not cfg.progress):  # a chunk is a rollout unit
+        traj = rollout.rollout_unit(cfg, engine, train_prompts, idx, chunk)
+        offline.write_chunk(cfg.cache_dir, chunk, teacher_cache.score_unit(cfg, teacher, traj, chunk), meta, idx[0])
+    return offline.cache_report(cfg.cache_dir, len(todo), time.time() - t0)
+
+
 def train(cfg: Config) -> dict:
     """Check the inputs, start the roles, watch them, write metrics/trace/plots. Returns a summary dict;
     raises RuntimeError naming the role if any role fails."""
@@ -295,7 +310,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(path, [a for a in args if a != path])
         if cmd == "precompute":
             tok, train_prompts, _ = preflight.check_inputs(cfg, precompute=True)
-            print(offline.precompute(cfg, tok, train_prompts))
+            print(precompute(cfg, tok, train_prompts))
             return 0
         summary = train(cfg)
     except ValueError as e:  # bad input: one line, before anything started

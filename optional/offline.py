@@ -4,6 +4,7 @@ cache on disk; the learner then trains from it with no rollout or teacher proces
     python asyncopd.py precompute configs/offline.yaml      # writes cache_dir/chunk_00000.safetensors, ...
     python asyncopd.py train configs/offline.yaml           # schedule: offline
 
+The precompute loop is asyncopd.precompute; this file holds what it and the offline learner need around it.
 The cache is batch_format.py's dict (scored by teacher_cache.py), chunk by chunk, each a safetensors file with a
 sha256 over its tensors and meta; a chunk is written atomically, so an interrupted precompute resumes at the first
 missing chunk. Training refuses a cache that does not fit the student (tokenizer, vocabulary, fields) or that was
@@ -14,13 +15,11 @@ import json
 import math
 import os
 import re
-import time
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import estimators
 import rollout
@@ -184,46 +183,40 @@ def check_cache(cfg: Config, student_dir: str, tok: PreTrainedTokenizerBase, fie
                          "use the SFT teacher, or allow_teacher_mismatch=true for the ablation")
 
 
-def precompute(cfg: Config, tok: PreTrainedTokenizerBase, train: list[dict]) -> str:
-    """Lightning OPD, once: the (SFT) student rolls out `precompute_prompts` prompts of `train`, the teacher scores
-    them, chunk by chunk into cache_dir. Finished chunks are skipped on a rerun. The inputs are checked first
-    (runtime/preflight.check_inputs(cfg, precompute=True)). Returns a one-line report."""
-    torch.set_num_threads(cfg.threads)
+def open_cache(cfg: Config, tok: PreTrainedTokenizerBase, teacher: PreTrainedModel,
+               n_prompts: int) -> tuple[dict, list[tuple[int, list[int]]]]:
+    """Start, or resume, a precompute into cache_dir: (the meta every chunk records, [(chunk, its prompt indices)] still
+    to compute). Finished chunks are reused; a rerun with other settings is refused; half-written files are removed."""
     fields = estimators.required_fields(cfg.loss)
-    engine = rollout.engine_from_config(cfg, cfg.student, cfg.rollout_devices[0], tok)
-    teacher = teacher_cache.load_teacher(cfg)
     meta = {"teacher_fingerprint": fingerprint(cfg.teacher), "teacher_dtype": str(teacher_cache.scoring_dtype(cfg)),
             "tokenizer_fingerprint": teacher_cache.tokenizer_fingerprint(tok), "vocab_size": teacher.config.vocab_size,
             "student_version": 0, "student_fingerprint": fingerprint(cfg.student),
             "estimator": cfg.loss.name, "seed": cfg.seed}
-    n = min(cfg.precompute_prompts, len(train))
+    n = min(cfg.precompute_prompts, n_prompts)
     # everything that decides a chunk's content: a rerun must match it to reuse the finished chunks
     meta.update(prompts=n, chunk_prompts=cfg.chunk_prompts, data=cfg.data, required_fields=sorted(fields),
                 temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                 teacher_topk=cfg.loss.teacher_topk, student_topk=cfg.loss.student_topk, samples=cfg.loss.samples)
-    chunks = range(math.ceil(n / cfg.chunk_prompts))
     done = finished_chunks(cfg.cache_dir)
     if done:
         old = load(os.path.join(cfg.cache_dir, f"chunk_{min(done):05d}.safetensors"))[1]
         diff = [k for k in meta if old.get(k) != meta[k]]
         if diff:
             raise ValueError(f"{cfg.cache_dir} holds chunks of another precompute ({diff[0]} {old.get(diff[0])!r} "
-                             "there, "
-                             f"{meta[diff[0]]!r} now): use another cache_dir or delete it")
+                             f"there, {meta[diff[0]]!r} now): use another cache_dir or delete it")
     for name in os.listdir(cfg.cache_dir) if os.path.isdir(cfg.cache_dir) else []:
         if ".safetensors.tmp-" in name:  # a write cut short by an interruption
             os.remove(os.path.join(cfg.cache_dir, name))
-    t0 = time.time()
-    for c in tqdm([c for c in chunks if c not in done], desc="precompute", disable=not cfg.progress):
-        idx = list(range(c * cfg.chunk_prompts, min(n, (c + 1) * cfg.chunk_prompts)))
-        traj = rollout.rollout_unit(cfg, engine, train, idx, c)
-        scored = teacher_cache.score_unit(cfg, teacher, traj, c)  # what the teacher role sends online
-        write_chunk(cfg.cache_dir, c, scored, meta, first_sequence=idx[0])
-    cache, meta = load_dir(cfg.cache_dir)
-    return (f"cache {cfg.cache_dir}: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens in "
-            f"{meta['num_chunks']} chunks, {bytes_per_token(cache):.0f} bytes/token "
-            f"({len(chunks) - len(done)} chunks computed "
-            f"in {time.time() - t0:.1f}s, {len(done)} reused)")
+    return meta, [(c, list(range(c * cfg.chunk_prompts, min(n, (c + 1) * cfg.chunk_prompts))))
+                  for c in range(math.ceil(n / cfg.chunk_prompts)) if c not in done]
+
+
+def cache_report(directory: str, computed: int, seconds: float) -> str:
+    """One line on a finished cache: its size, and how much of it this precompute computed."""
+    cache, meta = load_dir(directory)
+    return (f"cache {directory}: {meta['num_sequences']} sequences, {meta['num_tokens']} tokens in "
+            f"{meta['num_chunks']} chunks, {bytes_per_token(cache):.0f} bytes/token ({computed} chunks computed in "
+            f"{seconds:.1f}s, {meta['num_chunks'] - computed} reused)")
 
 
 def offline_batches(cfg: Config, start_step: int):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import asyncopd
 import batch_format
 import config
 import estimators
@@ -62,7 +63,7 @@ def cache_dir(models):
 def precompute(cfg):
     """`asyncopd.py precompute` in-process: the inputs checked, then the cache written."""
     tok, train, _ = preflight.check_inputs(cfg, precompute=True)
-    return offline.precompute(cfg, tok, train)
+    return asyncopd.precompute(cfg, tok, train)
 
 
 def make_config(student, teacher, args, **kw):
