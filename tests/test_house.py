@@ -201,3 +201,12 @@ def test_public_functions_of_the_reading_set_have_type_hints():
                 if any(a.annotation is None for a in args) or (node.returns is None and node.name != "__init__"):
                     missing.append(f"{f}:{node.lineno} {node.name}")
     assert not missing, missing
+
+
+def test_readme_python_compiles():
+    """The README's Python (its code blocks and heredocs) is valid Python."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    scripts = re.findall(r"<<'PY'\n(.*?)\nPY\n", text, re.S) + re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(scripts) >= 2
+    for script in scripts:
+        compile(script, "README.md", "exec")
