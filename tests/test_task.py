@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -116,6 +118,14 @@ def test_math_checker(response, answer, ok):
 def test_last_boxed_nested():
     assert math_data.last_boxed("a \\boxed{\\{1, \\frac{2}{3}\\}} b") == "\\{1, \\frac{2}{3}\\}"
     assert math_data.last_boxed("no box") is None
+
+
+def test_addition_never_loads_the_data_set_readers():
+    """The default run reads no files: the readers of real data sets (datasets, pyarrow) load only on use."""
+    code = "\n".join(["import sys", "import task", "rows = task.read_prompts('addition', 'test', 5)",
+                      "assert all(task.check(r['checker'], '>' + r['answer'], r['answer']) for r in rows)",
+                      "assert not {'datasets', 'pyarrow'} & set(sys.modules), 'a data set reader was imported'"])
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_load_prompts_files(tmp_path):
