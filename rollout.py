@@ -28,6 +28,7 @@ from config import Config, training_dtype
 from schedule import ROLLOUT_STREAM, unit_generator
 
 ENGINES = ("hf", "vllm")
+VLLM_VERSION = "0.33.0"  # optional/vllm_engine.py is written against exactly this release
 
 
 class Engine(Protocol):
@@ -39,7 +40,6 @@ class Engine(Protocol):
                  mc_samples: int = 0, generator: torch.Generator | None = None, greedy: bool = False) -> Batch: ...
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
-VLLM_VERSION = "0.33.0"  # optional/vllm_engine.py is written against exactly this release
 
 
 def check_engine(kind: str, fields: set | frozenset = frozenset(), *, mc_samples: int | None = None,
