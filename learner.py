@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 import estimators
 from batch_format import Batch, pad_batch, select_sequences, split_by_tokens, to_device
-from config import Config
+from config import Config, training_dtype
 from schedule import staleness_bound
 
 
@@ -175,7 +175,10 @@ def train_on_batch(ln: Learner, batch: Batch | dict, step: int) -> dict:
         data = dict(data, **prox)
     stats = {"loss": 0.0, "rkl_token": 0.0, "grad_norm": 0.0, "tokens": shard["stats"]["tokens"]}
     for i, plan in enumerate(shard["plan"]):
-        logged = torch.zeros(3, dtype=torch.float64, device=ln.device)  # loss, sum of (s - t) at y, unmasked tokens
+        # sums over the mini-batch's unmasked tokens: loss; (s - t) at y; count; |s - b| at y; count; (s - b) over
+        # the MC columns; count. And max |s - b| at y.
+        logged = torch.zeros(7, dtype=torch.float64, device=ln.device)
+        gap_max = torch.zeros(1, dtype=torch.float64, device=ln.device)
         sums, own = {}, max(1, sum(shard["count"][i]))
         for (a, b, live), count in zip(plan, shard["count"][i], strict=True):
             mb = micro(a, b)
@@ -190,28 +193,52 @@ def train_on_batch(ln: Learner, batch: Batch | dict, step: int) -> dict:
             if not live:
                 continue
             logged[0] += float(local.detach()) * weight
+            mask = mb["loss_mask"].bool()
             if "teacher_logp" in mb:  # sampled reverse-KL estimate at the generated tokens, current student
-                mask = mb["loss_mask"]
-                logged[1] += float(((s["token_ids"].detach() - mb["teacher_logp"]) * mask).sum())
+                logged[1] += float((s["token_ids"].detach() - mb["teacher_logp"])[mask].sum())
                 logged[2] += float(mask.sum())
+            gap_sums, largest = behaviour_gap(s, mb, mask)
+            logged[3:] += gap_sums
+            gap_max[0] = max(float(gap_max[0]), largest)
             for k, v in metrics.items():  # this rank's estimator metrics, weighted by its passes' shares
                 sums[k] = sums.get(k, 0.0) + float(v) * count / own
         if ln.world > 1:
             torch.distributed.all_reduce(logged)
+            torch.distributed.all_reduce(gap_max, op=torch.distributed.ReduceOp.MAX)
         stats["grad_norm"] += optimizer_step(ln) / m
         stats["loss"] += float(logged[0]) / m
         stats["rkl_token"] += float(logged[1]) / max(1.0, float(logged[2])) / m
+        gap_mean = float(logged[3] / logged[4].clamp(min=1))
+        stats["s_minus_b_abs_mean"] = stats.get("s_minus_b_abs_mean", 0.0) + gap_mean / m
+        stats["s_minus_b_abs_max"] = max(stats.get("s_minus_b_abs_max", 0.0), float(gap_max[0]))
+        if logged[6] > 0:
+            stats["mc_s_minus_b_mean"] = stats.get("mc_s_minus_b_mean", 0.0) + float(logged[5] / logged[6]) / m
         for k, v in sums.items():
             stats[k] = stats.get(k, 0.0) + v / m
     stats.update({k: v for k, v in shard["stats"].items() if k != "tokens"})
     return stats
 
 
+def behaviour_gap(s: dict, mb: Batch, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """s - b over the unmasked rows (s the current student's log-probs, b the rollout's): ([sum |s - b| at the
+    generated tokens, their count, sum (s - b) over the MC columns, their count], max |s - b| at the generated
+    tokens). While the learner holds the weights that generated the batch (sync, one mini-batch), s - b is rounding
+    only; a reload that did not take, a temperature applied twice or draws from another distribution show here
+    (tools/gpu_check.py asserts it at every step)."""
+    gap = (s["token_ids"].detach().double() - mb["behavior_logp"].to(s["token_ids"].device).double())[mask]
+    sums = [gap.abs().sum(), gap.new_tensor(float(gap.numel())), gap.new_zeros(()), gap.new_zeros(())]
+    if "mc_ids" in s:
+        mc = (s["mc_ids"].detach().double() - mb["mc_behavior_logp"].to(s["mc_ids"].device).double())[mask]
+        sums[2:] = [mc.sum(), mc.new_tensor(float(mc.numel()))]
+    return torch.stack(sums), float(gap.abs().max()) if gap.numel() else 0.0
+
+
 # ----------------------------------------------------------------------------- weights to the rollout
 def publish_weights(ln: Learner, weights: dict[str, torch.Tensor] | None) -> None:
     """Every rank calls (each parameter is all-gathered on the learner's device, one at a time); the rank that writes
-    (rank 0, holding the buffer's lock) passes the rollout's buffer and gets the weights copied into it in the
-    buffer's dtype, straight from the gathered tensor. Others pass None."""
+    (rank 0, holding the buffer's lock) passes the rollout's buffer (in the training dtype) and gets the weights
+    copied into it, straight from the gathered tensor. Others pass None. Each shard is cast to the training dtype
+    before the gather; fp32 -> bf16 rounds each element alone, so casting before or after gives the same bits."""
     first_name = {}  # tied weights (embedding = lm_head) are one parameter: gather it once, copy it twice
     for name, value in ln.student.model.state_dict(keep_vars=True).items():
         seen = first_name.setdefault(id(value), name)
@@ -219,9 +246,11 @@ def publish_weights(ln: Learner, weights: dict[str, torch.Tensor] | None) -> Non
             if weights is not None:
                 weights[name].copy_(weights[seen])
             continue
+        # cast the local shard before gathering: half the bytes and the peak of an fp32 gather in bf16 training
+        value = value.detach().to(training_dtype(ln.cfg))
         full = value.full_tensor() if hasattr(value, "full_tensor") else value
         if weights is not None:
-            weights[name].copy_(full.detach())
+            weights[name].copy_(full)
 
 
 def weight_buffer(start_dir: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """The rollout: the student samples responses and records what the estimators need.
 
-make_engine() builds one of two engines ("hf" here; "vllm" in optional/vllm_engine.py, GPU only) with one interface:
+make_engine() builds one of two engines ("hf" here; "vllm" in optional/vllm_engine.py) with one interface:
 
     traj = engine.generate(prompts, prompt_index, policy_version, student_topk=Ks, mc_samples=M, generator=g)
     engine.load_weights(state_dict, version)     # between generate() calls; sets engine.policy_version
@@ -15,7 +15,6 @@ student_topk_* if student_topk > 0, mc_* if mc_samples > 0 (column 0 = the gener
 draws from pi_b, duplicates kept). rollout_unit() is the rollout role's work for one unit; check_engine() checks an
 engine's settings before any process starts.
 """
-import importlib.metadata
 import os
 from typing import Protocol
 
@@ -25,10 +24,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 import estimators
 from batch_format import Batch, check_generate_request, pack_trajectory
 from config import Config, training_dtype
+from optional import vllm_support
 from schedule import ROLLOUT_STREAM, unit_generator
 
 ENGINES = ("hf", "vllm")
-VLLM_VERSION = "0.33.0"  # optional/vllm_engine.py is written against exactly this release
 
 
 class Engine(Protocol):
@@ -48,34 +47,18 @@ def check_engine(kind: str, fields: set | frozenset = frozenset(), *, mc_samples
     these settings. Called at config validation, before any process starts; does not import vllm."""
     if kind not in ENGINES:
         raise ValueError(f"unknown rollout engine {kind!r}: use one of {', '.join(ENGINES)}")
-    if kind != "vllm":
-        return
-    try:
-        version = importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        raise ValueError(f"engine 'vllm' needs vllm=={VLLM_VERSION}, which is not installed: "
-                         "pip install -r requirements-gpu.txt, or use engine=hf") from None
-    if version != VLLM_VERSION:
-        raise ValueError(f"engine 'vllm' is written for vllm {VLLM_VERSION}, found {version}: "
-                         "pip install -r requirements-gpu.txt")
-    for d in devices:
-        if not str(d).startswith("cuda"):
-            raise ValueError(f"engine 'vllm' runs on a GPU, got device={d!r}: use engine=hf on cpu")
-    if temperature is not None and not 0.01 <= temperature <= 2:
-        # vLLM rejects > 2 and silently raises < 0.01: b would not be the learner's distribution
-        raise ValueError(f"engine 'vllm' needs 0.01 <= temperature <= 2, got {temperature}: change it or use engine=hf")
-    wants_mc = ("mc_ids" in fields or "mc_behavior_logp" in fields) and (mc_samples is None or mc_samples > 1)
-    if wants_mc and top_p < 1:
-        raise ValueError(f"engine 'vllm' draws MC samples before top-p truncation, top_p={top_p}: "
-                         "use top_p=1 or engine=hf")
+    if kind == "vllm":
+        vllm_support.check(fields, mc_samples, temperature, top_p, devices)
 
 
 def make_engine(model: str | PreTrainedModel, *, kind: str = "hf", device: str | torch.device = "cpu",
                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, eos_token_id: int | None = None,
-                pad_token_id: int | None = None, dtype: torch.dtype | str | None = None, **vllm_kwargs) -> Engine:
+                pad_token_id: int | None = None, dtype: torch.dtype | str | None = None, mc_samples: int = 0,
+                **vllm_kwargs) -> Engine:
     """Build a rollout engine from a model directory or (hf only) a built transformers model, moved to `device` in
     place. dtype: torch dtype for hf (None = the built model's, float32 from a directory), vLLM dtype string for vllm
-    (None = "auto"). vllm_kwargs go to vllm.LLM (e.g. max_logprobs)."""
+    (None = "auto"). mc_samples: the most MC samples generate() will ask for (vllm sets its draws up at start; hf
+    draws any number). vllm_kwargs go to vllm.LLM (e.g. max_logprobs)."""
     check_engine(kind)  # unknown kind
     if not temperature > 0:
         raise ValueError(f"temperature={temperature}: must be > 0 (greedy decoding has no behaviour distribution)")
@@ -87,14 +70,18 @@ def make_engine(model: str | PreTrainedModel, *, kind: str = "hf", device: str |
         raise ValueError("eos_token_id is required: pass tokenizer.eos_token_id")
     pad_token_id = eos_token_id if pad_token_id is None else pad_token_id  # pads are masked; any id works
     if kind == "vllm":
-        check_engine(kind, temperature=temperature, devices=(device,))
-        # before vllm is imported: engine core in this process (weights and MC draws pass as objects),
-        # Model Runner V2 (the logits-processor interface vllm_engine.MCDrawProcessor implements)
+        mc_draws = mc_samples > 1
+        check_engine(kind, {"mc_ids"} if mc_draws else set(), mc_samples=mc_samples, temperature=temperature,
+                     top_p=top_p, devices=(device,))
+        # before vllm is imported: the engine core in this process (weights and MC draws pass as objects); Model
+        # Runner V2 only for MC draws (the logits-processor interface of vllm_engine.MCDrawProcessor), else vLLM's
+        # default runner
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+        if mc_draws:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
         from optional.vllm_engine import VLLMEngine  # imports vllm
         return VLLMEngine(model, device, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                          eos_token_id=eos_token_id, dtype=dtype, **vllm_kwargs)
+                          eos_token_id=eos_token_id, dtype=dtype, mc_draws=mc_draws, **vllm_kwargs)
     if vllm_kwargs:
         raise ValueError(f"engine 'hf' takes no extra options, got {sorted(vllm_kwargs)}: drop them or use engine=vllm")
     return HFEngine(model, device, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
@@ -103,10 +90,12 @@ def make_engine(model: str | PreTrainedModel, *, kind: str = "hf", device: str |
 
 def engine_from_config(cfg: Config, model: str, device: str, tokenizer: PreTrainedTokenizerBase) -> Engine:
     """The engine a config asks for (rollout role, precompute, reference loop): one dtype, one sampler."""
-    vllm_options = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.engine == "vllm" else {}
+    on_gpu = torch.device(device).type == "cuda"  # vLLM reads gpu_memory_utilization as a share of host RAM on cpu
+    vllm_options = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.engine == "vllm" and on_gpu else {}
     return make_engine(model, kind=cfg.engine, device=device, temperature=cfg.temperature, top_p=cfg.top_p,
                        max_new_tokens=cfg.max_new_tokens, dtype=training_dtype(cfg),
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **vllm_options)
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       mc_samples=estimators.needs(cfg.loss).mc_samples, **vllm_options)
 
 
 def behaviour_logp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -157,13 +146,14 @@ class HFEngine:
         ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        if student_topk > out.logits.shape[-1]:
-            raise ValueError(f"student_topk={student_topk} exceeds the vocabulary ({out.logits.shape[-1]}): lower it")
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        if student_topk > self.model.config.vocab_size:
+            raise ValueError(f"student_topk={student_topk} exceeds the vocabulary ({self.model.config.vocab_size}): "
+                             "lower it")
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         steps = []  # one {field: [B, ...]} per decoding step
         for t in range(self.max_new_tokens):
-            logp = behaviour_logp(out.logits[:, -1], self.temperature, self.top_p)
+            logp = behaviour_logp(self.logits(out.last_hidden_state[:, -1]), self.temperature, self.top_p)
             draws = logp.argmax(-1, keepdim=True) if greedy else sample_ids(logp, max(mc_samples, 1), generator)
             tok = draws[:, 0].masked_fill(done, self.pad_token_id)
             step = {"alive": ~done, "token_ids": tok, "behavior_logp": logp.gather(1, tok[:, None])[:, 0]}
@@ -178,11 +168,19 @@ class HFEngine:
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], dim=1)
             pos = pos[:, -1:] + 1
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                             past_key_values=out.past_key_values, use_cache=True)
+            out = self.model.base_model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                                        past_key_values=out.past_key_values, use_cache=True)
         alive = torch.stack([s.pop("alive") for s in steps], dim=1)  # [B, T]; row-major = token-major packing
         per_token = {k: torch.stack([s[k] for s in steps], dim=1)[alive] for k in steps[0]}
         return pack_trajectory(prompts, prompt_index, alive.sum(1).tolist(), done.cpu(), policy_version, per_token)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [B, V] from the backbone's last hidden state, as the learner computes them
+        (estimators.gather_logprobs): a bf16 LM head would round a logit of size 16-32 by up to 0.06."""
+        weight = self.model.get_output_embeddings().weight
+        if hidden.is_cuda and weight.dtype != torch.float32:  # accumulates in fp32 without an fp32 copy of W
+            return torch.mm(hidden, weight.T, out_dtype=torch.float32)
+        return hidden.float() @ weight.float().T
 
     @torch.no_grad()
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:

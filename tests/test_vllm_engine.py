@@ -1,5 +1,6 @@
-"""vLLM adapter pieces against the real vllm 0.33.0 classes on CPU (bash run.sh test installs vllm with
---no-deps). vLLM's engine needs a GPU, so the pieces are driven directly: SamplingParams building, the
+"""vLLM adapter pieces against the real classes of the pinned vllm 0.32.0 (the CUDA package of requirements-gpu.txt;
+bash run.sh test installs it into .venv with --no-deps). Its engine needs a GPU, so the pieces are driven directly
+here (the real engine runs on CPU in tests/test_vllm_cpu.py): SamplingParams building, the
 logits processor (real base class, real LogitsContext / LogitsProcRequestState), output assembly from
 real RequestOutput / CompletionOutput / Logprob objects, and the weights call through the real
 msgpack serialisation and InprocClient. A rename of anything used here fails these tests."""
@@ -212,23 +213,32 @@ def test_weights_need_the_in_process_engine_core():
 
     client = InprocClient.__new__(InprocClient)
     client.engine_core = EngineCore()
+    reset_result = [True]
     llm = types.SimpleNamespace(collective_rpc=lambda method, kwargs: client.collective_rpc(method, kwargs=kwargs),
-                                reset_prefix_cache=lambda: calls.append(("reset_prefix_cache",)))
+                                reset_prefix_cache=lambda: calls.append(("reset_prefix_cache",)) or reset_result[0])
     vllm_engine.load_weights(llm, state)
     (method, kwargs), reset = calls
     assert method == "reload_weights" and reset == ("reset_prefix_cache",)
     assert [(n, t is state[n]) for n, t in kwargs["weights_iterator"]] == [(n, True) for n in state]
+    reset_result[0] = False  # blocks still held (v1/core/block_pool.py): the old weights' KV would be reused
+    with pytest.raises(RuntimeError, match="prefix cache"):
+        vllm_engine.load_weights(llm, state)
 
 
-def test_make_engine_pins_in_process_v2_runner(monkeypatch):
+def test_make_engine_pins_in_process_engine_and_v2_only_for_mc(monkeypatch):
     import os
-    for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_V2_MODEL_RUNNER"):
-        monkeypatch.delenv(k, raising=False)
-    with pytest.raises(ValueError, match="model directory"):  # reached after the environment is set
-        rollout.make_engine(torch.nn.Linear(2, 2), kind="vllm", device="cuda", eos_token_id=EOS)
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+    for mc_samples, v2 in ((0, None), (1, None), (8, "1")):
+        for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_V2_MODEL_RUNNER"):
+            monkeypatch.delenv(k, raising=False)
+        with pytest.raises(ValueError, match="model directory"):  # reached after the environment is set
+            rollout.make_engine(torch.nn.Linear(2, 2), kind="vllm", device="cuda", eos_token_id=EOS,
+                                mc_samples=mc_samples)
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        assert os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == v2
     with pytest.raises(ValueError, match="temperature"):
         rollout.make_engine("/x", kind="vllm", device="cuda", temperature=0.005, eos_token_id=EOS)
+    with pytest.raises(ValueError, match="runs on cuda"):  # the CUDA build (this package) on a CPU device
+        rollout.make_engine("/x", kind="vllm", device="cpu", eos_token_id=EOS)
 
 
 def test_vllm_api_names_the_adapter_uses():
@@ -253,3 +263,8 @@ def test_vllm_api_names_the_adapter_uses():
     assert {"method", "kwargs"} <= set(inspect.signature(LLM.collective_rpc).parameters)
     assert callable(LLM.reset_prefix_cache) and callable(EngineCore.collective_rpc) and callable(Worker.reload_weights)
     assert "weights_iterator" in inspect.signature(GPUModelRunner.reload_weights).parameters
+    assert {"hf_overrides", "kv_cache_memory_bytes", "enforce_eager"} <= {f.name for f in
+                                                                          dataclasses.fields(EngineArgs)}
+    from vllm.config.model import _get_head_dtype
+    assert _get_head_dtype(types.SimpleNamespace(head_dtype="float32"), torch.bfloat16, "generate") == torch.float32
+    assert _get_head_dtype(types.SimpleNamespace(), torch.bfloat16, "generate") == torch.bfloat16  # why we set it
