@@ -29,7 +29,6 @@ Run:  python asyncopd.py train configs/default.yaml [key=value ...]
 from runtime import childguard  # noqa: F401, I001 - first: a child of the run dies with the coordinator from here on
 import datetime
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -47,9 +46,9 @@ import rollout
 import task
 import teacher_cache
 from batch_format import concat
-from config import Config, config_help, load_config, resolve_transport, start_method, training_dtype
+from config import Config, resolve_transport, start_method, training_dtype
 from optional import offline
-from runtime import checkpoint, coordinator, preflight
+from runtime import checkpoint, cli, coordinator, preflight
 from runtime.channels import (Channels, beat, get, get_shard, hold_until_released, holding, make_channels, put, receive,
                               span, sync_devices, wait_until)
 from schedule import required_version, unit_prompt_indices, units_per_batch
@@ -222,14 +221,20 @@ def learn(ch: Channels, run: Run, ln: learner.Learner) -> None:
             ch.metrics_q.put(("trace", {"role": "learner", "name": f"train s{step}", "t0": t1, "t1": t2}))
             ch.metrics_q.put(("trace", {"role": "learner", "name": "publish", "t0": t2, "t1": t3}))
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            path, saved = checkpoint.save(ln, step, run.start_dir, run.run_dir), step
+            saved = save(ch, ln, run, step)
     if saved != step:  # (a stop right after a periodic save keeps that checkpoint)
-        path = checkpoint.save(ln, step, run.start_dir, run.run_dir)
-    if ln.rank == 0:
-        ch.metrics_q.put(("checkpoint", {"path": path, "step": step}))
+        save(ch, ln, run, step)
     if transport == "handoff" and ln.rank == 0:
         with span(ch, "learner", "hold weights until released"):
             hold_until_released(ch, len(cfg.rollout_devices))
+
+
+def save(ch: Channels, ln: learner.Learner, run: Run, step: int) -> int:
+    """Checkpoint `step` (all ranks); rank 0 tells the coordinator, which names the last one in any resume hint."""
+    path = checkpoint.save(ln, step, run.start_dir, run.run_dir)
+    if ln.rank == 0:
+        ch.metrics_q.put(("checkpoint", {"path": path, "step": step}))
+    return step
 
 
 def next_shard(ch: Channels, ln: learner.Learner, step: int, units: Iterator, pending: dict) -> tuple:
@@ -300,38 +305,8 @@ def train(cfg: Config) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(config_help())
-        return 0
-    cmd = argv[0] if argv and argv[0] in ("train", "precompute") else "train"
-    args = argv[1:] if argv and argv[0] == cmd else argv
-    path = args[0] if args and "=" not in args[0] else None
-    try:
-        cfg = load_config(path, [a for a in args if a != path])
-        if cmd == "precompute":
-            tok, train_prompts, _ = preflight.check_inputs(cfg, precompute=True)
-            print(precompute(cfg, tok, train_prompts))
-            return 0
-        summary = train(cfg)
-    except ValueError as e:  # bad input: one line, before anything started
-        print(f"asyncopd: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"asyncopd: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # e.g. a disk that fills up during precompute: finished chunks stay, a rerun resumes
-        print(f"asyncopd: error: {' '.join(str(e).split())}: free space or fix the file system, then rerun",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before the run's own handlers are in place: nothing to save yet
-        print("asyncopd: interrupted during start-up", file=sys.stderr)
-        return 128 + signal.SIGINT
-    print(coordinator.summary_table(cfg, summary))
-    if summary.get("interrupted"):
-        print(f"interrupted by {signal.Signals(summary['interrupted']).name}; resume with "
-              f"resume={summary.get('checkpoint')}")
-        return 128 + summary["interrupted"]
-    return 0
+    """The command line: train or precompute, one-line errors, exit codes, the summary (runtime/cli.py)."""
+    return cli.main(argv, train, precompute)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,12 @@ class _StrictLoader(yaml.SafeLoader):
 def _yaml(text, where):
     """Parsed YAML, or one ValueError line naming where (and the line) instead of PyYAML's multi-line report."""
     try:
+        depth = 0  # PyYAML's composer recurses (a deep nesting overflows the stack); its event stream does not
+        for event in yaml.parse(text, Loader=_StrictLoader):
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > 3:  # a config is a mapping, its loss section and lists
+                raise ValueError(f"{where} line {event.start_mark.line + 1}: nested deeper than a config can be (a "
+                                 "mapping, its loss section, a list): fix the YAML")
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
@@ -140,7 +146,7 @@ def _yaml(text, where):
 
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- key=value overrides (dotted keys reach the loss section)."""
+    """Defaults <- YAML file <- key=value overrides (dotted keys reach the loss section; each key once)."""
     cfg = Config()
     if path:
         if not os.path.isfile(path):
@@ -153,11 +159,16 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
             kind = type(updates).__name__
             raise ValueError(f"config file {path} is a YAML {kind}, not a mapping: write key: value lines")
         cfg = _apply(cfg, updates)
-    for item in overrides:
+    seen = {}  # dotted key -> the override that set it: a key twice on one command line is a mistake
+    for i, item in enumerate(overrides):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value: write e.g. steps=10")
-        cfg = _apply(cfg, {key: _yaml(value, f"override {item}") if value else ""})
+        value = _yaml(value, f"override {item[:60]}") if value else ""
+        for k in [f"{key}.{sub}" for sub in value] if isinstance(value, dict) else [key]:
+            if seen.setdefault(k, i) != i:
+                raise ValueError(f"override {item!r} sets {k} again after {overrides[seen[k]]!r}: give it once")
+        cfg = _apply(cfg, {key: value})
     return cfg
 
 

@@ -29,7 +29,7 @@ MAX_NEW_TOKENS = 48             # longest response is 4*8 + 3 + 1 + 5 + <eos> = 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 TASK_CHARS = list("0123456789+=;>")
 SPLIT_SEEDS = {"train": 1234, "test": 5678}
-DEFAULT_LIMIT = {"train": 20000, "test": 1000}
+DEFAULT_LIMIT = {"train": 20000, "test": 10000}  # problems per split; eval_size is at most the held-out one
 
 
 # ----------------------------------------------------------------------------- addition task

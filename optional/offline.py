@@ -10,6 +10,7 @@ sha256 over its tensors and meta; a chunk is written atomically, so an interrupt
 missing chunk. Training refuses a cache that does not fit the student (tokenizer, vocabulary, fields) or that was
 scored by a teacher other than the one that made the student's SFT data ("teacher consistency").
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -232,11 +233,14 @@ def offline_evals(cfg: Config, tok: PreTrainedTokenizerBase, evals: list[dict], 
     """Offline runs have no rollout role to evaluate: grade the (model dir, step) points after training."""
     torch.set_num_threads(cfg.threads)
     recs = []
-    for path, step in points:
-        engine = rollout.make_engine(path, kind="hf", device=cfg.rollout_devices[0], temperature=cfg.temperature,
-                                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        recs.append({"version": step * cfg.mini_batches, "step": step, "accuracy": task.evaluate(engine, tok, evals)})
+    # the checkpoints are saved: a stop signal just ends the grading (the command line reports it)
+    with coordinator.STOPS.raising(), contextlib.suppress(KeyboardInterrupt):
+        for path, step in points:
+            engine = rollout.make_engine(path, kind="hf", device=cfg.rollout_devices[0], temperature=cfg.temperature,
+                                         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            recs.append({"version": step * cfg.mini_batches, "step": step,
+                         "accuracy": task.evaluate(engine, tok, evals)})
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
         f.writelines(json.dumps({"kind": "eval", **r}) + "\n" for r in recs)
     coordinator.plot_run(run_dir)

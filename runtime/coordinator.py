@@ -2,11 +2,14 @@
 hung or signalled role, and the run's outputs (run folder, metrics.jsonl, trace.json, plots.png, summary table).
 asyncopd.train() uses it; nothing here knows about OPD, and you need not read it to learn OPD.
 """
+import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
@@ -19,11 +22,64 @@ import torch.multiprocessing as mp
 import yaml
 from tqdm import tqdm
 
-from runtime import channels, childguard
+from runtime import channels, childguard, filesystem
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal or ssh session closed
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal before the run's children started: nothing to save."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """The coordinator's SIGINT, SIGTERM and SIGHUP (handlers are process-wide: one instance, STOPS). Inside
+    `with STOPS:` a signal before the children start raises Interrupted; once they have started
+    (start_children) each is recorded, never fatal, until the block ends: watch() stops the run on the first (the
+    learner checkpoints), kills the children on a second, and the summary and resume hint still print. The command
+    line holds the block from its start to its last line; nested blocks share it."""
+
+    def __init__(self):
+        self.received, self.children, self.depth, self.old = [], False, 0, {}
+
+    def __enter__(self):
+        if self.depth == 0:
+            self.received.clear()
+            self.old = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0:
+            self.children = False
+            for s, handler in self.old.items():
+                signal.signal(s, handler)
+
+    def on_signal(self, signum, _frame):
+        self.received.append((signum, time.time()))
+        if not self.children:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def raising(self):
+        """Within: a stop signal raises Interrupted again (work after the run that may simply stop: the offline
+        evaluation of saved checkpoints)."""
+        children, self.children = self.children, False
+        try:
+            yield
+        finally:
+            self.children = children
+
+
+STOPS = StopSignals()
 
 
 def child_main(role, fn, ch, *args):
-    """Entry of every child: die with the coordinator, turn SIGTERM/SIGINT into a clean stop of the whole run,
+    """Entry of every child: die with the coordinator, turn SIGTERM/SIGINT/SIGHUP into a clean stop of the whole run,
     report any exception to the coordinator as (role, error, traceback)."""
     childguard.die_with(ch.coordinator)  # again: the main module may not be asyncopd.py (tools, tests), or forked
     os.environ.pop(childguard.COORDINATOR_ENV, None)  # a forked child did not re-import childguard, which pops it
@@ -40,10 +96,10 @@ def child_main(role, fn, ch, *args):
         # the main thread may hold the event's lock (it polls is_set): set it from another thread
         threading.Thread(target=ch.stop.set, daemon=True).start()
 
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in STOP_SIGNALS:
         signal.signal(s, on_signal)
         signal.siginterrupt(s, False)  # restart system calls: a collective in gloo/NCCL must not fail with EINTR
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked by run() until here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by start_children() until here
     torch.set_num_threads(ch.threads)
     try:
         fn(ch, *args)
@@ -73,25 +129,27 @@ def free_port():
 
 def start_children(ch, roles, run_dir, method):
     """One process per (role, fn, args), forked or spawned (config.start_method), entered through child_main; their
-    pids go to run_dir/pids.json. Children start with SIGTERM/SIGINT blocked (the mask survives fork and exec) and
+    pids go to run_dir/pids.json. Children start with the stop signals blocked (the mask survives fork and exec) and
     unblock them once their handlers are in place: a Ctrl-C during their start stops the run instead of printing a
-    traceback per child."""
-    context, procs, stop_signals = mp.get_context(method), {}, {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    traceback per child. From here on, the coordinator's own stop signals are recorded (STOPS), not raised."""
+    context, procs = mp.get_context(method), {}
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     os.environ[childguard.COORDINATOR_ENV] = str(os.getpid())  # read by childguard in each child, first thing
     try:
         for role, fn, args in roles:  # not daemonic: vLLM starts a process of its own
             procs[role] = context.Process(target=child_main, args=(role, fn, ch, *args), name=f"asyncopd-{role}")
             procs[role].start()
+        with open(os.path.join(run_dir, "pids.json"), "w") as f:
+            json.dump({"coordinator": os.getpid(), **{r: p.pid for r, p in procs.items()}}, f)
+        STOPS.children = True  # before the unblock: a signal pending since then stops the run, not the start-up
     except BaseException:
         for p in procs.values():
             p.kill()
+            p.join()
         raise
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         os.environ.pop(childguard.COORDINATOR_ENV, None)
-    with open(os.path.join(run_dir, "pids.json"), "w") as f:
-        json.dump({"coordinator": os.getpid(), **{r: p.pid for r, p in procs.items()}}, f)
     return procs
 
 
@@ -150,12 +208,25 @@ class Watch:
                 self.summary["last_step"], old = rec, self.summary["stale"]
                 self.summary["stale"] = [min(old[0], rec["stale_min"]), old[1] + rec["stale_mean"],
                                          max(old[2], rec["stale_max"]), old[3] + 1]
-                self.bar.update(1)
             evals = self.summary["evals"]
             last = self.summary["last_step"] or {"loss": 0, "stale_mean": 0, "tokens_per_s": 0}
-            self.bar.set_postfix(loss=f"{last['loss']:.3f}", stale=f"{last['stale_mean']:.1f}",
-                                 tok_s=f"{last['tokens_per_s']:.0f}",
-                                 acc=f"{evals[-1]['accuracy']:.2f}" if evals else "-")
+            try:
+                self.bar.update(int(kind == "step"))
+                self.bar.set_postfix(loss=f"{last['loss']:.3f}", stale=f"{last['stale_mean']:.1f}",
+                                     tok_s=f"{last['tokens_per_s']:.0f}",
+                                     acc=f"{evals[-1]['accuracy']:.2f}" if evals else "-")
+            except OSError:  # the terminal is gone (SIGHUP): the run goes on without a bar
+                self.bar.disable = True
+
+    def close(self) -> OSError | None:
+        """Close the bar and the files; the first error of a write (the trace's end, say) is returned, not raised."""
+        errors = []
+        for close in (self.bar.close, lambda: self.trace.write("]}\n"), self.trace.close, self.log.close):
+            try:
+                close()
+            except OSError as e:
+                errors.append(e)
+        return errors[0] if errors else None
 
     def trace_event(self, event, role):
         self.trace.write(self.sep + json.dumps(dict(event, pid=self.pids[role], tid=0)) + "\n")
@@ -175,59 +246,90 @@ class Watch:
 
 def watch(cfg, ch, procs, run_dir, start_step):
     """Coordinator loop: log metrics, drive the progress bar, notice a failed role within a second, a hung one
-    (no heartbeat) within its stall limit, and stop on SIGTERM/SIGINT with a checkpoint (a second signal: at once).
-    Returns the summary; raises RuntimeError naming the failed role."""
-    w, error = Watch(cfg, run_dir, start_step), None
-    old = {s: signal.signal(s, lambda signum, _: w.stopping.append((signum, time.time())))  # the loop acts
-           for s in (signal.SIGINT, signal.SIGTERM)}
-    learners = [p for r, p in procs.items() if r.startswith("learner")]
+    (no heartbeat) within its stall limit, a write of its own that fails (a full disk), and stop on SIGINT, SIGTERM or
+    SIGHUP with a checkpoint (a second signal: the children are killed at once). However the loop ends, every child is
+    reaped and a partial checkpoint folder removed before it returns the summary, or raises RuntimeError naming the
+    failed role and the checkpoint to resume from."""
     try:
-        while True:
-            try:
-                w.take(*ch.metrics_q.get(timeout=channels.POLL_S))
-            except queue.Empty:
+        w, error = Watch(cfg, run_dir, start_step), None
+    except OSError as e:
+        end_children(ch, procs, [], quick=True)
+        raise RuntimeError(f"coordinator failed: {filesystem.write_error(e, run_dir)}") from None
+    learners = [p for r, p in procs.items() if r.startswith("learner")]
+    with STOPS:  # (nested in the command line's: a signal during the report below is recorded, not fatal)
+        stopping = STOPS.received
+        try:
+            while True:
+                if ch.signal.value and not stopping:  # a child got the signal (or the whole group did)
+                    stopping.append((ch.signal.value, time.time()))
+                if stopping:
+                    ch.stop.set()
+                    if signal.SIGHUP in (s for s, _ in stopping):
+                        w.bar.disable = True  # its terminal is likely gone
+                # a repeat within 1 s is the same request: `timeout` signals the coordinator, then its whole group
+                if len(stopping) > 1 and stopping[-1][1] - stopping[0][1] > 1.0:
+                    w.summary["killed_by"] = stopping[-1][0]
+                    break
+                w.check_stalls(cfg, ch, procs)
+                if any(r.startswith("learner") for r, _ in w.stalled):
+                    break  # a hung learner cannot save: nothing to wait for
+                failed = any(p.exitcode not in (None, 0) for p in procs.values()) or not ch.err_q.empty()
+                if failed and not w.stalled:  # after a stall, the stopped role is the cause, not its peers' exits
+                    error = diagnose(ch, procs)
+                    break
+                if all(p.exitcode == 0 for p in learners):
+                    ch.learned.set()  # the producers may exit now
+                done = all(p.exitcode == 0 for p in procs.values()) or \
+                    ((stopping or w.stalled) and all(p.exitcode is not None for p in learners))
+                try:
+                    w.take(*ch.metrics_q.get(timeout=0 if done else channels.POLL_S))
+                    continue  # (done: the late records first: final eval, checkpoint)
+                except queue.Empty:
+                    if done:
+                        break
+        except OSError as e:  # a write of the coordinator's own failed: the run cannot be logged, stop it
+            error = ("coordinator", filesystem.write_error(e, run_dir), traceback.format_exc())
+        finally:
+            end_children(ch, procs, [r for r, _ in w.stalled], quick=error is not None or bool(w.stalled)
+                         or "killed_by" in w.summary)
+            try:  # records the loop did not reach (killed at once: the checkpoint a learner finished)
+                while True:
+                    w.take(*ch.metrics_q.get_nowait())
+            except (queue.Empty, OSError):
                 pass
-            if ch.signal.value and not w.stopping:  # a child got the signal (or the whole group did)
-                w.stopping.append((ch.signal.value, time.time()))
-            if w.stopping:
-                ch.stop.set()
-            # a repeat within 1 s is the same request: `timeout` signals the coordinator, then its whole group
-            if len(w.stopping) > 1 and w.stopping[-1][1] - w.stopping[0][1] > 1.0:
-                name = signal.Signals(w.stopping[-1][0]).name
-                error = ("coordinator", f"second {name}: stopped at once, without a checkpoint", "")
-                break
-            w.check_stalls(cfg, ch, procs)
-            if any(r.startswith("learner") for r, _ in w.stalled):
-                break  # a hung learner cannot save: nothing to wait for
-            failed = any(p.exitcode not in (None, 0) for p in procs.values()) or not ch.err_q.empty()
-            if failed and not w.stalled:  # after a stall, the stopped role is the cause, not its peers' exits
-                error = diagnose(ch, procs)
-                break
-            if all(p.exitcode == 0 for p in learners):
-                ch.learned.set()  # the producers may exit now
-            if all(p.exitcode == 0 for p in procs.values()) or \
-                    ((w.stopping or w.stalled) and all(p.exitcode is not None for p in learners)):
-                while not ch.metrics_q.empty():  # late records: final eval, checkpoint
-                    w.take(*ch.metrics_q.get())
-                break
-    finally:
-        w.bar.close()
-        w.log.close()
-        w.trace.write("]}\n")
-        w.trace.close()
-        end_children(ch, procs, [r for r, _ in w.stalled], quick=error is not None or bool(w.stalled))
-        for s, h in old.items():  # last: a signal during the clean-up above is recorded, not fatal
-            signal.signal(s, h)
-    if w.stalled:
-        error = stall_error(cfg, w.stalled[0], w.summary)
-    if error:
-        role, msg, tb = error
-        with open(os.path.join(run_dir, "error.log"), "w") as f:
-            f.write(f"{role}: {msg}\n{tb}")
-        raise RuntimeError(f"{role} failed: {msg}" + (f" (traceback in {run_dir}/error.log)" if tb else ""))
-    w.summary["interrupted"] = w.stopping[0][0] if w.stopping else None
-    plot_run(run_dir)
+            closed = w.close()
+            for tmp in glob.glob(os.path.join(run_dir, "ckpt_*.tmp-*")):  # a save cut short: never resumed from
+                shutil.rmtree(tmp, ignore_errors=True)
+        if closed and not error:
+            error = ("coordinator", filesystem.write_error(closed, run_dir), "")
+        if w.stalled:
+            error = stall_error(cfg, w.stalled[0], w.summary)
+        if error:
+            role, msg, tb = error
+            try:
+                with open(os.path.join(run_dir, "error.log"), "w") as f:
+                    f.write(f"{role}: {msg}\n{tb}")
+            except OSError:  # (a full disk) the message is all there is
+                tb = ""
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(run_dir, "error.log"))
+            where = f" (traceback in {run_dir}/error.log)" if tb else ""
+            raise RuntimeError(f"{role} failed: {msg}{where}" + ("" if w.stalled else resume_hint(w.summary)))
+        w.summary["interrupted"] = stopping[0][0] if stopping else None
+        try:
+            plot_run(run_dir)
+        except OSError as e:
+            hint = resume_hint(w.summary)
+            raise RuntimeError(f"coordinator failed: {filesystem.write_error(e, run_dir)}{hint}") from None
     return w.summary
+
+
+def resume_hint(summary: dict) -> str:
+    """'; resume with resume=CKPT' for the last finished checkpoint, or what to do without one."""
+    ckpt = summary.get("checkpoint")
+    if not ckpt:
+        return "; no checkpoint was saved: rerun from the start"
+    return f"; the last checkpoint is step {summary.get('checkpoint_step')}: resume with resume={ckpt}"
 
 
 def end_children(ch, procs, stalled, quick):

@@ -2,12 +2,17 @@
 line that names it and the fix. A check that needs a module's knowledge lives in that module
 (estimators.validate_options, rollout.check_engine, runtime/checkpoint.check_resume, optional/offline.check_cache,
 task.prepare_prompts); this file calls them in order and adds the checks of the config's values, files, folders,
-devices and models. You need not read it to learn OPD.
+devices, models (their safetensors headers) and sizes (cores, shared memory, open files, path lengths). You need not
+read it to learn OPD.
 """
 import dataclasses
+import json
 import math
 import os
+import resource
+import shutil
 import tempfile
+import time
 
 import torch
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
@@ -16,9 +21,10 @@ import estimators
 import rollout
 import task
 import teacher_cache
-from config import Config, resolve_transport, role_devices, start_method
+from batch_format import FIELD_SPECS
+from config import Config, resolve_transport, role_devices, start_method, training_dtype
 from optional import offline
-from runtime import checkpoint
+from runtime import checkpoint, filesystem
 
 # Per-key ranges, checked first by check_values(): (keys, predicate, the fix). Every float must also be finite.
 RANGES = [
@@ -28,6 +34,8 @@ RANGES = [
     ("eval_size queue_size save_every rollout_batch_size step_off max_staleness micro_batch_tokens "
      "teacher_batch_tokens",
      lambda v: v >= 0, "is negative: must be >= 0 (see --help for what 0 means)"),
+    ("dist_timeout_s", lambda v: v <= 7 * 86400, "is more than a week (604800 s): a collective waiting that long is "
+     "hung (and datetime.timedelta overflows for huge values); lower it"),
     ("lr stall_timeout_s", lambda v: v > 0, "must be > 0"),
     ("weight_decay grad_clip", lambda v: v >= 0, "must be >= 0"),
     ("betas", lambda v: len(v) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in v),
@@ -44,6 +52,17 @@ RANGES = [
 # Keys with a fixed set of values, checked right after RANGES
 CHOICES = {"schedule": ("sync", "step_off", "async", "offline"), "teacher_dtype": ("auto", "bfloat16", "float32"),
            "weight_transport": ("auto", "shared", "handoff"), "start_method": ("auto", "fork", "spawn")}
+# Keys only some schedules read ("precompute": the `asyncopd.py precompute` command): set to anything but the default
+# on another schedule they would be ignored without a word, so they are refused.
+SCHEDULE_KEYS = {"cache_dir": ("offline", "precompute"), "allow_teacher_mismatch": ("offline",),
+                 "precompute_prompts": ("offline", "precompute"), "chunk_prompts": ("offline", "precompute"),
+                 "step_off": ("step_off",), "max_staleness": ("async",)}
+# Every field of a scored rollout unit whatever the estimator (batch_format.pack_trajectory, the engines' token_ids and
+# behavior_logp, teacher_cache.score_unit's teacher_logp); the estimator adds its own (unit_fields).
+UNIT_CORE = ("prompt_ids", "prompt_cu_seqlens", "cu_seqlens", "finished", "prompt_index", "token_ids", "behavior_logp",
+             "policy_version", "loss_mask", "teacher_logp")
+FD_RESERVE = 256  # open files each process keeps for itself (libraries, sockets, model files, logs); 1/4 below 1024
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def check_inputs(cfg: Config, precompute: bool = False) -> tuple[PreTrainedTokenizerBase, list[dict], list[dict]]:
@@ -51,11 +70,12 @@ def check_inputs(cfg: Config, precompute: bool = False) -> tuple[PreTrainedToken
     writes cache_dir instead of a run folder and scores with the teacher as an online run does). Fills the derived
     defaults (rollout_batch_size, queue_size). Returns (tokenizer, train prompts, eval prompts), so that nothing is
     loaded twice."""
-    check_values(cfg)
+    check_values(cfg, precompute)
     if precompute:
         if not cfg.cache_dir:
             raise ValueError("precompute needs cache_dir=PATH (where the chunks go)")
         writable(cfg.cache_dir, "cache_dir")
+        fits(cfg.cache_dir, "cache_dir", [], f"chunk_00000.safetensors.tmp-{_PID}")
         if cfg.engine == "vllm" and cfg.rollout_devices[0] not in ("cuda", "cuda:0", "cpu"):
             raise ValueError(f"precompute with engine=vllm runs vLLM in this process, which takes the first visible "
                              f"GPU, not {cfg.rollout_devices[0]}: set rollout_devices=[cuda:0] or CUDA_VISIBLE_DEVICES")
@@ -64,20 +84,34 @@ def check_inputs(cfg: Config, precompute: bool = False) -> tuple[PreTrainedToken
         if cfg.run_name and os.path.exists(os.path.join(cfg.out_dir, cfg.run_name)):  # would mix two runs' metrics
             raise ValueError(f"run_name={cfg.run_name}: {os.path.join(cfg.out_dir, cfg.run_name)} exists (resume "
                              "writes a new run folder too): choose another run_name, or delete that folder")
+        check_run_paths(cfg)
     if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
         raise ValueError(f"resume={cfg.resume}: no trainer_state.json there; give a checkpoint folder of a run")
+    online = precompute or cfg.schedule != "offline"
+    if cfg.resume and online:  # check_resume compares the teacher by the fingerprint of its files
+        check_model_files(cfg.teacher, "teacher")
     checkpoint.check_resume(cfg)
     for d in role_devices(cfg):
         _check_device(d, "device")
     if len({d.startswith("cuda") for d in cfg.learner_devices}) > 1:
         raise ValueError(f"learner_devices={cfg.learner_devices} mixes cpu and cuda: use one kind")
-    tok = check_models(cfg, online=precompute or cfg.schedule != "offline")
-    return (tok, *task.prepare_prompts(cfg, tok))
+    tok = check_models(cfg, online=online)
+    source = cfg.eval_data or cfg.data
+    if source == "addition" and cfg.eval_size > task.DEFAULT_LIMIT["test"]:  # the split is drawn until it has them
+        raise ValueError(f"eval_size={cfg.eval_size} is more than the {task.DEFAULT_LIMIT['test']} held-out problems "
+                         f"of the addition task: set eval_size<={task.DEFAULT_LIMIT['test']} (0 = no evaluation)")
+    train, evals = task.prepare_prompts(cfg, tok)
+    if len(evals) < cfg.eval_size:  # read_rows gives what there is: the run would evaluate fewer without a word
+        raise ValueError(f"eval_size={cfg.eval_size} but {source} has only {len(evals)} held-out prompts: set "
+                         f"eval_size<={len(evals)} (0 = no evaluation), or give eval_data with more")
+    if not precompute and cfg.schedule != "offline":  # only online runs pass units between processes
+        check_memory(cfg, train)
+    return tok, train, evals
 
 
-def check_values(cfg: Config) -> None:
+def check_values(cfg: Config, precompute: bool = False) -> None:
     """Ranges, choices and the relations between keys, the loss options included; fills rollout_batch_size and
-    queue_size when 0. One-line ValueErrors."""
+    queue_size when 0. One-line ValueErrors. precompute: for `asyncopd.py precompute` (see SCHEDULE_KEYS)."""
     for keys, ok, fix in RANGES:
         for key in keys.split():
             if not ok(getattr(cfg, key)):
@@ -90,6 +124,13 @@ def check_values(cfg: Config) -> None:
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key}={getattr(cfg, key)!r}: use one of {', '.join(allowed)}")
     estimators.validate_options(cfg.loss)
+    default, modes = Config(), {cfg.schedule} | ({"precompute"} if precompute else set())
+    for key, users in SCHEDULE_KEYS.items():
+        if getattr(cfg, key) != getattr(default, key) and not modes & set(users):
+            where = " and ".join("`asyncopd.py precompute`" if u == "precompute" else f"schedule={u}" for u in users)
+            this = "`asyncopd.py precompute`" if precompute else f"schedule={cfg.schedule}"
+            raise ValueError(f"{key}={getattr(cfg, key)!r} is read only by {where}; this run is {this} and would "
+                             f"ignore it: drop {key}, or set schedule={users[0]}")
     cfg.rollout_batch_size = cfg.rollout_batch_size or cfg.batch_size
     cfg.queue_size = cfg.queue_size or 2 * max(1, cfg.batch_size // cfg.rollout_batch_size)
     world = len(cfg.learner_devices)
@@ -112,6 +153,10 @@ def check_values(cfg: Config) -> None:
         if cfg.threads > 1:  # as torch's DataLoader workers: forked, one thread
             raise ValueError(f"start_method=fork with threads={cfg.threads}: a forked child may hang in OpenMP (its "
                              "thread pool does not survive a fork); use threads=1 or start_method=spawn (or auto)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.threads > cores:  # more only oversubscribes (and a huge count floods the console with OpenMP errors)
+        raise ValueError(f"threads={cfg.threads} is more than the {cores} cores this process may use "
+                         f"(os.sched_getaffinity): set threads<={cores}")
     if not 0 < cfg.gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization}: must be in (0, 1], e.g. 0.8")
     if not 0 < cfg.temperature <= 10 or not 0 < cfg.top_p <= 1:
@@ -132,6 +177,49 @@ def writable(path: str, key: str) -> None:
         raise ValueError(f"{key}={path}: cannot write in {parent} ({e.strerror}): give a writable folder") from None
 
 
+def _pid_max() -> str:
+    """The longest process id, for the temp names a run writes (ckpt_NNNNN.tmp-PID)."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return "9" * len(f.read().strip())
+    except OSError:
+        return "9" * 7  # Linux's largest pid_max, 4194304
+
+
+_PID = _pid_max()
+
+
+def fits(folder: str, key: str, names: list[tuple[str, str]], tail: str) -> None:
+    """folder/names.../tail, the longest path a run writes under `key`, fits the file system that will hold it: each
+    name <= NAME_MAX bytes and the whole path < PATH_MAX (names: (key, folder) the run creates, e.g. run_name)."""
+    parent = folder = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    name_max, path_max = os.pathconf(parent, "PC_NAME_MAX"), os.pathconf(parent, "PC_PATH_MAX")
+    created = os.path.relpath(folder, parent).split(os.sep) if parent != folder else []  # folders makedirs will add
+    for part, owner in [(p, key) for p in created] + [(n, k) for k, n in names]:
+        if len(part.encode()) > name_max:
+            raise ValueError(f"{owner}: the name {part[:40]!r}... is {len(part.encode())} bytes, more than the "
+                             f"{name_max} (NAME_MAX) a file name may have on the file system of {parent}: shorten it")
+    path = os.path.join(folder, *(n for _, n in names), tail)
+    if len(path.encode()) >= path_max:
+        keys = " or ".join([key] + [k for k, _ in names if k != key])
+        raise ValueError(f"{keys}: the run would write paths of {len(path.encode())} bytes ({key}/.../"
+                         f"{os.path.basename(tail)}), more than PATH_MAX={path_max} allows on the file system of "
+                         f"{parent}: give a shorter {keys}")
+
+
+def check_run_paths(cfg: Config) -> None:
+    """out_dir/run_name and the longest path a run writes there (a checkpoint's swapped-out copy,
+    out_dir/run_name/ckpt_NNNNN.tmp-PID.old/FILE) fit the file system (see fits)."""
+    name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.schedule}-{cfg.loss.name}-999"  # make_run_dir's
+    start = cfg.resume or cfg.student
+    files = ["model.safetensors", "optimizer.pt", "trainer_state.json", "manifest.json"]
+    files += os.listdir(start) if os.path.isdir(start) else []  # checkpoint.save copies the model folder's files
+    tail = os.path.join(f"ckpt_{cfg.steps:05d}.tmp-{_PID}.old", max(files, key=lambda n: len(n.encode())))
+    fits(cfg.out_dir, "out_dir", [("run_name", name)], tail)
+
+
 def _check_device(dev, what):
     if dev.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -143,10 +231,53 @@ def _check_device(dev, what):
         raise ValueError(f"{what}={dev!r} is not a device: use cpu or cuda:N")
 
 
-def _model_dir(path, what):
+def check_model_files(path: str, what: str) -> list[dict]:
+    """A model folder holds config.json, a tokenizer and whole safetensors weights: model.safetensors, or
+    model.safetensors.index.json and every shard it names, each file as long as its header declares. Reads the
+    headers only, never a weight. Returns the headers ({tensor name: dtype, shape, data_offsets})."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{what} model not found: looked for {os.path.abspath(path)}/config.json")
-    return path
+    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise ValueError(f"{what} {path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}): save one there "
+                         "(tokenizer.save_pretrained) or copy the model folder whole")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        names = ["model.safetensors"]
+    elif os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{what} {index}: not a readable index ({type(e).__name__}): copy or download the "
+                             "model again") from None
+        missing = [n for n in names if not os.path.isfile(os.path.join(path, str(n)))]
+        if missing or not names:
+            raise ValueError(f"{what} {path}: {missing[:1] or 'no shard'} named by model.safetensors.index.json "
+                             f"missing ({len(missing)} of {len(names)} shards): copy or download the model again")
+    else:
+        raise ValueError(f"{what} {path}: no model.safetensors (nor model.safetensors.index.json): save the weights "
+                         "there with save_pretrained (safetensors), or copy the model folder whole")
+    return [_safetensors_header(os.path.join(path, n), what) for n in names]
+
+
+def _safetensors_header(path, what):
+    """The file's JSON header (8-byte little-endian length, then the JSON); its size must be 8 + that length + the
+    end of the last tensor's data, as safetensors lays it out."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        raw = f.read(n) if 0 < n <= min(size - 8, 100_000_000) else b""  # 100 MB: safetensors' own header limit
+    try:
+        header = json.loads(raw)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise ValueError(f"{what} {path}: not a safetensors file (its header is unreadable): the file is damaged; "
+                         "copy or download the model again") from None
+    if size != 8 + n + end:
+        kind = "truncated" if size < 8 + n + end else "longer than its header says"
+        raise ValueError(f"{what} {path}: {size} bytes but its header declares {8 + n + end}, so it is {kind}: copy "
+                         "or download the model again")
+    return header
 
 
 def _load(auto, path, what):
@@ -172,16 +303,24 @@ def _causal_lm(conf, what, path):
 def check_models(cfg: Config, online: bool = True) -> PreTrainedTokenizerBase:
     """Student and teacher load and agree (vocabulary, tokenizer); the engine (online) or the cache (offline) can
     serve the estimator. Returns the student's tokenizer."""
-    student_dir = _model_dir(cfg.resume or cfg.student, "student")
+    student_dir = cfg.resume or cfg.student
+    check_model_files(student_dir, "student")
     s_conf, tok = _load(AutoConfig, student_dir, "student"), _load(AutoTokenizer, student_dir, "student")
     _causal_lm(s_conf, "student", student_dir)
     fields = estimators.required_fields(cfg.loss)
+    read = {FIELD_SPECS[f]["width"] for f in fields if f in FIELD_SPECS}
+    for key, width in (("teacher_topk", "K"), ("student_topk", "Ks")):  # top-K of V ids: at most V
+        if width in read and getattr(cfg.loss, key) > s_conf.vocab_size:
+            raise ValueError(f"loss.{key}={getattr(cfg.loss, key)} is more than the vocabulary ({s_conf.vocab_size} "
+                             f"tokens, {student_dir}): {cfg.loss.name} takes the top loss.{key} of them; set "
+                             f"loss.{key}<={s_conf.vocab_size}")
     if not online:
         offline.check_cache(cfg, student_dir, tok, fields)
     else:
         rollout.check_engine(cfg.engine, fields, mc_samples=cfg.loss.samples, temperature=cfg.temperature,
                              top_p=cfg.top_p, devices=cfg.rollout_devices)
-        t_conf = _load(AutoConfig, _model_dir(cfg.teacher, "teacher"), "teacher")
+        check_model_files(cfg.teacher, "teacher")
+        t_conf = _load(AutoConfig, cfg.teacher, "teacher")
         _causal_lm(t_conf, "teacher", cfg.teacher)
         if t_conf.vocab_size != s_conf.vocab_size:
             raise ValueError(f"vocabulary size mismatch: student {s_conf.vocab_size} vs teacher {t_conf.vocab_size}: "
@@ -194,3 +333,65 @@ def check_models(cfg: Config, online: bool = True) -> PreTrainedTokenizerBase:
         raise ValueError(f"estimator {cfg.loss.name} needs the dense teacher distribution, too big at "
                          f"V={s_conf.vocab_size}: use forward_kl_topk, reverse_kl_mc or jsd on a finite support")
     return tok
+
+
+def unit_fields(cfg: Config) -> set[str]:
+    """The fields a scored rollout unit of this run carries: UNIT_CORE, what the estimator reads, and what the engine
+    writes beside it (generate(student_topk=) writes ids and b, generate(mc_samples=) draws and b)."""
+    need = estimators.needs(cfg.loss)
+    return set(UNIT_CORE) | need.rollout | need.teacher | (
+        {"student_topk_ids", "student_topk_behavior_logp"} if need.student_topk else set()) | (
+        {"mc_ids", "mc_behavior_logp"} if need.mc_samples else set())
+
+
+def _mem_available():
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_memory(cfg: Config, train: list[dict]) -> None:
+    """The rollout units that can be in flight at once fit in shared memory and in the open-files limit. A unit crosses
+    the torch.multiprocessing queues as shared-memory tensors, one file descriptor per tensor (file_descriptor
+    sharing); worst case: rollout_batch_size sequences of the longest train prompt + max_new_tokens tokens. In flight:
+    queue_size in each of the two queues, a batch in the learner, one in each rollout worker and in the teacher; plus
+    the shared weight buffer (weight_transport=shared)."""
+    fields, V = unit_fields(cfg), AutoConfig.from_pretrained(cfg.resume or cfg.student).vocab_size
+    B, P, T = cfg.rollout_batch_size, max(len(r["ids"]) for r in train), cfg.max_new_tokens
+    rows = {"P": B * P, "B": B, "B+1": B + 1, "N": B * T}
+    width = {None: 1, "K": cfg.loss.teacher_topk, "Ks": cfg.loss.student_topk, "M": cfg.loss.samples,
+             "Mt": cfg.loss.samples, "V": V}
+    size = {f: rows[s["rows"]] * width[s["width"]] * s["dtype"].itemsize for f, s in FIELD_SPECS.items() if f in fields}
+    per_batch, workers = cfg.batch_size // cfg.rollout_batch_size, len(cfg.rollout_devices)
+    units = 2 * cfg.queue_size + per_batch + workers + 1
+    weights = []  # the shared weight buffer: every tensor of the student, in the training dtype
+    if resolve_transport(cfg) == "shared":
+        weights = [math.prod(v["shape"]) for h in check_model_files(cfg.resume or cfg.student, "student")
+                   for k, v in h.items() if k != "__metadata__"]
+    big = max(size, key=size.get)  # the field to name, and the key that sets its width
+    group = FIELD_SPECS[big]["width"]
+    widths = {"K": "loss.teacher_topk, ", "Ks": "loss.student_topk, ", "M": "loss.samples, ", "Mt": "loss.samples, "}
+    lower = "use an estimator without [N, V] fields, or lower " if group == "V" else f"lower {widths.get(group, '')}"
+    flight = (f"{units} rollout units in flight (queue_size={cfg.queue_size} in each of 2 queues + a batch of "
+              f"batch_size/rollout_batch_size={per_batch} in the learner + {workers + 1} in the rollout and teacher)")
+    fix = "queue_size or batch_size/rollout_batch_size"
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    files, reserve = units * len(fields) + len(weights), min(FD_RESERVE, soft // 4)
+    if torch.multiprocessing.get_sharing_strategy() == "file_descriptor" and soft != resource.RLIM_INFINITY \
+            and files > soft - reserve:
+        raise ValueError(f"open files: {flight} x {len(fields)} tensors each (+ {len(weights)} weight tensors) = "
+                         f"{files} file descriptors (one per shared tensor), more than the open-files limit {soft} "
+                         f"(ulimit -n) less {reserve} for the processes' own files: lower {fix}, or raise ulimit -n")
+    unit = sum(size.values())
+    total = units * unit + sum(weights) * training_dtype(cfg).itemsize
+    shm = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
+    for free, where in ((shm, "free in /dev/shm"), (_mem_available(), "of MemAvailable")):
+        if free is not None and total > free:
+            human = filesystem.size
+            raise ValueError(f"shared memory: {flight} x {human(unit)} each ({B} sequences x ({P} prompt + "
+                             f"max_new_tokens={T}) tokens; largest field {big} [{rows[FIELD_SPECS[big]['rows']]} x "
+                             f"{width[group]}]) = {human(total)} with the weights, more than the {human(free)} "
+                             f"{where}: {lower}rollout_batch_size, max_new_tokens, {fix}")

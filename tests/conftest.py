@@ -16,6 +16,15 @@ except importlib.metadata.PackageNotFoundError:
     collect_ignore = ["vllm_cpu"]
 
 
+def merged(*groups):
+    """key=value overrides joined, a later key replacing an earlier one (a command line may not give a key twice)."""
+    out = {}
+    for item in (a for group in groups for a in group):
+        out.pop(item.split("=")[0], None)
+        out[item.split("=")[0]] = item
+    return list(out.values())
+
+
 def make_model_dir(path, tokenizer, hidden=32, layers=1, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)

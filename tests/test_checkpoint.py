@@ -17,7 +17,7 @@ import estimators
 import learner
 import rollout
 from optional import offline
-from runtime import checkpoint, coordinator, preflight
+from runtime import checkpoint, coordinator, filesystem, preflight
 from test_pipeline import scored_batch
 
 
@@ -59,14 +59,28 @@ def test_checkpoint_is_renamed_into_place_and_damage_is_refused(fsdp_student, tm
     assert os.stat(os.path.join(path, "model.safetensors")).st_ino != inode and os.listdir(tmp_path) == ["ckpt_00002"]
 
     def crash(*a, **k):
-        raise OSError("disk full")
-    with monkeypatch.context() as m:  # a save cut short leaves only a temp folder, with no manifest
+        raise RuntimeError("unexpected pos 576 vs 534")  # what torch.save says when the disk fills up
+    with monkeypatch.context() as m:  # a save cut short is removed: no folder of step 4 at all
         m.setattr(torch, "save", crash)
-        with pytest.raises(OSError):
+        with pytest.raises(RuntimeError, match="unexpected pos"):
             save(cfg, ln, 4, tmp_path)
-    tmp = [d for d in os.listdir(tmp_path) if d != "ckpt_00002"]
-    assert len(tmp) == 1 and tmp[0].startswith("ckpt_00004.tmp-") and not os.path.exists(tmp_path / "ckpt_00004")
-    assert "no readable manifest.json" in refused(cfg, resume=str(tmp_path / tmp[0]), steps=8)
+        assert os.listdir(tmp_path) == ["ckpt_00002"]
+        free = shutil.disk_usage(tmp_path).free
+        usage = iter([free, 1000])  # room before the write, none after it: the cause is named
+        m.setattr(checkpoint.shutil, "disk_usage", lambda p: SimpleNamespace(free=next(usage, 1000), total=free))
+        with pytest.raises(filesystem.DiskFull, match=r"no space left on .* to write .*ckpt_00004") as e:
+            save(cfg, ln, 4, tmp_path)
+        assert isinstance(e.value.__cause__, RuntimeError) and os.listdir(tmp_path) == ["ckpt_00002"]
+        m.setattr(checkpoint.shutil, "disk_usage", lambda p: SimpleNamespace(free=1000, total=free))
+        m.setattr(torch, "save", lambda *a, **k: pytest.fail("a save that cannot fit must not start"))
+        with pytest.raises(filesystem.DiskFull, match=r"1000 B free of .*, 1.1 MiB needed"):
+            save(cfg, ln, 4, tmp_path)
+        assert os.listdir(tmp_path) == ["ckpt_00002"]
+    unfinished = tmp_path / "ckpt_00004.tmp-1"  # a save killed mid-write (the coordinator removes these too)
+    shutil.copytree(path, unfinished)
+    os.remove(unfinished / "manifest.json")
+    assert "no readable manifest.json" in refused(cfg, resume=str(unfinished), steps=8)
+    shutil.rmtree(unfinished)
 
     def damaged(name, edit):
         bad = tmp_path / f"bad-{name}-{len(os.listdir(tmp_path))}"
@@ -92,15 +106,73 @@ def test_resume_state_must_fit_the_config(fsdp_student, tmp_path):
     path = save(cfg, ln, 2, tmp_path)
     ok = dataclasses.replace(cfg, resume=path, steps=4)
     checkpoint.check_resume(ok)
-    assert "ran mini_batches=1, this run mini_batches=2: resume with mini_batches=1" in refused(ok, mini_batches=2)
-    assert "ran schedule='sync', this run schedule='async'" in refused(ok, schedule="async")
-    assert "ran rollout_batch_size=4, this run rollout_batch_size=2" in refused(ok, rollout_batch_size=2)
+    assert "differs from the checkpoint's in mini_batches 1 -> 2: drop" in refused(ok, mini_batches=2)
+    assert "schedule 'sync' -> 'async'" in refused(ok, schedule="async")
+    assert "rollout_batch_size 4 -> 2" in refused(ok, rollout_batch_size=2)
     assert "steps=2 is not above the checkpoint's step 2: raise steps" in refused(ok, steps=2)
     state = json.load(open(os.path.join(path, "trainer_state.json")))
     json.dump(dict(state, version=0), open(os.path.join(path, "trainer_state.json"), "w"))
     assert "trainer_state.json is damaged" in refused(ok)  # the manifest sees the edit first
     checkpoint.write_manifest(path)  # an edit that also rewrote the manifest
     assert "has version 0 but step 2 * mini_batches 1 = 2" in refused(ok)
+
+
+def changed(value):
+    """Another value of the same type (a list one entry longer: learner_devices, one more rank)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return value + "x" if isinstance(value, str) else value + value[:1]
+
+
+def with_key(cfg, key, value):
+    if key.startswith("loss."):
+        return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **{key[5:]: value}))
+    return dataclasses.replace(cfg, **{key: value})
+
+
+def test_resume_never_changes_the_run_silently(fsdp_student, tmp_path, tiny_models):
+    """Every key outside MAY_CHANGE defines the run: resuming with another value is refused in one line naming
+    old -> new (all of them) and both ways out; every MAY_CHANGE key may change. The teacher is compared by its
+    files, the learner by its world size; an older checkpoint's missing keys compare as their defaults."""
+    cfg, ln = fsdp_student
+    path = save(cfg, ln, 2, tmp_path)
+    ok = dataclasses.replace(cfg, resume=path, steps=4)
+    checkpoint.check_resume(ok)
+    state = json.load(open(os.path.join(path, "trainer_state.json")))
+    assert state["teacher_fingerprint"] == offline.fingerprint(cfg.teacher)
+    keys = [f.name for f in dataclasses.fields(config.Config) if f.name != "loss"]
+    keys += [f"loss.{f.name}" for f in dataclasses.fields(estimators.LossOptions)]
+    assert checkpoint.MAY_CHANGE < set(keys)  # no stale name in it
+    for key in keys:
+        old = getattr(cfg.loss, key[5:]) if key.startswith("loss.") else getattr(ok, key)
+        if key in checkpoint.MAY_CHANGE:
+            if key != "resume":
+                checkpoint.check_resume(with_key(ok, key, changed(old)))
+        elif key != "teacher":  # compared by fingerprint, below
+            message = refused(with_key(ok, key, changed(old)))
+            label = "learner ranks 1 -> 2" if key == "learner_devices" else f"{key} {old!r} -> {changed(old)!r}"
+            assert label in message and f"start a new run from the checkpoint with student={path}" in message, key
+    assert checkpoint.check_resume(dataclasses.replace(ok, learner_devices=["cuda:0"])) is None  # moved, 1 rank
+    message = refused(ok, lr=0.5, loss=dataclasses.replace(cfg.loss, name="jsd"), student=cfg.teacher)
+    assert "lr 0.01 -> 0.5" in message and "loss.name 'reverse_kl_mc' -> 'jsd'" in message, message
+    assert f"student {cfg.student!r} -> {cfg.teacher!r}" in message and "drop those keys" in message
+    # the teacher: the same files elsewhere are the same teacher; other weights are not
+    same, other = str(tmp_path / "same"), str(tmp_path / "other")
+    shutil.copytree(cfg.teacher, same)
+    shutil.copytree(tiny_models[0], other)  # the student's weights: another model
+    checkpoint.check_resume(dataclasses.replace(ok, teacher=same))
+    assert f"teacher (fingerprint) {offline.fingerprint(cfg.teacher)!r} -> {offline.fingerprint(other)!r}" in \
+        refused(ok, teacher=other)
+    # an older checkpoint: no teacher fingerprint (the path compares), no lr (its default, 1e-3, compares)
+    old_state = dict(state, config={k: v for k, v in state["config"].items() if k != "lr"})
+    del old_state["teacher_fingerprint"]
+    json.dump(old_state, open(os.path.join(path, "trainer_state.json"), "w"))
+    checkpoint.write_manifest(path)
+    assert "lr 0.001 -> 0.01" in refused(ok)
+    checkpoint.check_resume(dataclasses.replace(ok, lr=1e-3))
+    assert f"teacher {cfg.teacher!r} -> {same!r}" in refused(ok, lr=1e-3, teacher=same)
 
 
 def test_validate_checks_the_checkpoint_before_start(fsdp_student, tmp_path):

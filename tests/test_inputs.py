@@ -46,6 +46,7 @@ def env(tmp_path_factory, tiny_models):
         "dup.yaml": "steps: 3\nlr: 0.1\nsteps: 5\n", "dupsub.yaml": "loss:\n  name: jsd\n  name: reverse_kl_mc\n",
         "tab.yaml": "steps:\t\t3\n\tlr: 1\n", "intkey.yaml": "1: 2\n", "section.yaml": "loss: jsd\n",
         "typo.yaml": "stpes: 3\n", "badtype.yaml": "batch_size: [4]\n",
+        "deep.yaml": "steps: 3\na: " + "[" * 5000 + "\n", "okfile.yaml": "steps: 3\nlr: 0.01\n",
         "fullwidth.jsonl": json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n"
                            + json.dumps({"prompt": "１２+３４=", "answer": "46"}) + "\n",
         "control.jsonl": json.dumps({"prompt": "a\x00b", "answer": "1"}) + "\n",
@@ -75,12 +76,50 @@ def env(tmp_path_factory, tiny_models):
     conf = json.loads((d / "notcausal" / "config.json").read_text())
     (d / "notcausal" / "config.json").write_text(json.dumps(dict(conf, model_type="vit", architectures=["ViTModel"])))
     paths["notcausal"] = str(d / "notcausal")
+    paths.update(model_folder_defects(d, student))
     # a read-only place: root writes through chmod, so it needs a path no one can create
     paths["readonly"] = "/proc/asyncopd-runs" if os.geteuid() == 0 else str(d / "ro" / "runs")
     if os.geteuid() != 0:
         (d / "ro").mkdir(mode=0o555)
     return paths
 
+
+def model_folder_defects(d, student):
+    """Copies of a model folder with one defect each (and a whole sharded one): {name: path}."""
+    from transformers import AutoModelForCausalLM
+    out = {}
+
+    def copy(name, edit):
+        shutil.copytree(student, d / name)
+        edit(d / name)
+        out[name] = str(d / name)
+
+    def truncate(folder):
+        with open(folder / "model.safetensors", "r+b") as f:
+            f.truncate(os.path.getsize(folder / "model.safetensors") - 100)
+
+    def garbage_header(folder):
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        data[8:20] = b"not json {{{"  # same size: only the header is unreadable
+        (folder / "model.safetensors").write_bytes(bytes(data))
+
+    copy("noweights", lambda f: os.remove(f / "model.safetensors"))
+    copy("truncated", truncate)
+    copy("garbageheader", garbage_header)
+    copy("notokenizer", lambda f: [os.remove(f / n) for n in os.listdir(f) if n.startswith("tokenizer")])
+    for name in ("sharded", "missingshard"):  # model.safetensors.index.json and its shards
+        AutoModelForCausalLM.from_pretrained(student).save_pretrained(d / name, max_shard_size="40KB")
+        for n in os.listdir(student):
+            if n.startswith("tokenizer"):
+                shutil.copy(os.path.join(student, n), d / name)
+        out[name] = str(d / name)
+    shards = sorted(n for n in os.listdir(d / "missingshard") if n.startswith("model-"))
+    assert len(shards) == 2
+    os.remove(d / "missingshard" / shards[-1])
+    return out
+
+
+LONG_OUT_DIR = "/".join(["d" * 250] * 17)  # 4267 bytes below the runs folder: each name fits, the path does not
 
 # (case id, config file or None, overrides, what the one-line error must say); {name} -> env[name]
 CASES = [
@@ -182,6 +221,53 @@ CASES = [
     ("data-control-char", None, ["data=<control.jsonl>", "student=<astudent>", "teacher=<ateacher>"],
      "control.jsonl row 1: prompt 'a\\x00b"),
     ("data-outside-addition-vocab", None, ["data=<ok.jsonl>"], "ok.jsonl row 1: prompt 'What is 1+0?"),
+    # the second fault matrix (issue #20): sizes the run cannot hold, names the file system cannot hold, keys given
+    # twice or that the schedule ignores, models that cannot load
+    ("yaml-deep", "<deep.yaml>", [], "deep.yaml line 2: nested deeper than a config can be"),
+    ("override-deep", None, ["betas=" + "[" * 5000], "override betas=[[[ ... line 1: nested deeper than a config"),
+    ("override-twice", None, ["steps=4", "steps=2"], "override 'steps=2' sets steps again after 'steps=4'"),
+    ("override-section-and-key", None, ["loss={name: jsd}", "loss.name=reverse_kl_mc"],
+     "override 'loss.name=reverse_kl_mc' sets loss.name again after 'loss={name: jsd}'"),
+    ("eval_size-beyond-addition", None, ["eval_size=1000000000"],
+     f"eval_size=1000000000 is more than the {task.DEFAULT_LIMIT['test']} held-out problems of the addition task"),
+    ("eval_size-beyond-data", None, ["data=<ok.jsonl>", "eval_size=5", "student=<astudent>", "teacher=<ateacher>"],
+     "eval_size=5 but <ok.jsonl> has only 4 held-out prompts: set eval_size<=4"),
+    ("threads-beyond-cores", None, ["threads=100000"], "threads=100000 is more than the"),
+    ("teacher_topk-beyond-vocab", None, ["loss.name=forward_kl_topk", "loss.teacher_topk=1000000"],
+     "loss.teacher_topk=1000000 is more than the vocabulary (17 tokens"),
+    ("student_topk-beyond-vocab", None, ["loss.name=reverse_kl_support", "loss.student_topk=18"],
+     "loss.student_topk=18 is more than the vocabulary (17 tokens"),
+    ("batch_size-units-in-flight", None, ["batch_size=1048576", "rollout_batch_size=4"],
+     "rollout units in flight (queue_size=524288 in each of 2 queues + a batch of batch_size/rollout_batch_size="
+     "262144 in the learner"),
+    ("samples-shared-memory", None, ["loss.name=reverse_kl_mc", "loss.samples=1000000000"],
+     "shared memory: 7 rollout units in flight ... largest field mc_ids [48 x 1000000000]) ... lower loss.samples"),
+    ("run_name-too-long", None, ["run_name=" + "x" * 300], "run_name: the name 'xxx ... is 300 bytes, more than the"),
+    ("out_dir-path-too-long", None, [f"out_dir=<runs>/{LONG_OUT_DIR}"],
+     "out_dir or run_name: the run would write paths of ... more than PATH_MAX="),
+    ("dist_timeout_s-huge", None, ["dist_timeout_s=100000000000000"], "dist_timeout_s=100000000000000 is more than a "
+     "week (604800 s)"),
+    ("cache_dir-online", None, ["cache_dir=<d>/cache"], "cache_dir='<d>/cache' is read only by schedule=offline and "
+     "`asyncopd.py precompute`; this run is schedule=async and would ignore it: drop cache_dir"),
+    ("allow_teacher_mismatch-online", None, ["allow_teacher_mismatch=true"],
+     "allow_teacher_mismatch=True is read only by schedule=offline; this run is schedule=async"),
+    ("precompute_prompts-online", None, ["precompute_prompts=8"], "precompute_prompts=8 is read only by"),
+    ("chunk_prompts-sync", None, ["schedule=sync", "chunk_prompts=8"], "chunk_prompts=8 is read only by"),
+    ("step_off-async", None, ["step_off=2"],
+     "step_off=2 is read only by schedule=step_off; this run is schedule=async"),
+    ("max_staleness-sync", None, ["schedule=sync", "max_staleness=4"],
+     "max_staleness=4 is read only by schedule=async; this run is schedule=sync"),
+    ("student-no-weights", None, ["student=<noweights>"],
+     "student <noweights>: no model.safetensors (nor model.safetensors.index.json)"),
+    ("teacher-no-weights", None, ["teacher=<noweights>"], "teacher <noweights>: no model.safetensors"),
+    ("student-truncated", None, ["student=<truncated>"],
+     "student <truncated>/model.safetensors: ... bytes but its header declares ... so it is truncated"),
+    ("teacher-truncated", None, ["teacher=<truncated>"], "teacher <truncated>/model.safetensors: ... truncated"),
+    ("teacher-garbage-header", None, ["teacher=<garbageheader>"],
+     "teacher <garbageheader>/model.safetensors: not a safetensors file (its header is unreadable)"),
+    ("teacher-missing-shard", None, ["teacher=<missingshard>"],
+     "teacher <missingshard>: ['model-00002-of-00002.safetensors'] named by model.safetensors.index.json missing"),
+    ("student-no-tokenizer", None, ["student=<notokenizer>"], "student <notokenizer>: no tokenizer"),
 ]
 
 
@@ -190,8 +276,10 @@ def fill(env, text):
 
 
 def overrides(env, args):
+    """The valid baseline with the case's overrides; a key the case sets is not in the base (a key twice is refused)."""
     base = [f"student={env['student']}", f"teacher={env['teacher']}", f"out_dir={env['runs']}", *VALID]
-    return [fill(env, a) for a in base + args]
+    keys = {a.split("=")[0] for a in args}
+    return [fill(env, a) for a in [a for a in base if a.split("=")[0] not in keys] + args]
 
 
 @pytest.mark.parametrize("case,config_file,args,says", CASES, ids=[c[0] for c in CASES])
@@ -205,10 +293,23 @@ def test_hostile_input_is_refused_in_one_line(env, case, config_file, args, says
 
 
 def test_the_valid_baseline_passes(env):
-    """The table's cases differ from this accepted config only by what they name."""
+    """The table's cases differ from this accepted config only by what they name; each new limit is a real one (at
+    the limit, or where it does not apply, the config passes)."""
     preflight.check_inputs(config.load_config(None, overrides(env, [])))
     preflight.check_inputs(config.load_config(None, overrides(env, ["data=<ok.jsonl>", "student=<astudent>",
-                                                                 "teacher=<ateacher>"])))
+                                                                 "teacher=<ateacher>", "eval_size=4"])))
+    cores = len(os.sched_getaffinity(0))
+    for ok in (["teacher=<sharded>", "student=<sharded>"],  # an index and all its shards
+               [f"threads={cores}", "start_method=spawn"],
+               ["loss.name=forward_kl_topk", "loss.teacher_topk=17"],
+               ["loss.name=reverse_kl_support", "loss.student_topk=17"],
+               ["loss.teacher_topk=1000000"],  # reverse_kl_mc reads no top-K field
+               ["loss.samples=100"],  # more draws than tokens: i.i.d. with replacement
+               [f"eval_size={task.DEFAULT_LIMIT['test']}"], ["dist_timeout_s=604800"], ["run_name=" + "x" * 200],
+               ["schedule=step_off", "step_off=2"], ["schedule=sync", "max_staleness=2"]):  # a default stays allowed
+        preflight.check_inputs(config.load_config(None, overrides(env, ok)))
+    cfg = config.load_config(env["okfile.yaml"], overrides(env, ["steps=5"]))  # a file's key overridden once
+    assert (cfg.steps, cfg.lr) == (5, 0.01)
 
 
 def test_unrepresentable_text_is_refused_not_dropped(tiny_models):
@@ -243,7 +344,8 @@ def test_precompute_refuses_a_bad_cache_dir_and_reports_a_full_disk(env, monkeyp
     monkeypatch.setattr(offline, "write_chunk", full)
     assert asyncopd.main(["precompute", *base, f"cache_dir={env['d']}/cache"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "No space left on device" in err and "chunk_00000" in err, err
+    assert err.count("\n") == 1 and "no space left on /" in err and "chunk_00000" in err, err
+    assert "free space there, or give out_dir (cache_dir) on a larger file system, then rerun" in err, err
 
 
 # through the real command line: exit code 2, one stderr line, no traceback, no run folder
@@ -256,6 +358,10 @@ CLI = [
     ("malformed-jsonl", ["train", "data=<malformed.jsonl>"], "malformed.jsonl line 3"),
     ("precompute-chunk_prompts-0", ["precompute", "chunk_prompts=0", "cache_dir=<d>/c"],
      "chunk_prompts=0 must be >= 1"),
+    ("yaml-deep", ["train", "<deep.yaml>"], "deep.yaml line 2: nested deeper than a config can be"),
+    ("override-twice", ["train", "steps=4", "steps=2"], "override 'steps=2' sets steps again after 'steps=4'"),
+    ("threads-beyond-cores", ["train", "threads=100000"], "threads=100000 is more than the"),
+    ("teacher-truncated", ["train", "teacher=<truncated>"], "so it is truncated"),
 ]
 
 

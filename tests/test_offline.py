@@ -17,7 +17,7 @@ import rollout
 import schedule
 import task
 import teacher_cache
-from conftest import ROOT, make_model_dir
+from conftest import ROOT, make_model_dir, merged
 from optional import offline
 from runtime import preflight
 
@@ -67,8 +67,8 @@ def precompute(cfg):
 
 
 def make_config(student, teacher, args, **kw):
-    return config.load_config(None, [f"student={student}", f"teacher={teacher}", *args]
-                                + [f"{k}={v}" for k, v in kw.items()])
+    return config.load_config(None, merged([f"student={student}", f"teacher={teacher}", *args],
+                                           [f"{k}={v}" for k, v in kw.items()]))
 
 
 def records(run_dir, kind="step"):
@@ -95,8 +95,8 @@ def test_precompute_then_offline_training(models, cache_dir, ratio):
     cached b makes r = exp(s - b) exactly 1 at the first step (student = rollout student) only."""
     student, teacher, root = models
     name = f"ratio_{ratio}"
-    out = cli("train", student, teacher, *TRAIN, f"loss.ratio={str(ratio).lower()}", f"cache_dir={cache_dir}",
-              f"out_dir={root}/runs", f"run_name={name}", f"eval_size={8 if ratio else 0}")
+    out = cli("train", student, teacher, *merged(TRAIN, [f"loss.ratio={str(ratio).lower()}", f"cache_dir={cache_dir}",
+              f"out_dir={root}/runs", f"run_name={name}", f"eval_size={8 if ratio else 0}"]))
     assert out.returncode == 0, out.stderr[-3000:]
     run = os.path.join(root, "runs", name)
     steps = records(run)
@@ -155,8 +155,8 @@ def test_cache_round_trips_exactly(models, cache_dir, tmp_path, loss, dtype):
     """Every field of every chunk on disk is bitwise what online rollout + teacher scoring give, in the
     teacher dtype of the online run (bfloat16: what a GPU teacher role scores in)."""
     student, teacher, _ = models
-    args = PRE + [f"loss.name={loss}", "loss.ratio=true", "loss.samples=3", "loss.teacher_topk=5",
-                  f"teacher_dtype={dtype}"]
+    args = merged(PRE, [f"loss.name={loss}", "loss.ratio=true", "loss.samples=3", "loss.teacher_topk=5",
+                        f"teacher_dtype={dtype}"])
     if loss == "reverse_kl_pg":  # the command-line cache of the fixture
         directory, args = cache_dir, PRE + ["teacher_dtype=auto"]
     else:

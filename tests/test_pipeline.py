@@ -18,7 +18,7 @@ import learner
 import rollout
 import schedule
 import teacher_cache
-from conftest import ROOT, make_model_dir
+from conftest import ROOT, make_model_dir, merged
 from runtime import coordinator, preflight
 
 TINY = ["eval_size=8", "eval_every=2", "max_new_tokens=12", "batch_size=4", "threads=1", "progress=false",
@@ -27,8 +27,8 @@ TINY = ["eval_size=8", "eval_every=2", "max_new_tokens=12", "batch_size=4", "thr
 
 def train(tmp_path, tiny_models, *args, timeout=240):
     student, teacher = tiny_models
-    cmd = [sys.executable, os.path.join(ROOT, "asyncopd.py"), "train", f"student={student}", f"teacher={teacher}",
-           f"out_dir={tmp_path}", *TINY, *args]
+    cmd = [sys.executable, os.path.join(ROOT, "asyncopd.py"), "train",
+           *merged([f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}", *TINY], args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -196,8 +196,8 @@ def _start(tmp_path, tiny_models, name, *extra):
     student, teacher = tiny_models
     shm_before = set(os.listdir("/dev/shm"))
     cmd = [sys.executable, os.path.join(ROOT, "asyncopd.py"), "train", f"student={student}", f"teacher={teacher}",
-           f"out_dir={tmp_path}", *TINY, "steps=10000", "eval_size=0", f"run_name={name}", "schedule=async",
-           "max_new_tokens=24", *extra]
+           f"out_dir={tmp_path}", *merged(TINY, ["steps=10000", "eval_size=0", f"run_name={name}", "schedule=async",
+                                                 "max_new_tokens=24", *extra])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     run = os.path.join(tmp_path, name)
     deadline = time.time() + 120
@@ -237,8 +237,8 @@ def test_sigint_checkpoints_and_exits(tmp_path, tiny_models, world):
 
 def bad(tiny_models, tmp_path, **kw):
     student, teacher = tiny_models
-    overrides = [f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}"]
-    overrides += [f"{k}={v}" for k, v in kw.items()]
+    overrides = merged([f"student={student}", f"teacher={teacher}", f"out_dir={tmp_path}"],
+                       [f"{k}={v}" for k, v in kw.items()])
     with pytest.raises(ValueError) as e:
         preflight.check_inputs(config.load_config(None, overrides))
     return str(e.value)
@@ -295,7 +295,8 @@ def test_reference_loop_equals_the_pipeline_in_sync(tmp_path, tiny_models, loss)
     assert out.returncode == 0, out.stderr[-3000:]
     steps = records(only_run(tmp_path, "r"))
     student_dir, teacher_dir = tiny_models
-    cfg = config.load_config(None, [f"student={student_dir}", f"teacher={teacher_dir}", *TINY, "eval_size=0", *loss])
+    cfg = config.load_config(None, [f"student={student_dir}", f"teacher={teacher_dir}",
+                                    *merged(TINY, ["eval_size=0", *loss])])
     tok, prompts, _ = preflight.check_inputs(cfg)
     ln = learner.build(cfg, student_dir, sharded=False)
     engine = rollout.engine_from_config(cfg, student_dir, "cpu", tok)

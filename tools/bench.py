@@ -50,6 +50,7 @@ def throughput(overrides, schedules, config_path="configs/default.yaml", repeats
         for name, extra in schedules:
             args = [*overrides, *extra, "progress=false", "eval_size=0",
                     f"run_name=bench-{name}-{round_}-{time.strftime('%H%M%S')}"]
+            args += unread_keys(config_path, args)  # e.g. the config's max_staleness in the sync run
             cfg = config.load_config(config_path, args)
             _run_script(["train", config_path, *args])  # a fresh process per run: no run inherits another's state
             with open(os.path.join(cfg.out_dir, cfg.run_name, "metrics.jsonl")) as f:
@@ -111,6 +112,16 @@ def _run_script(argv, module=None, cpus=0):
     return t0, time.time() - t0, out.stdout.strip()
 
 
+def unread_keys(config_path, overrides, precompute=False):
+    """key=default for each key of the config file that the run's schedule does not read (preflight.SCHEDULE_KEYS):
+    a comparison runs one config under several schedules, and a schedule refuses a key it would ignore. A key given in
+    `overrides` is left alone (and refused if unread)."""
+    cfg, default = config.load_config(config_path, overrides), config.Config()
+    modes, given = {cfg.schedule, *(["precompute"] if precompute else [])}, {o.split("=")[0] for o in overrides}
+    return [f"{k}={getattr(default, k)}" for k, users in preflight.SCHEDULE_KEYS.items()
+            if not modes & set(users) and k not in given and getattr(cfg, k) != getattr(default, k)]
+
+
 def _grader(cfg, n):
     """grade(model dir) -> greedy accuracy on the first n held-out problems."""
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per graded checkpoint would bury the report
@@ -139,23 +150,26 @@ def cmd_offline(args):
     if not os.path.isfile(os.path.join(args.teacher_b, "config.json")):
         raise ValueError(f"--teacher-b {args.teacher_b}: no model; train one: "
                          f".venv/bin/python -m tools.sft teacher --out {args.teacher_b} --seed 1")
-    common = [args.config, *args.overrides, f"steps={args.steps}", f"save_every={args.eval_every}", "eval_size=0",
-              "progress=false", f"threads={args.threads}", f"out_dir={out}", f"precompute_prompts={args.prompts}",
-              f"chunk_prompts={args.chunk_prompts}", "allow_teacher_mismatch=true"]  # only teacher B needs it
+    common = [*args.overrides, f"steps={args.steps}", f"save_every={args.eval_every}", "eval_size=0",
+              "progress=false", f"threads={args.threads}", f"out_dir={out}"]
     lightning = ["loss.name=reverse_kl_pg", "loss.advantage=theta", "loss.ratio=false"]
     specs = [("online A", "A", False, []), ("offline A", "A", True, []), ("offline A, Lightning", "A", True, lightning),
              ("offline B", "B", True, []), ("online B", "B", False, [])]
     teachers, pre_s, runs = {"A": cfg.teacher, "B": args.teacher_b}, {}, {}
     for name, who, is_offline, extra in specs:
         tag = name.replace(", ", "_").replace(" ", "_")
-        teacher = [f"teacher={teachers[who]}", f"cache_dir={out}/cache_{who}"]
+        teacher, cache = [f"teacher={teachers[who]}"], [f"cache_dir={out}/cache_{who}"]
         shutil.rmtree(os.path.join(out, tag), ignore_errors=True)  # a rerun starts from scratch
         if is_offline and who not in pre_s:
             shutil.rmtree(os.path.join(out, f"cache_{who}"), ignore_errors=True)
-            _, pre_s[who], msg = _run_script(["precompute", *common, *teacher])
+            pre = [*common, *teacher, *cache, f"precompute_prompts={args.prompts}",
+                   f"chunk_prompts={args.chunk_prompts}"]
+            _, pre_s[who], msg = _run_script(["precompute", args.config, *pre, *unread_keys(args.config, pre, True)])
             print(f"precompute {who}: {msg} [{pre_s[who]:.1f}s with start-up]", flush=True)
-        offline_args = ["schedule=offline"] if is_offline else []
-        t0, wall, _ = _run_script(["train", *common, *offline_args, *teacher, f"run_name={tag}", *extra])
+        run = [*common, *teacher, f"run_name={tag}", *extra]
+        if is_offline:  # teacher B's cache did not score the SFT data: the ablation needs allow_teacher_mismatch
+            run += ["schedule=offline", *cache] + (["allow_teacher_mismatch=true"] if who == "B" else [])
+        t0, wall, _ = _run_script(["train", args.config, *run, *unread_keys(args.config, run)])
         runs[name] = (os.path.join(out, tag), pre_s[who] if is_offline else 0.0, t0, wall)
     _offline_report(args, cfg, out, runs)
 
@@ -188,8 +202,8 @@ def _offline_report(args, cfg, out, runs):
           f"{batch_format.bytes_per_token(single):.1f}")
     print("steps/s: learner steps per second, step 1 to the last (start-up excluded). total s, s to target: wall clock "
           "from launch (offline: precompute included) to the end / to the first checkpoint at the target (the lower "
-          "final accuracy of online A and offline A). Teacher B runs use allow_teacher_mismatch=true, same prompts "
-          "and seeds.")
+          "final accuracy of online A and offline A). Offline B uses allow_teacher_mismatch=true; all runs have the "
+          "same prompts and seeds.")
 
 
 # ----------------------------------------------------------------------------- peer: asyncopd vs TRL
@@ -285,10 +299,9 @@ def cmd_peer(args):
                             threads=args.trl_threads or args.cpus)
                 t0, _, _ = _run_script(["_trl", json.dumps(spec)], "tools.bench", args.cpus)
             else:
-                t0, _, _ = _run_script(["train", args.config, *PEER_SYSTEMS[name], *args.overrides,
-                                        f"steps={args.steps}", f"save_every={args.save_every}", "eval_size=0",
-                                        "progress=false", f"seed={seed}", f"out_dir={out}", f"run_name={name}-{seed}"],
-                                       cpus=args.cpus)
+                run = [*PEER_SYSTEMS[name], *args.overrides, f"steps={args.steps}", f"save_every={args.save_every}",
+                       "eval_size=0", "progress=false", f"seed={seed}", f"out_dir={out}", f"run_name={name}-{seed}"]
+                t0, _, _ = _run_script(["train", args.config, *run, *unread_keys(args.config, run)], cpus=args.cpus)
             times, points = _graded_points(run_dir, args.save_every, grade, t0)
             for k, _, _ in points:  # graded: the checkpoints are not needed any more
                 shutil.rmtree(os.path.join(run_dir, f"ckpt_{k:05d}"))
