@@ -111,9 +111,10 @@ def rollout_role(ch: Channels, run: Run, worker: int) -> None:
         due = not evaluated or final or (period and v // period > evaluated[-1] // period)
         if worker == 0 and run.eval_prompts and due and (not evaluated or v != evaluated[-1]):
             with span(ch, role, "eval"):
-                accuracy = task.evaluate(engine, run.tokenizer, run.eval_prompts)
+                rates = task.pass_rates(engine, run.tokenizer, run.eval_prompts, samples=cfg.eval_samples,
+                                        greedy=cfg.eval_temperature == 0)
             evaluated.append(v)
-            ch.metrics_q.put(("eval", {"version": v, "step": v // cfg.mini_batches, "accuracy": accuracy}))
+            ch.metrics_q.put(("eval", {"version": v, "step": v // cfg.mini_batches, **task.avg_at_k(rates)}))
 
     weights = ch.weights if ch.weights is not None else get(ch, ch.weights_q)  # handoff: our own handle
     if weights is None:  # stopped before the handle came
@@ -159,8 +160,10 @@ def teacher_role(ch: Channels, run: Run) -> None:
     cfg, model = run.cfg, teacher_cache.load_teacher(run.cfg)
     if cfg.eval_teacher and run.eval_prompts:
         with span(ch, "teacher", "eval"):
-            accuracy = task.evaluate(model, run.tokenizer, run.eval_prompts, max_new_tokens=cfg.max_new_tokens)
-        ch.metrics_q.put(("teacher_eval", {"accuracy": accuracy}))
+            rates = task.pass_rates(model, run.tokenizer, run.eval_prompts, samples=cfg.eval_samples,
+                                    greedy=cfg.eval_temperature == 0, temperature=cfg.temperature,
+                                    max_new_tokens=cfg.max_new_tokens)
+        ch.metrics_q.put(("teacher_eval", task.avg_at_k(rates)))
     group = units_per_batch(cfg) if cfg.schedule == "sync" else 1
     for _ in range(run.start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg), group):
         items = [get(ch, ch.rollout_q) for _ in range(group)]

@@ -3,9 +3,7 @@ loader, and what a few keys resolve to. Every value is checked before any proces
 """
 import dataclasses
 import difflib
-import inspect
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +23,8 @@ class Config:
     eval_size: int = 200  # held-out prompts per evaluation (0 = no evaluation)
     eval_every: int = 10  # evaluate the student every N learner steps (batches)
     eval_teacher: bool = True  # evaluate the teacher once, for the final table
+    eval_samples: int = 1  # k: responses per held-out prompt; accuracy = Avg@k, their mean pass rate (paper: 32)
+    eval_temperature: float = 0.0  # 0: greedy decoding (k = 1); > 0: sampled, at the rollout's temperature
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template (instruct models)
     max_prompt_len: int = 64  # prompts longer than this are refused before start
     max_new_tokens: int = 48  # response length limit (EOS included)
@@ -51,7 +51,10 @@ class Config:
     batch_size: int = 32  # prompts per learner batch
     rollout_batch_size: int = 0  # prompts per rollout unit (0 = batch_size)
     mini_batches: int = 1  # optimizer steps per batch (each adds one policy version)
-    lr: float = 1e-3  # AdamW learning rate (constant)
+    lr: float = 1e-3  # AdamW learning rate (the peak, with lr_schedule)
+    lr_schedule: str = "constant"  # "constant", or "cosine" / "linear" decay to min_lr over the run's optimizer steps
+    warmup_steps: int = 0  # optimizer steps of linear warmup from min_lr up to lr
+    min_lr: float = 0.0  # the floor of the decay, and where the warmup starts
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     grad_clip: float = 1.0  # max gradient norm (0 = off)
@@ -76,7 +79,9 @@ class Config:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: str = ""  # checkpoint folder to continue from
     seed: int = 0  # seeds prompts order, sampling and teacher draws
-    progress: bool = True  # tqdm bar on the console
+    progress: bool = True  # tqdm bar on a terminal (else, or when false: a plain line per evaluation and log_every)
+    log_every: int = 10  # without the bar: a plain progress line every N learner steps (a cluster job's log)
+    report_to: str = ""  # also log the metrics to "tensorboard" (run folder/tensorboard/) or "wandb" (optional)
 
 
 def _coerce(value, default, key):
@@ -198,20 +203,3 @@ def start_method(cfg: Config) -> str:
     if cfg.start_method != "auto":
         return cfg.start_method
     return "fork" if cfg.threads == 1 and all(str(d) == "cpu" for d in role_devices(cfg)) else "spawn"
-
-
-def config_help() -> str:
-    """Every config key with its default and the comment written next to it in Config / LossOptions."""
-    lines = ["usage: python asyncopd.py [train|precompute] [CONFIG.yaml] [key=value ...]   (loss keys: loss.KEY=VALUE)",
-             "", "config keys (default  # meaning):"]
-    for cls, prefix in ((Config, ""), (LossOptions, "loss.")):
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s{4}(\w+): \w+ = (.*?)\s+#\s(.*)$", line)
-            if m and m.group(1) != "loss":
-                default = getattr(cls(), m.group(1))
-                lines.append(f"  {prefix + m.group(1):<26} {default!r:<18} # {m.group(3)}")
-            elif re.match(r"\s{4}#\s{3}", line):  # a comment continued on the next line
-                lines[-1] += " " + line.strip()[1:].strip()
-            elif re.match(r"\s{4}#\s\S", line):  # a section of keys
-                lines.append(f" {line.strip()[2:]}:")
-    return "\n".join(lines)

@@ -16,7 +16,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, get_wsd_schedule
 
 import estimators
 from batch_format import Batch, pad_batch, select_sequences, split_by_tokens, to_device
@@ -48,6 +48,7 @@ class Learner:
     cfg: Config
     student: StudentForLoss
     opt: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler  # steps with opt; its state is checkpointed with it
     device: torch.device
     rank: int = 0
     world: int = 1
@@ -73,7 +74,11 @@ def build(cfg: Config, start_dir: str, rank: int = 0, world: int = 1, *, dtype: 
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
         fully_shard(student, mesh=mesh, mp_policy=mp_policy)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return Learner(cfg, student, opt, device, rank, world)
+    total, warmup = cfg.steps * cfg.mini_batches, cfg.warmup_steps  # in optimizer steps (policy versions)
+    decay = 0 if cfg.lr_schedule == "constant" else total - warmup
+    schedule = get_wsd_schedule(opt, warmup, decay, num_stable_steps=total - warmup - decay, min_lr_ratio=cfg.min_lr
+                                / cfg.lr, decay_type="linear" if cfg.lr_schedule == "linear" else "cosine")
+    return Learner(cfg, student, opt, schedule, device, rank, world)
 
 
 # ----------------------------------------------------------------------------- the training step
@@ -102,6 +107,7 @@ def optimizer_step(ln: Learner) -> float:
     clipping."""
     norm = torch.nn.utils.clip_grad_norm_(ln.student.parameters(), ln.cfg.grad_clip or float("inf"))
     ln.opt.step()
+    ln.lr_schedule.step()
     ln.opt.zero_grad(set_to_none=True)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
@@ -173,7 +179,8 @@ def train_on_batch(ln: Learner, batch: Batch | dict, step: int) -> dict:
                     out = prox.setdefault(k, torch.empty((int(cu[-1]), *v.shape[1:]), dtype=torch.float32))
                     out[int(cu[a]):int(cu[b])] = v.cpu()
         data = dict(data, **prox)
-    stats = {"loss": 0.0, "rkl_token": 0.0, "grad_norm": 0.0, "tokens": shard["stats"]["tokens"]}
+    stats = {"loss": 0.0, "rkl_token": 0.0, "grad_norm": 0.0, "tokens": shard["stats"]["tokens"],
+             "lr": ln.opt.param_groups[0]["lr"]}  # (the first mini-batch's)
     for i, plan in enumerate(shard["plan"]):
         # sums over the mini-batch's unmasked tokens: loss; (s - t) at y; count; |s - b| at y; count; (s - b) over
         # the MC columns; count. And max |s - b| at y.

@@ -17,6 +17,7 @@ live in optional/math_data.py. prepare_prompts() gives a run its train and eval 
 import hashlib
 import random
 
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -177,20 +178,36 @@ def check(checker: str, response_text: str, answer: str) -> bool:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model: rollout.Engine | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict], *,
-             batch_size: int = 250, max_new_tokens: int = MAX_NEW_TOKENS, chat_template: bool = False) -> float:
-    """Fraction of prompts answered correctly with greedy decoding. `model` is a rollout engine
-    (rollout.make_engine: transformers or vLLM) or a transformers model, wrapped in one."""
+def pass_rates(model: rollout.Engine | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict], *,
+               samples: int = 1, greedy: bool = True, temperature: float = 1.0, batch_size: int = 250,
+               max_new_tokens: int = MAX_NEW_TOKENS, chat_template: bool = False) -> list[float]:
+    """Per prompt, the fraction of its `samples` responses graded correct: greedy decoding, or samples drawn at the
+    engine's temperature (Avg@k, the AsyncOPD paper's evaluation: k = 32 at T = 1). `model` is a rollout engine
+    (rollout.make_engine: transformers or vLLM) or a transformers model, wrapped in one (at `temperature`)."""
     engine = model if hasattr(model, "policy_version") else rollout.make_engine(
-        model, device=next(model.parameters()).device, max_new_tokens=max_new_tokens,
+        model, device=next(model.parameters()).device, max_new_tokens=max_new_tokens, temperature=temperature,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    correct = 0
-    for i in range(0, len(prompts), batch_size):
-        rows = prompts[i:i + batch_size]
+    generator, rates = torch.Generator(engine.device).manual_seed(0), []  # the same draws at every evaluation
+    for i in range(0, len(prompts), max(1, batch_size // samples)):
+        rows = [r for r in prompts[i:i + max(1, batch_size // samples)] for _ in range(samples)]
         ids = [r.get("ids") or encode_prompt(tokenizer, r["prompt"], chat_template) for r in rows]
-        traj = engine.generate(ids, list(range(len(rows))), engine.policy_version, greedy=True)
+        traj = engine.generate(ids, list(range(len(rows))), engine.policy_version, greedy=greedy, generator=generator)
         cu = traj["cu_seqlens"].tolist()
         texts = tokenizer.batch_decode([traj["token_ids"][cu[j]:cu[j + 1]].tolist() for j in range(len(rows))],
                                        skip_special_tokens=True)
-        correct += sum(check(r["checker"], t, r["answer"]) for r, t in zip(rows, texts, strict=True))
-    return correct / max(1, len(prompts))
+        correct = [check(r["checker"], t, r["answer"]) for r, t in zip(rows, texts, strict=True)]
+        rates += [sum(correct[j:j + samples]) / samples for j in range(0, len(rows), samples)]
+    return rates
+
+
+def avg_at_k(rates: list[float]) -> dict:
+    """{"accuracy": mean pass rate (Avg@k), "accuracy_se": its standard error over the prompts}."""
+    n, mean = len(rates), sum(rates) / max(1, len(rates))
+    se = (sum((r - mean) ** 2 for r in rates) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
+    return {"accuracy": mean, "accuracy_se": se}
+
+
+def evaluate(model: rollout.Engine | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict],
+             **kwargs) -> float:
+    """Mean pass rate over the prompts (pass_rates' keywords; greedy by default)."""
+    return avg_at_k(pass_rates(model, tokenizer, prompts, **kwargs))["accuracy"]

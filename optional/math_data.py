@@ -2,13 +2,19 @@
 
 task.read_prompts reads any data source other than "addition" here, and task.check grades a "math" row here. Rows from
 GSM8K, MATH, DeepMath and the like get MATH_INSTRUCTION appended (unless they already ask for \\boxed{}) and are
-graded by check_math.
+graded by check_math: the response's last \\boxed{} against the reference, compared by math-verify (HuggingFace's
+answer verifier, on sympy), so that 1/\\sqrt{2} = \\sqrt{2}/2, \\pi/2 = \\frac{\\pi}{2}, x=3 = 3 and 0.5 = \\frac{1}{2}.
+math-verify is an optional package (requirements-test.txt, requirements-gpu.txt; not requirements.txt): the addition
+task never imports it, and preflight refuses a run on a real data set without it (check_grader).
 """
+import functools
+import importlib.util
 import json
 import os
 import re
-from fractions import Fraction
+import threading
 
+DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)\\[,;: ](?=\d{3}(?!\d))")  # 1\,234 and 1\ 234: a thousands separator
 MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -79,61 +85,82 @@ def _math_row(record: dict, where: str) -> dict:
 
 # ----------------------------------------------------------------------------- the \boxed{} grader
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, matching nested braces; None if there is none."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = start + len("\\boxed")
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text) or text[i] != "{":
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None  # unbalanced: the response was cut off inside the box
+GRADER = "math-verify"  # HuggingFace's answer verifier (sympy underneath): requirements-test.txt / -gpu.txt pin it
+INSTALL = "pip install math-verify==0.9.0"
+# Seconds math-verify may spend parsing one answer, and comparing two parsed answers, before the response counts as
+# wrong. Its limit is a SIGALRM, which interrupts sympy (comparing 9^{9^{9}} with 3 never finishes otherwise) but works
+# only in a main thread: where this project grades (task.evaluate, in the main thread of the rollout or teacher child
+# or of the command). Ordinary answers take milliseconds; 2 s (its default is 5) bounds an evaluation in which a model
+# boxes huge expressions: a check makes 2 parses and 1 sympy comparison that can run long.
+TIMEOUT_S = 2
 
 
-def _normalise(s: str) -> str:
-    s = s.strip().strip("$").strip()
-    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\dfrac", "\\frac"),
-                     ("\\tfrac", "\\frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""),
-                     ("%", ""), ("\\$", "")):
-        s = s.replace(old, new)
-    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
-    return s.replace(" ", "").rstrip(".")
+def check_grader() -> None:
+    """A run on a real data set grades with math-verify: refuse it before any process starts if that is missing."""
+    if importlib.util.find_spec("math_verify") is None:
+        raise ValueError(f"the math checker of real data sets (data, eval_data) needs {GRADER}, not installed here: "
+                         f"`{INSTALL}`, or run the addition task")
 
 
-def _as_number(s: str) -> Fraction | None:
-    """Exact value of "42", "-3.50", "1,234", "3/4", "\\frac{3}{4}", "-\\frac34"; None otherwise."""
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")  # thousands separators only, never "1,2" (a tuple)
-    m = re.fullmatch(r"(-?)\\frac\{?(-?\d+)\}?\{?(-?\d+)\}?", s) or re.fullmatch(r"(-?)(-?\d+)/(-?\d+)", s)
+@functools.cache
+def _math_verify():
+    """The math_verify module and its \\boxed{} extraction config, imported on first use: the addition task never
+    loads it."""
     try:
-        if m:
-            value = Fraction(int(m.group(2)), int(m.group(3)))
-            return -value if m.group(1) else value
-        return Fraction(s) if re.fullmatch(r"-?\d*\.?\d+(e-?\d+)?", s) else None
-    except (ValueError, ZeroDivisionError):
-        return None
+        import math_verify
+    except ImportError:
+        raise ModuleNotFoundError(f"the math checker needs {GRADER}: `{INSTALL}`") from None
+    # the answer comes as one \boxed{...} (see _parse): read just that, not an unboxed "answer: 5" or $5$ elsewhere
+    return math_verify, [math_verify.LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} not inside another one (braces matched); None if there is none, if the last
+    \\boxed has no brace, or if it is cut off (unbalanced)."""
+    content, i = None, 0
+    while (start := text.find("\\boxed", i)) >= 0:
+        i = start + len("\\boxed")
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i >= len(text) or text[i] != "{":
+            content = None  # "\boxed 5": not a box we read; an earlier box does not stand in for it
+            continue
+        depth = 0
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                break
+        else:
+            return None  # the response was cut off inside the box
+        content, i = text[i + 1:j], j + 1  # a box nested in this one is skipped: the outer one is the answer
+    return content
+
+
+def _parse(answer: str, timeout: int | None) -> list:
+    """math-verify's reading of one answer (sympy objects, then the normalised string): given as a single \\boxed{}, the
+    form it extracts best, so it applies its normalisation (\\text, units, \\left/\\right, \\dfrac, thousands commas,
+    percent, degrees) and its LaTeX parser. A box nested inside is decoration: its braces stay, the command goes."""
+    mv, config = _math_verify()
+    answer = DIGIT_GROUP_SPACE.sub("", answer.replace("\\boxed", ""))  # math-verify 0.9.0 reads 1\,234 as 1 + 234
+    return mv.parse("\\boxed{" + answer + "}", config, parsing_timeout=timeout)
 
 
 def check_math(response: str, answer: str) -> bool:
-    """Last \\boxed{} of the response vs the reference (text after '####' for GSM8K, its last
-    \\boxed{} for MATH-style solutions): equal as exact numbers when both parse, else equal as
-    normalised strings."""
+    """Is the response's last \\boxed{} equivalent to the reference (the text after '####' of a GSM8K solution, the
+    last \\boxed{} of a MATH-style solution, or a bare answer), as math-verify decides (numbers, fractions, surds, pi,
+    equations x=3 vs 3, sets, intervals)?
+
+    A response without a \\boxed{} is wrong, with no fallback to its last number: the prompt asks for the box, and a
+    fallback would grade an intermediate number the model never gave as its answer (and reward ignoring the format)."""
     if "####" in answer:
         answer = answer.rsplit("####", 1)[1]
     elif "\\boxed" in answer:
         answer = last_boxed(answer) or answer
     got = last_boxed(response)
-    if got is None:
+    if got is None or not got.strip() or not answer.strip():
         return False
-    got, want = _normalise(got), _normalise(answer)
-    x, y = _as_number(got), _as_number(want)
-    if x is not None and y is not None:
-        return x == y
-    return got == want
+    # the signal-based limit raises off the main thread; there math-verify runs without one (a pathological answer
+    # could then hang that thread): nothing in this project grades there
+    timeout = TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    mv, _ = _math_verify()
+    return mv.verify(_parse(answer, timeout), _parse(got, timeout), timeout_seconds=timeout)  # gold first

@@ -239,8 +239,8 @@ def offline_evals(cfg: Config, tok: PreTrainedTokenizerBase, evals: list[dict], 
             engine = rollout.make_engine(path, kind="hf", device=cfg.rollout_devices[0], temperature=cfg.temperature,
                                          top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            recs.append({"version": step * cfg.mini_batches, "step": step,
-                         "accuracy": task.evaluate(engine, tok, evals)})
+            rates = task.pass_rates(engine, tok, evals, samples=cfg.eval_samples, greedy=cfg.eval_temperature == 0)
+            recs.append({"version": step * cfg.mini_batches, "step": step, **task.avg_at_k(rates)})
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
         f.writelines(json.dumps({"kind": "eval", **r}) + "\n" for r in recs)
     coordinator.plot_run(run_dir)

@@ -98,7 +98,8 @@ def _write(ln, sd, osd, step, start_dir, tmp):
     torch.save({"optimizer": osd, "rng": torch.get_rng_state()}, os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump({"step": step, "version": step * cfg.mini_batches, "config": dataclasses.asdict(cfg),
-                   "teacher_fingerprint": teacher_fingerprint(cfg)}, f, indent=1)
+                   "teacher_fingerprint": teacher_fingerprint(cfg), "lr_schedule": ln.lr_schedule.state_dict()}, f,
+                  indent=1)
     write_manifest(tmp)
 
 
@@ -168,7 +169,8 @@ def _flat(config: dict) -> dict:
 def resume_diff(cfg: Config, state: dict) -> list[str]:
     """'key old -> new' for every key outside MAY_CHANGE where this config differs from the checkpoint's run."""
     old, new, diff = _flat(state.get("config")), _flat(dataclasses.asdict(cfg)), []
-    for key in [k for k in new if k not in MAY_CHANGE]:
+    keys = [k for k in new if k not in MAY_CHANGE or (k == "steps" and new["lr_schedule"] != "constant")]
+    for key in keys:  # (steps sets the horizon of a decaying lr: it may change only under a constant one)
         a, b, label, same = old[key], new[key], key, old[key] == new[key]
         if key == "teacher" and "teacher_fingerprint" in state:  # the same weights elsewhere are the same teacher
             a, b, label = state["teacher_fingerprint"], teacher_fingerprint(cfg), "teacher (fingerprint)"
@@ -221,9 +223,14 @@ def check_resume(cfg: Config) -> None:
 
 
 def load_optimizer(ln: Learner, resume: str) -> None:
-    """The optimizer state and (rank 0) the RNG state of checkpoint `resume`, broadcast from rank 0."""
+    """The optimizer state (broadcast from rank 0), the lr schedule's position (every rank) and (rank 0) the RNG
+    state of checkpoint `resume`."""
     state = torch.load(os.path.join(resume, "optimizer.pt"), weights_only=False) if ln.rank == 0 else {"optimizer": {}}
     set_optimizer_state_dict(ln.student, ln.opt, optim_state_dict=state["optimizer"],
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with open(os.path.join(resume, "trainer_state.json")) as f:
+        schedule = json.load(f).get("lr_schedule")
+    if schedule:  # (older checkpoints: a constant lr, whose schedule has no position to restore)
+        ln.lr_schedule.load_state_dict(schedule)
     if ln.rank == 0:
         torch.set_rng_state(state["rng"])

@@ -177,9 +177,11 @@ class Watch:
         # bounded: the last step record and running staleness figures, not every step (metrics.jsonl has them)
         self.summary = {"evals": [], "teacher_accuracy": None, "last_step": None, "stale": [math.inf, 0.0, 0.0, 0]}
         self.stopping, self.stalled, self.longest = [], [], 0.0  # (signal, time) received; (role, seconds silent)
-        self.bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, dynamic_ncols=True,
-                        desc=cfg.schedule)
+        self.cfg, self.plain = cfg, not (cfg.progress and sys.stderr.isatty())  # a log file keeps lines, not a bar
+        say(f"asyncopd: run folder {run_dir}")
+        self.bar = tqdm(total=cfg.steps, initial=start_step, disable=self.plain, dynamic_ncols=True, desc=cfg.schedule)
         self.log = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.tracker = Tracker(cfg, run_dir) if cfg.report_to else None
         # trace.json (chrome://tracing, ui.perfetto.dev): one row per role, its busy spans; streamed, not kept
         self.trace, self.pids, self.t0, self.sep = open(os.path.join(run_dir, "trace.json"), "w"), {}, time.time(), ""
         self.trace.write('{"traceEvents": [\n')
@@ -197,8 +199,12 @@ class Watch:
             return
         self.log.write(json.dumps({"kind": kind, **rec}) + "\n")
         self.log.flush()
+        if self.tracker:
+            self.tracker.log(kind, rec)
+        if self.plain:
+            self.plain_line(kind, rec)
         if kind == "teacher_eval":
-            self.summary["teacher_accuracy"] = rec["accuracy"]
+            self.summary["teacher_accuracy"] = rec
         elif kind == "checkpoint":
             self.summary["checkpoint"], self.summary["checkpoint_step"] = rec["path"], rec["step"]
         elif kind in ("step", "eval"):
@@ -218,10 +224,21 @@ class Watch:
             except OSError:  # the terminal is gone (SIGHUP): the run goes on without a bar
                 self.bar.disable = True
 
+    def plain_line(self, kind, rec):
+        """The console without a bar: a line per evaluation, and per log_every learner steps (and the last)."""
+        if kind == "eval":
+            say(f"eval  step {rec['step']}: held-out accuracy {accuracy_text(rec, self.cfg.eval_samples)}")
+        elif kind == "step" and (rec["step"] % self.cfg.log_every == 0 or rec["step"] == self.cfg.steps):
+            say(f"step  {rec['step']}/{self.cfg.steps}: loss {rec['loss']:.4f}  reverse KL {rec['rkl_token']:.4f}  "
+                f"staleness {rec['stale_mean']:.2f}  {rec['tokens_per_s']:.0f} tokens/s  lr {rec['lr']:.3g}  "
+                f"{rec['time'] - self.t0:.0f} s")
+
     def close(self) -> OSError | None:
-        """Close the bar and the files; the first error of a write (the trace's end, say) is returned, not raised."""
+        """Close the bar, the tracker and the files; the first error of a write (the trace's end, say) is returned,
+        not raised."""
         errors = []
-        for close in (self.bar.close, lambda: self.trace.write("]}\n"), self.trace.close, self.log.close):
+        closers = [self.bar.close, lambda: self.trace.write("]}\n"), self.trace.close, self.log.close]
+        for close in closers + ([self.tracker.close] if self.tracker else []):
             try:
                 close()
             except OSError as e:
@@ -242,6 +259,42 @@ class Watch:
             if age > limit and role not in dict(self.stalled):
                 self.stalled.append((role, age))
                 ch.stop.set()
+
+
+class Tracker:
+    """report_to: the metrics records, also sent to TensorBoard (run_dir/tensorboard/) or Weights & Biases (its
+    project "asyncopd", this run's name; WANDB_MODE=offline keeps it local). The x axis is the learner step."""
+
+    def __init__(self, cfg, run_dir):
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: optional
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        else:
+            import wandb  # optional
+            self.writer = wandb.init(project="asyncopd", name=os.path.basename(run_dir), dir=run_dir,
+                                     config=dataclasses.asdict(cfg))
+
+    def log(self, kind, rec):
+        numbers = {f"{kind}/{k}": v for k, v in rec.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
+        if "step" not in rec or not numbers:  # (teacher_eval: one number, shown in the summary)
+            return
+        if hasattr(self.writer, "add_scalar"):
+            for name, value in numbers.items():
+                self.writer.add_scalar(name, value, rec["step"])
+        else:
+            self.writer.log(numbers, step=rec["step"])
+
+    def close(self):
+        (self.writer.close if hasattr(self.writer, "add_scalar") else self.writer.finish)()
+
+
+def say(line: str, stream=None) -> None:
+    """print, unless the terminal is gone (SIGHUP): the run folder keeps everything."""
+    try:
+        print(line, file=stream or sys.stdout, flush=True)
+    except OSError:
+        pass
 
 
 def watch(cfg, ch, procs, run_dir, start_step):
@@ -396,8 +449,10 @@ def plot_run(run_dir):
     ax[0, 0].plot(x, [r["rkl_token"] for r in steps], label="reverse KL (sampled, current student)")
     ax[0, 0].set(xlabel="learner step", title="loss / KL")
     ax[0, 0].legend()
-    ax[0, 1].plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
-    ax[0, 1].set(xlabel="learner step", ylabel="held-out accuracy", title="student accuracy", ylim=(0, 1))
+    ax[0, 1].errorbar([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o", capsize=3,
+                      yerr=[r.get("accuracy_se", 0.0) for r in evals])  # (zero for greedy)
+    ax[0, 1].set(xlabel="learner step", ylabel="held-out accuracy", title="student accuracy (+- standard error)",
+                 ylim=(0, 1))
     hist = [0] * max(len(r["stale_hist"]) for r in steps)
     for r in steps:
         hist = [h + c for h, c in zip(hist, r["stale_hist"] + [0] * len(hist), strict=False)]  # padded with 0s
@@ -410,13 +465,19 @@ def plot_run(run_dir):
     plt.close(fig)
 
 
+def accuracy_text(rec: dict, samples: int) -> str:
+    """An evaluation record's accuracy: greedy '93.0%', or Avg@k with its standard error '91.2% +- 1.3 (Avg@32)'."""
+    se = f" +- {100 * rec.get('accuracy_se', 0.0):.1f} (Avg@{samples})" if samples > 1 else ""
+    return f"{100 * rec['accuracy']:.1f}%{se}"
+
+
 def summary_table(cfg, s):
     last, evals, (low, total, high, n) = s["last_step"], s["evals"], s["stale"]
-    fmt = lambda a: "-" if a is None else f"{100 * a:.1f}%"  # noqa: E731
+    fmt = lambda rec: "-" if rec is None else accuracy_text(rec, cfg.eval_samples)  # noqa: E731
     rows = [("schedule / estimator", f"{cfg.schedule} / {cfg.loss.name}"),
             ("teacher accuracy", fmt(s["teacher_accuracy"])),
-            ("student accuracy before", fmt(evals[0]["accuracy"] if evals else None)),
-            ("student accuracy after", fmt(evals[-1]["accuracy"] if len(evals) > 1 else None)),
+            ("student accuracy before", fmt(evals[0] if evals else None)),
+            ("student accuracy after", fmt(evals[-1] if len(evals) > 1 else None)),
             ("learner steps", f"{last['step'] if last else 0}"),
             ("trained tokens / s", f"{last['tokens_per_s']:.0f}" if last else "-"),
             ("staleness min / mean / max", f"{low:.0f} / {total / n:.2f} / {high:.0f}" if n else "-"),

@@ -6,6 +6,7 @@ devices, models (their safetensors headers) and sizes (cores, shared memory, ope
 read it to learn OPD.
 """
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import task
 import teacher_cache
 from batch_format import FIELD_SPECS
 from config import Config, resolve_transport, role_devices, start_method, training_dtype
-from optional import offline
+from optional import math_data, offline
 from runtime import checkpoint, filesystem
 
 # Per-key ranges, checked first by check_values(): (keys, predicate, the fix). Every float must also be finite.
@@ -32,12 +33,12 @@ RANGES = [
      "dist_timeout_s",
      lambda v: v >= 1, "must be >= 1"),
     ("eval_size queue_size save_every rollout_batch_size step_off max_staleness micro_batch_tokens "
-     "teacher_batch_tokens",
+     "teacher_batch_tokens warmup_steps",
      lambda v: v >= 0, "is negative: must be >= 0 (see --help for what 0 means)"),
     ("dist_timeout_s", lambda v: v <= 7 * 86400, "is more than a week (604800 s): a collective waiting that long is "
      "hung (and datetime.timedelta overflows for huge values); lower it"),
     ("lr stall_timeout_s", lambda v: v > 0, "must be > 0"),
-    ("weight_decay grad_clip", lambda v: v >= 0, "must be >= 0"),
+    ("weight_decay grad_clip min_lr", lambda v: v >= 0, "must be >= 0"),
     ("betas", lambda v: len(v) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in v),
      "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
     ("rollout_devices learner_devices", lambda v: len(v) > 0 and all(isinstance(d, str) for d in v),
@@ -50,7 +51,8 @@ RANGES = [
 
 
 # Keys with a fixed set of values, checked right after RANGES
-CHOICES = {"schedule": ("sync", "step_off", "async", "offline"), "teacher_dtype": ("auto", "bfloat16", "float32"),
+CHOICES = {"schedule": ("sync", "step_off", "async", "offline"), "lr_schedule": ("constant", "cosine", "linear"),
+           "teacher_dtype": ("auto", "bfloat16", "float32"), "report_to": ("", "tensorboard", "wandb"),
            "weight_transport": ("auto", "shared", "handoff"), "start_method": ("auto", "fork", "spawn")}
 # Keys only some schedules read ("precompute": the `asyncopd.py precompute` command): set to anything but the default
 # on another schedule they would be ignored without a word, so they are refused.
@@ -100,6 +102,8 @@ def check_inputs(cfg: Config, precompute: bool = False) -> tuple[PreTrainedToken
     if source == "addition" and cfg.eval_size > task.DEFAULT_LIMIT["test"]:  # the split is drawn until it has them
         raise ValueError(f"eval_size={cfg.eval_size} is more than the {task.DEFAULT_LIMIT['test']} held-out problems "
                          f"of the addition task: set eval_size<={task.DEFAULT_LIMIT['test']} (0 = no evaluation)")
+    if {cfg.data, cfg.eval_data} - {"addition", ""}:  # a real data set: its answers are graded by math-verify
+        math_data.check_grader()
     train, evals = task.prepare_prompts(cfg, tok)
     if len(evals) < cfg.eval_size:  # read_rows gives what there is: the run would evaluate fewer without a word
         raise ValueError(f"eval_size={cfg.eval_size} but {source} has only {len(evals)} held-out prompts: set "
@@ -122,8 +126,19 @@ def check_values(cfg: Config, precompute: bool = False) -> None:
                 raise ValueError(f"{prefix}{f.name}={getattr(opts, f.name)}: must be a finite number")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
-            raise ValueError(f"{key}={getattr(cfg, key)!r}: use one of {', '.join(allowed)}")
+            shown = ", ".join(a or "''" for a in allowed)
+            raise ValueError(f"{key}={getattr(cfg, key)!r}: use one of {shown}")
     estimators.validate_options(cfg.loss)
+    if cfg.report_to and importlib.util.find_spec(cfg.report_to) is None:  # optional: refused here, not at start
+        raise ValueError(f"report_to={cfg.report_to} needs the {cfg.report_to} package: .venv/bin/python -m pip "
+                         f"install {cfg.report_to} (or leave report_to empty: metrics.jsonl has every record)")
+    if cfg.eval_samples < 1 or (cfg.eval_samples > 1 and cfg.eval_temperature == 0) or \
+            cfg.eval_temperature not in (0, cfg.temperature):  # the rollout engine evaluates, at its temperature
+        raise ValueError(f"eval_samples={cfg.eval_samples} eval_temperature={cfg.eval_temperature}: use 1 and 0 "
+                         f"(greedy), or k samples at the rollout's temperature={cfg.temperature} (Avg@k)")
+    if cfg.min_lr > cfg.lr or cfg.warmup_steps > cfg.steps * cfg.mini_batches:
+        raise ValueError(f"min_lr={cfg.min_lr} must be <= lr={cfg.lr}, and warmup_steps={cfg.warmup_steps} <= the "
+                         f"run's optimizer steps (steps*mini_batches={cfg.steps * cfg.mini_batches})")
     default, modes = Config(), {cfg.schedule} | ({"precompute"} if precompute else set())
     for key, users in SCHEDULE_KEYS.items():
         if getattr(cfg, key) != getattr(default, key) and not modes & set(users):

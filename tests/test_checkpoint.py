@@ -172,6 +172,11 @@ def test_resume_never_changes_the_run_silently(fsdp_student, tmp_path, tiny_mode
     checkpoint.write_manifest(path)
     assert "lr 0.001 -> 0.01" in refused(ok)
     checkpoint.check_resume(dataclasses.replace(ok, lr=1e-3))
+    # steps sets the horizon of a decaying lr: it may change only under a constant one
+    cosine = dataclasses.replace(cfg, lr_schedule="cosine", warmup_steps=2, steps=4)
+    assert checkpoint.resume_diff(dataclasses.replace(cosine, steps=8), {"config": dataclasses.asdict(cosine)}) \
+        == ["steps 4 -> 8"]
+    assert checkpoint.resume_diff(dataclasses.replace(cfg, steps=8), {"config": dataclasses.asdict(cfg)}) == []
     assert f"teacher {cfg.teacher!r} -> {same!r}" in refused(ok, lr=1e-3, teacher=same)
 
 

@@ -17,7 +17,7 @@ READING_SET = ["asyncopd.py", "schedule.py", "rollout.py", "batch_format.py", "t
                "estimators.py", "config.py", "task.py"]  # in the README's reading order
 MAX_TOP_FILES, MAX_TOP_LINES, MAX_README_LINES = 9, 2200, 300
 # what a function may import lazily: optional or heavy dependencies (gpu_check --plan runs without torch)
-LAZY_OK = {"vllm", "datasets", "trl", "matplotlib", "pyarrow", "torch", "transformers"}
+LAZY_OK = {"vllm", "datasets", "trl", "matplotlib", "pyarrow", "torch", "transformers", "wandb", "math_verify"}
 
 
 def project_modules():
@@ -155,7 +155,7 @@ def test_every_readme_command_names_what_exists():
             elif args == ["-"]:
                 pass  # a heredoc script
             else:
-                assert args[0] == "asyncopd.py" and args[1] in ("train", "precompute"), argv
+                assert args[0] == "asyncopd.py" and args[1] in ("train", "precompute", "print-config"), argv
                 check_overrides(args[2:], next((a for a in args[2:] if a.endswith(".yaml")), None))
         else:
             assert program in (".venv/bin/hf", "mkdir"), f"{argv}: use .venv/bin/python or bash run.sh"
@@ -163,7 +163,7 @@ def test_every_readme_command_names_what_exists():
     assert '"${1:-}" = "test"' in run_sh and '"${1:-}" = "gpu-check"' in run_sh
 
 
-@pytest.mark.parametrize("tool", ["bench", "bench_gpu", "lab", "sft", "gpu_check"])
+@pytest.mark.parametrize("tool", ["bench", "bench_gpu", "lab", "sft", "gpu_check", "prepare_data"])
 def test_tools_write_under_runs_by_default(tool):
     """Every output folder a tool takes has a default under runs/ (or none: it must be given), never a committed
     folder."""
@@ -207,6 +207,6 @@ def test_readme_python_compiles():
     """The README's Python (its code blocks and heredocs) is valid Python."""
     text = open(os.path.join(ROOT, "README.md")).read()
     scripts = re.findall(r"<<'PY'\n(.*?)\nPY\n", text, re.S) + re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(scripts) >= 2
+    assert len(scripts) >= 1
     for script in scripts:
         compile(script, "README.md", "exec")

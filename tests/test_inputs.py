@@ -245,6 +245,11 @@ CASES = [
     ("run_name-too-long", None, ["run_name=" + "x" * 300], "run_name: the name 'xxx ... is 300 bytes, more than the"),
     ("out_dir-path-too-long", None, [f"out_dir=<runs>/{LONG_OUT_DIR}"],
      "out_dir or run_name: the run would write paths of ... more than PATH_MAX="),
+    ("report_to-typo", None, ["report_to=tensorbord"], "report_to='tensorbord': use one of '', tensorboard, wandb"),
+    ("lr_schedule-typo", None, ["lr_schedule=cosin"], "lr_schedule='cosin': use one of constant, cosine, linear"),
+    ("min_lr-above-lr", None, ["lr=0.001", "min_lr=0.01"], "min_lr=0.01 must be <= lr=0.001"),
+    ("warmup_steps-beyond-run", None, ["steps=4", "warmup_steps=5"], "warmup_steps=5 <= the run's optimizer steps"),
+    ("min_lr-negative", None, ["min_lr=-1"], "min_lr=-1.0 must be >= 0"),
     ("dist_timeout_s-huge", None, ["dist_timeout_s=100000000000000"], "dist_timeout_s=100000000000000 is more than a "
      "week (604800 s)"),
     ("cache_dir-online", None, ["cache_dir=<d>/cache"], "cache_dir='<d>/cache' is read only by schedule=offline and "

@@ -1,14 +1,18 @@
 """The real entry point (asyncopd.py train) with tiny random models and tiny budgets, plus the
 learner pieces in-process: schedules, staleness, weight sync, FSDP, faults, resume, bad input."""
+import dataclasses
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import asyncopd
@@ -165,9 +169,10 @@ def test_learner_refuses_stale_tokens_and_nonfinite_loss(fsdp_student):
 
 def test_fsdp_world_size_2_matches_world_size_1_and_resume_matches(tmp_path, tiny_models):
     """Sync runs are deterministic: 2 gloo ranks (with token-budget micro-batches, activation checkpointing and
-    teacher sub-batches) give the losses of 1 rank, and a run resumed from its step-2 checkpoint gives the
-    losses of the uninterrupted run."""
-    common = ["schedule=sync", "loss.name=forward_kl_topk", "steps=4", "save_every=2", "eval_size=0"]
+    teacher sub-batches) give the losses of 1 rank, and a run resumed from its step-2 checkpoint, in the middle of
+    its lr warmup, gives the losses and learning rates of the uninterrupted run."""
+    common = ["schedule=sync", "loss.name=forward_kl_topk", "steps=4", "save_every=2", "eval_size=0",
+              "lr_schedule=cosine", "warmup_steps=3", "min_lr=0.001"]
     one = train(tmp_path, tiny_models, *common, "run_name=one")
     two = train(tmp_path, tiny_models, *common, "run_name=two", "learner_devices=[cpu,cpu]", "micro_batch_tokens=24",
                 "activation_checkpointing=true", "teacher_batch_tokens=30")
@@ -181,6 +186,9 @@ def test_fsdp_world_size_2_matches_world_size_1_and_resume_matches(tmp_path, tin
     resumed = records(only_run(tmp_path, "res"))
     assert [r["step"] for r in resumed] == [3, 4]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in resumed]), torch.tensor(l1[2:]), atol=1e-6, rtol=1e-5)
+    lrs = [r["lr"] for r in records(only_run(tmp_path, "one"))]  # warmup from min_lr over 3 steps, cosine to min_lr
+    expected = [0.001 + (0.01 - 0.001) * f for f in (0, 1 / 3, 2 / 3, 1)]
+    assert lrs == pytest.approx(expected) and [r["lr"] for r in resumed] == lrs[2:]
 
 
 def _alive(pid):
@@ -273,16 +281,76 @@ def test_bad_input_is_refused_before_start(tmp_path, tiny_models):
 
 
 def test_help_lists_every_config_key_with_its_default_and_comment():
-    import dataclasses
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "asyncopd.py"), "--help"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=60)
-    assert out.returncode == 0 and out.stdout.startswith("usage:")
-    keys = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ")}
+    """`bash run.sh --help` (= asyncopd.py train configs/default.yaml --help): every key, its default, what the config
+    sets instead in [brackets], and every estimator name."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "asyncopd.py"), "train", "configs/default.yaml",
+                          "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr
+    keys_part, estimators_part = out.stdout.split("\nestimators (loss.name")
+    keys = {line.split()[0]: line for line in keys_part.split("config keys")[1].splitlines() if line.startswith("  ")}
     expected = [f.name for f in dataclasses.fields(config.Config) if f.name != "loss"]
     expected += ["loss." + f.name for f in dataclasses.fields(estimators.LossOptions)]
     assert sorted(keys) == sorted(expected)
     assert all("# " in line for line in keys.values())  # every key explained
     assert "'async'" in keys["schedule"] and "16" in keys["loss.samples"]  # defaults shown
+    assert "[500]" in keys["eval_size"] and "[0.0005]" in keys["lr"] and "[" not in keys["teacher"]  # the file's
+    assert [line.split()[0] for line in estimators_part.splitlines()[1:]] == list(estimators.ESTIMATORS)
+
+
+def test_a_piped_log_has_plain_lines_and_tensorboard_gets_every_record(tmp_path, tiny_models):
+    """Output to a file (a cluster job): the run folder first, a plain line per evaluation and per log_every steps,
+    no carriage-return bar; report_to=tensorboard writes the records metrics.jsonl has, at their learner steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = train(tmp_path, tiny_models, "schedule=sync", "steps=5", "log_every=2", "eval_every=2", "run_name=log",
+                "report_to=tensorboard", "progress=true")  # progress=true, but stdout and stderr are pipes
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines, run = out.stdout.splitlines(), only_run(tmp_path, "log")
+    assert lines[0] == f"asyncopd: run folder {run}" and "\r" not in out.stdout + out.stderr
+    assert [ln.split(":")[0] for ln in lines[1:8]] == ["eval  step 0", "step  2/5", "eval  step 2", "step  4/5",
+                                                       "eval  step 4", "step  5/5", "eval  step 5"], lines
+    steps, evals = records(run), records(run, "eval")
+    events = EventAccumulator(os.path.join(run, "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("step/loss")] == \
+        [(r["step"], pytest.approx(r["loss"])) for r in steps]
+    assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == \
+        [(r["step"], pytest.approx(r["accuracy"])) for r in evals]
+    assert f"{100 * evals[-1]['accuracy']:.1f}%" in lines[7]
+
+
+def test_report_to_wandb_sends_the_records_at_their_steps(tmp_path, monkeypatch):
+    """The Weights & Biases adapter against a stand-in module (wandb is not installed here: preflight refuses it in
+    one line, asserted below): init names the run and its config, each record goes at its learner step."""
+    calls = []
+    run = SimpleNamespace(log=lambda numbers, step: calls.append((numbers, step)), finish=lambda: calls.append("end"))
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=lambda **kw: calls.append(kw) or run))
+    cfg = config.Config(report_to="wandb")
+    tracker = coordinator.Tracker(cfg, str(tmp_path / "r1"))
+    for kind, rec in [("step", {"step": 1, "loss": 0.5, "lr": 1e-3, "time": 9.0, "stale_hist": [1]}),
+                      ("eval", {"step": 1, "version": 1, "accuracy": 0.25}), ("teacher_eval", {"accuracy": 0.9}),
+                      ("checkpoint", {"path": "x", "step": 1})]:
+        tracker.log(kind, rec)
+    tracker.close()
+    assert calls[0] == {"project": "asyncopd", "name": "r1", "dir": str(tmp_path / "r1"),
+                        "config": dataclasses.asdict(cfg)}
+    assert calls[1:] == [({"step/loss": 0.5, "step/lr": 1e-3}, 1), ({"eval/version": 1, "eval/accuracy": 0.25}, 1),
+                         "end"]
+    monkeypatch.delitem(sys.modules, "wandb")
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ValueError, match=r"report_to=wandb needs the wandb package: .* pip install wandb"):
+            preflight.check_values(cfg)
+
+
+def test_print_config_prints_the_effective_checked_config(capsys):
+    """The YAML a run would get: the file, the overrides, and the derived defaults filled (queue_size 0 -> 2)."""
+    path = os.path.join(ROOT, "configs", "default.yaml")
+    assert asyncopd.main(["print-config", path, "steps=3", "loss.name=jsd"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    cfg = config.load_config(path, ["steps=3", "loss.name=jsd"])
+    preflight.check_values(cfg)
+    assert printed == dataclasses.asdict(cfg) and (printed["steps"], printed["loss"]["name"]) == (3, "jsd")
+    assert printed["queue_size"] == 2 and config.load_config(path).queue_size == 0
+    assert asyncopd.main(["print-config", "batch_size=0"]) == 2
+    assert capsys.readouterr().err == "asyncopd: error: batch_size=0 must be >= 1\n"
 
 
 @pytest.mark.parametrize("loss", [["loss.name=reverse_kl_mc"], ["loss.name=forward_kl_topk"],

@@ -89,42 +89,17 @@ def test_splits_disjoint_and_deterministic():
         task.read_prompts("addition", "validation", 5)
 
 
-@pytest.mark.parametrize("response, answer, ok", [
-    ("so the answer is \\boxed{42}.", "42", True),
-    ("\\boxed{42.0}", "Natalia sold 48/2 = 24 clips ... #### 42", True),
-    ("\\boxed{43}", "#### 42", False),
-    ("#### 42", "#### 42", False),                                 # no \boxed in the response
-    ("\\boxed{1,234}", "1234", True),
-    ("\\boxed{1,234,567.5}", "1234567.50", True),
-    ("\\boxed{1,2}", "12", False),                                  # a pair, not a thousands separator
-    ("\\boxed{\\frac{3}{4}}", "3/4", True),
-    ("\\boxed{0.75}", "\\dfrac{3}{4}", True),
-    ("\\boxed{3/4}", "0.74", False),
-    ("\\boxed{-\\frac{1}{2}}", "-0.5", True),
-    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{1}{\\sqrt{2}}", True),  # nested braces, string compare
-    ("\\boxed{\\frac{1}{\\sqrt{3}}}", "\\frac{1}{\\sqrt{2}}", False),
-    ("first \\boxed{1}, finally \\boxed{2}", "2", True),             # the last box counts
-    ("\\boxed{x^{2} + 1}", "x^{2}+1", True),
-    ("\\boxed{\\$18}", "18", True),
-    ("\\boxed{50\\%}", "50", True),
-    ("\\boxed{42", "42", False),                                    # cut off inside the box
-    ("\\boxed{5}", "hence the total is $\\boxed{5}$.", True),        # MATH-style reference solution
-    ("\\boxed{\\text{(B)}}", "(B)", True),
-])
-def test_math_checker(response, answer, ok):
-    assert task.check("math", response, answer) is ok
-
-
 def test_last_boxed_nested():
     assert math_data.last_boxed("a \\boxed{\\{1, \\frac{2}{3}\\}} b") == "\\{1, \\frac{2}{3}\\}"
     assert math_data.last_boxed("no box") is None
 
 
 def test_addition_never_loads_the_data_set_readers():
-    """The default run reads no files: the readers of real data sets (datasets, pyarrow) load only on use."""
+    """The default run reads no files: the readers of real data sets (datasets, pyarrow) and their grader
+    (math_verify) load only on use."""
     code = "\n".join(["import sys", "import task", "rows = task.read_prompts('addition', 'test', 5)",
                       "assert all(task.check(r['checker'], '>' + r['answer'], r['answer']) for r in rows)",
-                      "assert not {'datasets', 'pyarrow'} & set(sys.modules), 'a data set reader was imported'"])
+                      "assert not {'datasets', 'pyarrow', 'math_verify'} & set(sys.modules), 'loaded on import'"])
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
