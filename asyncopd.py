@@ -65,7 +65,7 @@ class Run:
     start_step: int  # learner steps already done (0, or the checkpoint's)
     start_version: int  # policy version of start_dir's weights
     tokenizer: PreTrainedTokenizerBase
-    train_prompts: list[dict]  # rows with their token ids ("ids"); only the rollout workers are given them
+    train_prompts: list[dict]  # rows with their token ids ("ids", "teacher_ids"): given to rollout workers and teacher
     eval_prompts: list[dict]
 
 
@@ -82,7 +82,7 @@ def opd_reference(ln: learner.Learner, engine: rollout.Engine, teacher: PreTrain
         engine.load_weights(published[version], version)
         idx = unit_prompt_indices(cfg, len(prompts), j)
         traj = rollout.rollout_unit(cfg, engine, prompts, idx, j)  # 1. the student samples: y, b (+ support, draws)
-        batch = teacher_cache.score_unit(cfg, teacher, traj, j)  # 2. the teacher scores: t
+        batch = teacher_cache.score_unit(cfg, teacher, traj, j, prompts)  # 2. the teacher scores: t
         batch |= learner.proximal_logprobs(ln, batch)  # (decoupled PPO only: the student before the step)
         s = learner.current_logprobs(ln, batch)  # 3. the current student: s
         loss, _ = estimators.compute_loss(s, batch, cfg.loss)  # 4. the estimator, aggregated
@@ -162,7 +162,7 @@ def teacher_role(ch: Channels, run: Run) -> None:
         with span(ch, "teacher", "eval"):
             rates = task.pass_rates(model, run.tokenizer, run.eval_prompts, samples=cfg.eval_samples,
                                     greedy=cfg.eval_temperature == 0, temperature=cfg.temperature,
-                                    max_new_tokens=cfg.max_new_tokens)
+                                    max_new_tokens=cfg.max_new_tokens, ids_field="teacher_ids")
         ch.metrics_q.put(("teacher_eval", task.avg_at_k(rates)))
     group = units_per_batch(cfg) if cfg.schedule == "sync" else 1
     for _ in range(run.start_step * units_per_batch(cfg), cfg.steps * units_per_batch(cfg), group):
@@ -172,7 +172,7 @@ def teacher_role(ch: Channels, run: Run) -> None:
         for meta, traj in items:
             t0 = time.time()
             with span(ch, "teacher", f"score u{meta['unit']}"):
-                scored = teacher_cache.score_unit(cfg, model, traj, meta["unit"])
+                scored = teacher_cache.score_unit(cfg, model, traj, meta["unit"], run.train_prompts)
             put(ch, ch.teacher_q, (dict(meta, score_s=time.time() - t0), scored))
     wait_until(ch, ch.learned.is_set)
 
@@ -279,7 +279,8 @@ def precompute(cfg: Config, tok: PreTrainedTokenizerBase, train_prompts: list[di
     t0 = time.time()
     for chunk, idx in tqdm(todo, desc="precompute", disable=not cfg.progress):  # a chunk is a rollout unit
         traj = rollout.rollout_unit(cfg, engine, train_prompts, idx, chunk)
-        offline.write_chunk(cfg.cache_dir, chunk, teacher_cache.score_unit(cfg, teacher, traj, chunk), meta, idx[0])
+        scored = teacher_cache.score_unit(cfg, teacher, traj, chunk, train_prompts)
+        offline.write_chunk(cfg.cache_dir, chunk, scored, meta, idx[0])
     return offline.cache_report(cfg.cache_dir, len(todo), time.time() - t0)
 
 
@@ -292,9 +293,9 @@ def train(cfg: Config) -> dict:
     world, port = len(cfg.learner_devices), coordinator.free_port()
     roles = [(f"learner{r}" if world > 1 else "learner", learner_role, (run, r, port)) for r in range(world)]
     if cfg.schedule != "offline":
-        n, sampling = len(cfg.rollout_devices), replace(run, train_prompts=train_prompts)
-        roles += [(f"rollout{w}" if n > 1 else "rollout", rollout_role, (sampling, w)) for w in range(n)]
-        roles += [("teacher", teacher_role, (run,))]
+        n, with_prompts = len(cfg.rollout_devices), replace(run, train_prompts=train_prompts)
+        roles += [(f"rollout{w}" if n > 1 else "rollout", rollout_role, (with_prompts, w)) for w in range(n)]
+        roles += [("teacher", teacher_role, (with_prompts,))]
     shared = resolve_transport(cfg) == "shared"
     weights = learner.weight_buffer(start_dir, training_dtype(cfg)) if shared else None
     method = start_method(cfg)  # fork on the cpu: the children inherit the imports (seconds at start-up)

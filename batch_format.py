@@ -114,14 +114,19 @@ def pack_trajectory(prompts: Sequence[Sequence[int]], prompt_index: Sequence[int
                     finished: Sequence[bool], policy_version: int, per_token: Batch) -> Batch:
     """A rollout engine's output in this format: sequence fields + per-token fields (already packed, token-major)."""
     n = int(sum(lengths))
-    return {"prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int64),
-            "prompt_cu_seqlens": torch.tensor([0] + [len(p) for p in prompts]).cumsum(0),
-            "cu_seqlens": torch.tensor([0] + list(lengths)).cumsum(0),
+    return {**packed_prompts(prompts), "cu_seqlens": torch.tensor([0] + list(lengths)).cumsum(0),
             "finished": torch.as_tensor(finished, dtype=torch.bool),
             "prompt_index": torch.as_tensor(prompt_index, dtype=torch.int64),
             "policy_version": torch.full((n,), policy_version, dtype=torch.int64),
             "loss_mask": torch.ones(n, dtype=torch.bool),
             **{k: v.cpu().to(torch.int64 if k.endswith("ids") else torch.float32) for k, v in per_token.items()}}
+
+
+def packed_prompts(prompts: Sequence[Sequence[int]]) -> Batch:
+    """{"prompt_ids", "prompt_cu_seqlens"} of these prompts; with another rendering of a batch's prompts (the teacher's,
+    task.prepare_prompts) dict(batch, **packed_prompts(...)) is the same responses after other prompt tokens."""
+    return {"prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int64),
+            "prompt_cu_seqlens": torch.tensor([0] + [len(p) for p in prompts]).cumsum(0)}
 
 
 def widths(batch: Batch) -> dict[str, int]:

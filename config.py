@@ -1,5 +1,6 @@
-"""Configuration: every key with its default and meaning (`python asyncopd.py --help` prints them), the strict YAML
-loader, and what a few keys resolve to. Every value is checked before any process starts, in runtime/preflight.py.
+"""Configuration: every key with its default and meaning (`python asyncopd.py --help` prints them), load_config (YAML
+file <- key=value overrides; the strict YAML reader is runtime/strict_yaml.py), and what a few keys resolve to. Every
+value is checked before any process starts, in runtime/preflight.py.
 """
 import dataclasses
 import difflib
@@ -8,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import yaml
 
 from estimators import LossOptions
+from runtime.strict_yaml import parse_yaml
 
 
 @dataclass
@@ -25,7 +26,12 @@ class Config:
     eval_teacher: bool = True  # evaluate the teacher once, for the final table
     eval_samples: int = 1  # k: responses per held-out prompt; accuracy = Avg@k, their mean pass rate (paper: 32)
     eval_temperature: float = 0.0  # 0: greedy decoding (k = 1); > 0: sampled, at the rollout's temperature
-    chat_template: bool = False  # wrap prompts with the tokenizer's chat template (instruct models)
+    prompt_template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."  # real
+    #   data sets: the user turn, {problem} the row's problem (the AsyncOPD paper's); the addition task has its own
+    student_template: str = "raw"  # how the student sees a prompt: "raw" text, or one user turn in its tokenizer's chat
+    #   template: "chat", "chat_think" / "chat_no_think" (enable_thinking on / off, as Qwen3's template reads it)
+    teacher_template: str = "raw"  # the same choices, rendered with the teacher's own tokenizer: the teacher scores the
+    #   student's response tokens after its own rendering of the prompt
     max_prompt_len: int = 64  # prompts longer than this are refused before start
     max_new_tokens: int = 48  # response length limit (EOS included)
     # sampling (rollout)
@@ -121,35 +127,6 @@ def _apply(obj, updates, prefix=""):
     return dataclasses.replace(obj, **changes)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice (PyYAML silently keeps the last one)."""
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key in (k for k, _ in node.value if isinstance(k, yaml.ScalarNode)):
-            if key.value in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key.value!r}", key.start_mark)
-            seen.add(key.value)
-        return super().construct_mapping(node, deep)
-
-
-def _yaml(text, where):
-    """Parsed YAML, or one ValueError line naming where (and the line) instead of PyYAML's multi-line report."""
-    try:
-        depth = 0  # PyYAML's composer recurses (a deep nesting overflows the stack); its event stream does not
-        for event in yaml.parse(text, Loader=_StrictLoader):
-            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
-            if depth > 3:  # a config is a mapping, its loss section and lists
-                raise ValueError(f"{where} line {event.start_mark.line + 1}: nested deeper than a config can be (a "
-                                 "mapping, its loss section, a list): fix the YAML")
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        opened = f" ({e.context} at line {ctx.line + 1})" if ctx and e.context else ""
-        problem = " ".join(str(getattr(e, "problem", None) or e).split())
-        raise ValueError(f"{where}{at}: {problem}{opened}: fix the YAML") from None
-
-
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- key=value overrides (dotted keys reach the loss section; each key once)."""
     cfg = Config()
@@ -157,7 +134,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         if not os.path.isfile(path):
             raise ValueError(f"config file {path} not found: give an existing YAML file")
         with open(path, encoding="utf-8", errors="replace") as f:
-            updates = _yaml(f.read(), f"config file {path}")
+            updates = parse_yaml(f.read(), f"config file {path}")
         if updates is None:  # an empty file is more likely a mistake than a wish for the defaults
             raise ValueError(f"config file {path} is empty: write key: value lines, or leave it out for the defaults")
         if not isinstance(updates, dict):
@@ -169,7 +146,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value: write e.g. steps=10")
-        value = _yaml(value, f"override {item[:60]}") if value else ""
+        value = parse_yaml(value, f"override {item[:60]}") if value else ""
         for k in [f"{key}.{sub}" for sub in value] if isinstance(value, dict) else [key]:
             if seen.setdefault(k, i) != i:
                 raise ValueError(f"override {item!r} sets {k} again after {overrides[seen[k]]!r}: give it once")

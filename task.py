@@ -84,31 +84,31 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 # ----------------------------------------------------------------------------- prompt data
 
-def read_prompts(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
+def read_prompts(source: str, split: str = "train", limit: int | None = None, template: str = "{problem}"
+                 ) -> list[dict]:
     """Rows {"prompt", "answer", "checker"}: "addition" is the built-in task (seeded; limit None ->
     DEFAULT_LIMIT[split]); any other source is a real data set, read by math_data.read_rows
-    (a .jsonl / .parquet file or "hf:NAME[:config]") and graded by the "math" checker."""
+    (a .jsonl / .parquet file or "hf:NAME[:config]"), its problems put in `template`, graded by the "math" checker."""
     if source != "addition":
-        return math_data.read_rows(source, split, limit)
+        return math_data.read_rows(source, split, limit, template)
     pairs = addition_problems(split, limit if limit is not None else DEFAULT_LIMIT[split])
     return [{"prompt": addition_prompt(a, b), "answer": str(a + b), "checker": "addition"} for a, b in pairs]
 
 
-def prepare_prompts(cfg: Config, tok: PreTrainedTokenizerBase) -> tuple[list[dict], list[dict]]:
-    """A run's train and eval prompts, each row with its token ids ("ids"); a bad row is named by its number."""
-    train = read_prompts(cfg.data, "train", None)
-    evals = read_prompts(cfg.eval_data or cfg.data, "test", cfg.eval_size) if cfg.eval_size else []
-    known = set()  # characters the tokenizer is known to represent
-    for rows, where in ((train, cfg.data), (evals, cfg.eval_data or cfg.data)):
-        batch = None if cfg.chat_template else _encode_batch(tok, [r["prompt"] for r in rows])
-        for i, row in enumerate(rows):
-            try:
-                row["ids"] = encode_prompt(tok, row["prompt"], cfg.chat_template, known=known,
-                                           max_len=cfg.max_prompt_len, ids=batch[i] if batch else None)
-            except ValueError as e:
-                raise ValueError(f"{where} row {i + 1}: {e}") from None
-    if len(train) < cfg.rollout_batch_size:
-        raise ValueError(f"{cfg.data} has {len(train)} prompts, fewer than one rollout unit ({cfg.rollout_batch_size})")
+def prepare_prompts(cfg: Config, tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase | None = None
+                    ) -> tuple[list[dict], list[dict]]:
+    """A run's train and eval prompts, each row with the student's token ids ("ids", student_template) and, given the
+    teacher's tokenizer, the teacher's ("teacher_ids", teacher_template; the same list where they agree). Checked by
+    runtime/preflight.py (lengths, text the tokenizer cannot spell)."""
+    train = read_prompts(cfg.data, "train", None, cfg.prompt_template)
+    evals = read_prompts(cfg.eval_data or cfg.data, "test", cfg.eval_size, cfg.prompt_template) if cfg.eval_size else []
+    views = [("ids", tok, cfg.student_template)] + ([("teacher_ids", teacher_tok, cfg.teacher_template)]
+                                                    if teacher_tok is not None else [])
+    for rows in (train, evals):
+        for field, tokenizer, template in views:
+            texts = [render_prompt(tokenizer, r["prompt"], template) for r in rows]
+            for row, ids in zip(rows, _encode_batch(tokenizer, texts) if rows else [], strict=True):
+                row[field] = row["ids"] if ids == row.get("ids") else ids
     return train, evals
 
 
@@ -121,40 +121,24 @@ def _encode_batch(tok, texts):
     return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool, *, known: set | None = None,
-                  max_len: int | None = None, ids: list[int] | None = None) -> list[int]:
-    """Prompt token ids: the raw characters for the synthetic task, or the model's chat template
-    (one user turn + generation prompt) for instruct models. Text the tokenizer cannot represent is
-    refused, not dropped: a tokenizer without <unk> silently skips unknown characters ('１２+３４=' -> '+=').
-    `known`: characters already found representable (prepare_prompts shares one set across rows).
-    `ids`: the text's ids from a batched tokenizer call (prepare_prompts: one call for all rows), checked here."""
-    raw = text
-    if chat_template:
-        if tokenizer.chat_template is None:
-            raise ValueError("chat_template=True but the tokenizer has no chat template; "
-                             "set chat_template: false for base models")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True, tokenize=False)
-    if ids is None:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_len is not None and len(ids) > max_len:
-        raise ValueError(f"prompt {raw[:40]!r} has {len(ids)} tokens > max_prompt_len={max_len}: "
-                         "raise max_prompt_len or filter the data set")
-    known = set() if known is None else known
-    lost = []
-    for ch in sorted(set(raw) - known):  # each new character alone: whitespace may vanish, nothing else may
-        one = tokenizer(ch, add_special_tokens=False)["input_ids"]
-        if ch.isspace() or (one and tokenizer.unk_token_id not in one):
-            known.add(ch)
-        else:
-            lost.append(ch)
-    if lost or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
-        chars = f" {''.join(lost)!r}" if lost else ""  # none alone: only in context (the chat template's)
-        raise ValueError(f"prompt {raw[:40]!r} has characters{chars} outside the tokenizer's vocabulary: "
-                         "remove them, or use a tokenizer that covers this data set")
-    if not ids:
-        raise ValueError(f"prompt {raw[:40]!r} encodes to no tokens: give it some text")
-    return ids
+TEMPLATES = {"raw": None, "chat": {}, "chat_think": {"enable_thinking": True},
+             "chat_no_think": {"enable_thinking": False}}  # student_/teacher_template -> the chat template's kwargs
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, text: str, template: str = "raw") -> str:
+    """The text a model is given: the prompt as is ("raw"), or one user turn in the tokenizer's chat template followed
+    by the assistant's generation prompt (see TEMPLATES)."""
+    if TEMPLATES[template] is None:
+        return text
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{template} needs a chat template but the tokenizer has none: use raw for base models")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False, **TEMPLATES[template])
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, template: str = "raw") -> list[int]:
+    """Prompt token ids of render_prompt(tokenizer, text, template) (no special tokens added)."""
+    return tokenizer(render_prompt(tokenizer, text, template), add_special_tokens=False)["input_ids"]
 
 
 # ----------------------------------------------------------------------------- checkers
@@ -180,17 +164,18 @@ def check(checker: str, response_text: str, answer: str) -> bool:
 
 def pass_rates(model: rollout.Engine | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict], *,
                samples: int = 1, greedy: bool = True, temperature: float = 1.0, batch_size: int = 250,
-               max_new_tokens: int = MAX_NEW_TOKENS, chat_template: bool = False) -> list[float]:
+               max_new_tokens: int = MAX_NEW_TOKENS, ids_field: str = "ids") -> list[float]:
     """Per prompt, the fraction of its `samples` responses graded correct: greedy decoding, or samples drawn at the
     engine's temperature (Avg@k, the AsyncOPD paper's evaluation: k = 32 at T = 1). `model` is a rollout engine
-    (rollout.make_engine: transformers or vLLM) or a transformers model, wrapped in one (at `temperature`)."""
+    (rollout.make_engine: transformers or vLLM) or a transformers model, wrapped in one (at `temperature`). Each row's
+    prompt is its ids_field ("teacher_ids": the teacher's rendering), else its raw text."""
     engine = model if hasattr(model, "policy_version") else rollout.make_engine(
         model, device=next(model.parameters()).device, max_new_tokens=max_new_tokens, temperature=temperature,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     generator, rates = torch.Generator(engine.device).manual_seed(0), []  # the same draws at every evaluation
     for i in range(0, len(prompts), max(1, batch_size // samples)):
         rows = [r for r in prompts[i:i + max(1, batch_size // samples)] for _ in range(samples)]
-        ids = [r.get("ids") or encode_prompt(tokenizer, r["prompt"], chat_template) for r in rows]
+        ids = [r.get(ids_field) or encode_prompt(tokenizer, r["prompt"]) for r in rows]
         traj = engine.generate(ids, list(range(len(rows))), engine.policy_version, greedy=greedy, generator=generator)
         cu = traj["cu_seqlens"].tolist()
         texts = tokenizer.batch_decode([traj["token_ids"][cu[j]:cu[j + 1]].tolist() for j in range(len(rows))],

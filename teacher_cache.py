@@ -13,7 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 import estimators
-from batch_format import FIELD_SPECS, Batch, pad_batch, select_sequences, split_by_tokens, to_device, validate_batch
+from batch_format import (
+    FIELD_SPECS,
+    Batch,
+    packed_prompts,
+    pad_batch,
+    select_sequences,
+    split_by_tokens,
+    to_device,
+    validate_batch,
+)
 from config import Config
 from schedule import TEACHER_STREAM, unit_generator
 
@@ -34,14 +43,21 @@ def load_teacher(cfg: Config) -> PreTrainedModel:
     return model.to(cfg.teacher_device).eval()
 
 
-def score_unit(cfg: Config, teacher: PreTrainedModel, traj: Batch, unit: int) -> Batch:
+def score_unit(cfg: Config, teacher: PreTrainedModel, traj: Batch, unit: int, prompts: list[dict] | None = None
+               ) -> Batch:
     """Rollout unit `unit` scored: the trajectory plus the teacher fields the estimator needs. t at the generated
-    token is always scored (4 bytes/token), so every run logs a reverse-KL estimate."""
+    token is always scored (4 bytes/token), so every run logs a reverse-KL estimate. prompts: the data set's rows; where
+    they hold the teacher's own rendering of a prompt ("teacher_ids", teacher_template), the teacher reads the student's
+    response tokens after it. The unit keeps the student's prompt: the learner's s is read after that."""
     fields = estimators.needs(cfg.loss).teacher | {"teacher_logp"}
-    scored = score(teacher, to_device(traj, cfg.teacher_device), fields, cfg.loss.teacher_topk, cfg.loss.samples,
+    if prompts and "teacher_ids" in prompts[0]:
+        seen = dict(traj, **packed_prompts([prompts[i]["teacher_ids"] for i in traj["prompt_index"].tolist()]))
+    else:
+        seen = traj
+    scored = score(teacher, to_device(seen, cfg.teacher_device), fields, cfg.loss.teacher_topk, cfg.loss.samples,
                    batch_tokens=cfg.teacher_batch_tokens,
                    generator=unit_generator(cfg, unit, TEACHER_STREAM, cfg.teacher_device))
-    return to_device(scored, "cpu")
+    return dict(to_device(scored, "cpu"), prompt_ids=traj["prompt_ids"], prompt_cu_seqlens=traj["prompt_cu_seqlens"])
 
 
 @torch.no_grad()

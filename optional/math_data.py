@@ -1,11 +1,12 @@
 """Real data sets: prompt files and the \\boxed{} grader.
 
 task.read_prompts reads any data source other than "addition" here, and task.check grades a "math" row here. Rows from
-GSM8K, MATH, DeepMath and the like get MATH_INSTRUCTION appended (unless they already ask for \\boxed{}) and are
-graded by check_math: the response's last \\boxed{} against the reference, compared by math-verify (HuggingFace's
-answer verifier, on sympy), so that 1/\\sqrt{2} = \\sqrt{2}/2, \\pi/2 = \\frac{\\pi}{2}, x=3 = 3 and 0.5 = \\frac{1}{2}.
-math-verify is an optional package (requirements-test.txt, requirements-gpu.txt; not requirements.txt): the addition
-task never imports it, and preflight refuses a run on a real data set without it (check_grader).
+GSM8K, MATH, DeepMath and the like become the user turn of the config's prompt_template (the AsyncOPD paper's asks for
+the answer in \\boxed{}) and are graded by check_math: the response's last \\boxed{} against the reference, compared
+by math-verify (HuggingFace's answer verifier, on sympy), so that 1/\\sqrt{2} = \\sqrt{2}/2, \\pi/2 = \\frac{\\pi}{2},
+x=3 = 3 and 0.5 = \\frac{1}{2}. math-verify is an optional package (requirements-test.txt, requirements-gpu.txt; not
+requirements.txt): the addition task never imports it, and preflight refuses a run on a real data set without it
+(check_grader).
 """
 import functools
 import importlib.util
@@ -15,13 +16,14 @@ import re
 import threading
 
 DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)\\[,;: ](?=\d{3}(?!\d))")  # 1\,234 and 1\ 234: a thousands separator
-MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 # ----------------------------------------------------------------------------- prompt files
 
-def read_rows(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Rows {"prompt", "answer", "checker": "math"} from
+def read_rows(source: str, split: str = "train", limit: int | None = None, template: str = "{problem}"
+              ) -> list[dict]:
+    """Rows {"prompt", "answer", "checker": "math"}, the prompt being `template` with {problem} replaced by the row's
+    problem text (str.format would trip over LaTeX braces), from
     - a .jsonl / .parquet path (fields prompt|question|problem and answer|final_answer|solution;
       "{split}" in the path is replaced by split),
     - "hf:NAME[:config]": a Hugging Face dataset split (needs `datasets` and network)."""
@@ -38,7 +40,7 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
         records = _read_file(where)
     if not records:
         raise ValueError(f"{where} has no rows; point it at a non-empty data set")
-    rows = [_math_row(r, f"{where} row {n}") for n, r in enumerate(records, 1)]
+    rows = [_math_row(r, f"{where} row {n}", template) for n, r in enumerate(records, 1)]
     return rows if limit is None else rows[:limit]
 
 
@@ -65,7 +67,7 @@ def _read_file(where: str) -> list:
     raise ValueError(f"prompt file {where} must end in .jsonl or .parquet")
 
 
-def _math_row(record: dict, where: str) -> dict:
+def _math_row(record: dict, where: str, template: str) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"{where} is a {type(record).__name__}, not an object with prompt and answer fields")
     prompt = next((record[k] for k in ("prompt", "question", "problem") if k in record), None)
@@ -78,9 +80,7 @@ def _math_row(record: dict, where: str) -> dict:
     if not isinstance(prompt, str) or not isinstance(answer, (str, int, float)):
         raise ValueError(f"{where}: the prompt must be text (or chat messages) and the answer text or a number, "
                          f"got {type(prompt).__name__} and {type(answer).__name__}")
-    if "boxed" not in prompt:
-        prompt = prompt + MATH_INSTRUCTION
-    return {"prompt": prompt, "answer": str(answer), "checker": "math"}
+    return {"prompt": template.replace("{problem}", prompt), "answer": str(answer), "checker": "math"}
 
 
 # ----------------------------------------------------------------------------- the \boxed{} grader

@@ -35,6 +35,7 @@ FORMAT_VERSION = 2  # 2: a sha256 over tensors and meta, and each chunk's sequen
 REQUIRED_META = ("teacher_fingerprint", "tokenizer_fingerprint", "vocab_size", "student_version")
 PER_CHUNK_META = ("num_tokens", "num_sequences", "chunk_index", "first_sequence", "sha256")  # may differ between chunks
 CHUNK_NAME = re.compile(r"^chunk_(\d{5})\.safetensors$")
+PROMPT_KEYS = ("prompt_template", "student_template", "teacher_template")  # how the cached prompts were rendered
 
 
 def checksum(cache, meta):
@@ -173,6 +174,10 @@ def check_cache(cfg: Config, student_dir: str, tok: PreTrainedTokenizerBase, fie
     missing = sorted(fields - set(cache) - set(estimators.needs(cfg.loss).proximal.values()))
     if missing:
         raise ValueError(f"cache {cfg.cache_dir} lacks {missing} needed by {cfg.loss.name}: precompute with this loss")
+    for key in PROMPT_KEYS[:2]:  # the student is evaluated on prompts rendered as it was trained on them
+        if meta.get(key, getattr(Config, key)) != getattr(cfg, key):
+            raise ValueError(f"cache {cfg.cache_dir} was rolled out with {key}={meta.get(key, getattr(Config, key))!r},"
+                             f" this run has {getattr(cfg, key)!r}: set it as the cache has it")
     sft = sft_teacher(student_dir)
     if sft is None and not cfg.allow_teacher_mismatch:
         raise ValueError(f"teacher consistency: {student_dir} has no asyncopd_sft.json naming its SFT teacher: SFT it "
@@ -197,7 +202,8 @@ def open_cache(cfg: Config, tok: PreTrainedTokenizerBase, teacher: PreTrainedMod
     # everything that decides a chunk's content: a rerun must match it to reuse the finished chunks
     meta.update(prompts=n, chunk_prompts=cfg.chunk_prompts, data=cfg.data, required_fields=sorted(fields),
                 temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                teacher_topk=cfg.loss.teacher_topk, student_topk=cfg.loss.student_topk, samples=cfg.loss.samples)
+                teacher_topk=cfg.loss.teacher_topk, student_topk=cfg.loss.student_topk, samples=cfg.loss.samples,
+                **{k: getattr(cfg, k) for k in PROMPT_KEYS})
     done = finished_chunks(cfg.cache_dir)
     if done:
         old = load(os.path.join(cfg.cache_dir, f"chunk_{min(done):05d}.safetensors"))[1]

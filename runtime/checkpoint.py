@@ -163,6 +163,8 @@ def _flat(config: dict) -> dict:
     config, default = config if isinstance(config, dict) else {}, Config()
     loss = config.get("loss") if isinstance(config.get("loss"), dict) else {}
     out = {f.name: config.get(f.name, getattr(default, f.name)) for f in dataclasses.fields(Config) if f.name != "loss"}
+    if "chat_template" in config and "student_template" not in config:  # before the two: one switch for both models
+        out["student_template"] = out["teacher_template"] = "chat" if config["chat_template"] else "raw"
     return out | {f"loss.{f.name}": loss.get(f.name, f.default) for f in dataclasses.fields(LossOptions)}
 
 

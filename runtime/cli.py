@@ -10,13 +10,12 @@ import signal
 import sys
 from collections.abc import Callable
 
-import yaml
-
 import estimators
 from config import Config, load_config
 from estimators import LossOptions
 from runtime import coordinator, filesystem, preflight
 from runtime.coordinator import say
+from runtime.strict_yaml import dump_yaml
 
 COMMANDS = ("train", "precompute", "print-config")
 
@@ -34,7 +33,7 @@ def main(argv: list[str], train: Callable, precompute: Callable) -> int:
                 return 0
             if cmd == "print-config":  # the values a run would get, checked (models, data and devices are not)
                 preflight.check_values(cfg)
-                say(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).rstrip())
+                say(dump_yaml(dataclasses.asdict(cfg)).rstrip())
                 return 0
             if cmd == "precompute":
                 tok, train_prompts, _ = preflight.check_inputs(cfg, precompute=True)

@@ -19,10 +19,10 @@ import traceback
 
 import torch
 import torch.multiprocessing as mp
-import yaml
 from tqdm import tqdm
 
 from runtime import channels, childguard, filesystem
+from runtime.strict_yaml import dump_yaml
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal or ssh session closed
 
@@ -166,7 +166,7 @@ def make_run_dir(cfg):
             if cfg.run_name:
                 raise ValueError(f"run_name={cfg.run_name}: {path} exists: choose another run_name") from None
     with open(os.path.join(path, "config.yaml"), "w") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+        f.write(dump_yaml(dataclasses.asdict(cfg)))
     return path
 
 

@@ -53,7 +53,8 @@ RANGES = [
 # Keys with a fixed set of values, checked right after RANGES
 CHOICES = {"schedule": ("sync", "step_off", "async", "offline"), "lr_schedule": ("constant", "cosine", "linear"),
            "teacher_dtype": ("auto", "bfloat16", "float32"), "report_to": ("", "tensorboard", "wandb"),
-           "weight_transport": ("auto", "shared", "handoff"), "start_method": ("auto", "fork", "spawn")}
+           "weight_transport": ("auto", "shared", "handoff"), "start_method": ("auto", "fork", "spawn"),
+           "student_template": tuple(task.TEMPLATES), "teacher_template": tuple(task.TEMPLATES)}
 # Keys only some schedules read ("precompute": the `asyncopd.py precompute` command): set to anything but the default
 # on another schedule they would be ignored without a word, so they are refused.
 SCHEDULE_KEYS = {"cache_dir": ("offline", "precompute"), "allow_teacher_mismatch": ("offline",),
@@ -97,20 +98,53 @@ def check_inputs(cfg: Config, precompute: bool = False) -> tuple[PreTrainedToken
         _check_device(d, "device")
     if len({d.startswith("cuda") for d in cfg.learner_devices}) > 1:
         raise ValueError(f"learner_devices={cfg.learner_devices} mixes cpu and cuda: use one kind")
-    tok = check_models(cfg, online=online)
+    tok, teacher_tok = check_models(cfg, online=online)
     source = cfg.eval_data or cfg.data
     if source == "addition" and cfg.eval_size > task.DEFAULT_LIMIT["test"]:  # the split is drawn until it has them
         raise ValueError(f"eval_size={cfg.eval_size} is more than the {task.DEFAULT_LIMIT['test']} held-out problems "
                          f"of the addition task: set eval_size<={task.DEFAULT_LIMIT['test']} (0 = no evaluation)")
     if {cfg.data, cfg.eval_data} - {"addition", ""}:  # a real data set: its answers are graded by math-verify
         math_data.check_grader()
-    train, evals = task.prepare_prompts(cfg, tok)
+    train, evals = task.prepare_prompts(cfg, tok, teacher_tok)
+    for rows, where in ((train, cfg.data), (evals, source)):
+        check_prompts(cfg, rows, where, {"ids": tok, "teacher_ids": teacher_tok})
+    if len(train) < cfg.rollout_batch_size:
+        raise ValueError(f"{cfg.data} has {len(train)} prompts, fewer than one rollout unit ({cfg.rollout_batch_size})")
     if len(evals) < cfg.eval_size:  # read_rows gives what there is: the run would evaluate fewer without a word
         raise ValueError(f"eval_size={cfg.eval_size} but {source} has only {len(evals)} held-out prompts: set "
                          f"eval_size<={len(evals)} (0 = no evaluation), or give eval_data with more")
     if not precompute and cfg.schedule != "offline":  # only online runs pass units between processes
         check_memory(cfg, train)
     return tok, train, evals
+
+
+def check_prompts(cfg: Config, rows: list[dict], where: str, tokenizers: dict) -> None:
+    """Every prompt as each model sees it (tokenizers: {row field: its tokenizer}, task.prepare_prompts' "ids" and
+    "teacher_ids") has a token, fits max_prompt_len and keeps every character: a tokenizer without <unk> silently skips
+    what it cannot spell ('１２+３４=' -> '+='), so text it cannot represent is refused, not dropped."""
+    for field, tok in tokenizers.items():
+        known = set()  # characters found representable
+        for i, row in enumerate(rows):
+            if field not in row or (field != "ids" and row[field] is row["ids"]):  # checked as the student's
+                continue
+            ids, text = row[field], row["prompt"]
+            at = f"{where} row {i + 1}{'' if field == 'ids' else ' (as the teacher renders it)'}: prompt {text[:40]!r}"
+            if not ids:
+                raise ValueError(f"{at} encodes to no tokens: give it some text")
+            if len(ids) > cfg.max_prompt_len:
+                raise ValueError(f"{at} has {len(ids)} tokens > max_prompt_len={cfg.max_prompt_len}: raise "
+                                 "max_prompt_len or filter the data set")
+            lost = []
+            for ch in sorted(set(text) - known):  # each new character alone: whitespace may vanish, nothing else may
+                one = tok(ch, add_special_tokens=False)["input_ids"]
+                if ch.isspace() or (one and tok.unk_token_id not in one):
+                    known.add(ch)
+                else:
+                    lost.append(ch)
+            if lost or (tok.unk_token_id is not None and tok.unk_token_id in ids):
+                chars = f" {''.join(lost)!r}" if lost else ""  # none alone: only in context (the chat template's)
+                raise ValueError(f"{at} has characters{chars} outside the tokenizer's vocabulary: remove them, or use "
+                                 "a tokenizer that covers this data set")
 
 
 def check_values(cfg: Config, precompute: bool = False) -> None:
@@ -136,6 +170,11 @@ def check_values(cfg: Config, precompute: bool = False) -> None:
             cfg.eval_temperature not in (0, cfg.temperature):  # the rollout engine evaluates, at its temperature
         raise ValueError(f"eval_samples={cfg.eval_samples} eval_temperature={cfg.eval_temperature}: use 1 and 0 "
                          f"(greedy), or k samples at the rollout's temperature={cfg.temperature} (Avg@k)")
+    if "{problem}" not in cfg.prompt_template:
+        raise ValueError(f"prompt_template={cfg.prompt_template[:60]!r} has no {{problem}}: write where it goes")
+    if cfg.prompt_template != Config.prompt_template and not {cfg.data, cfg.eval_data} - {"addition", ""}:
+        raise ValueError("prompt_template is read for real data sets only; the addition task has its own prompts: "
+                         "drop prompt_template, or set data to a .jsonl/.parquet file")
     if cfg.min_lr > cfg.lr or cfg.warmup_steps > cfg.steps * cfg.mini_batches:
         raise ValueError(f"min_lr={cfg.min_lr} must be <= lr={cfg.lr}, and warmup_steps={cfg.warmup_steps} <= the "
                          f"run's optimizer steps (steps*mini_batches={cfg.steps * cfg.mini_batches})")
@@ -315,13 +354,16 @@ def _causal_lm(conf, what, path):
                          "loads: use a causal LM checkpoint (e.g. Qwen2/Qwen3/Llama)") from None
 
 
-def check_models(cfg: Config, online: bool = True) -> PreTrainedTokenizerBase:
-    """Student and teacher load and agree (vocabulary, tokenizer); the engine (online) or the cache (offline) can
-    serve the estimator. Returns the student's tokenizer."""
+def check_models(cfg: Config, online: bool = True) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase | None]:
+    """Student and teacher load and agree (vocabulary, tokenizer; each can render its prompt template); the engine
+    (online) or the cache (offline) can serve the estimator. Returns the student's and (online) the teacher's
+    tokenizer."""
     student_dir = cfg.resume or cfg.student
     check_model_files(student_dir, "student")
     s_conf, tok = _load(AutoConfig, student_dir, "student"), _load(AutoTokenizer, student_dir, "student")
     _causal_lm(s_conf, "student", student_dir)
+    check_template(tok, cfg.student_template, "student_template", student_dir)
+    t_tok = None
     fields = estimators.required_fields(cfg.loss)
     read = {FIELD_SPECS[f]["width"] for f in fields if f in FIELD_SPECS}
     for key, width in (("teacher_topk", "K"), ("student_topk", "Ks")):  # top-K of V ids: at most V
@@ -344,10 +386,23 @@ def check_models(cfg: Config, online: bool = True) -> PreTrainedTokenizerBase:
         if teacher_cache.tokenizer_fingerprint(t_tok) != teacher_cache.tokenizer_fingerprint(tok):
             raise ValueError(f"tokenizer mismatch: student {student_dir} ({len(tok)} tokens) vs teacher {cfg.teacher} "
                              f"({len(t_tok)} tokens): OPD needs one tokenizer")
+        check_template(t_tok, cfg.teacher_template, "teacher_template", cfg.teacher)
     if "teacher_dense_logp" in fields and s_conf.vocab_size > estimators.MAX_DENSE_VOCAB:
         raise ValueError(f"estimator {cfg.loss.name} needs the dense teacher distribution, too big at "
                          f"V={s_conf.vocab_size}: use forward_kl_topk, reverse_kl_mc or jsd on a finite support")
-    return tok
+    return tok, t_tok
+
+
+def check_template(tokenizer: PreTrainedTokenizerBase, template: str, key: str, where: str) -> None:
+    """The model's tokenizer can render `template` (task.TEMPLATES): a chat template, one that reads enable_thinking
+    for chat_think / chat_no_think (else the setting would change nothing, without a word)."""
+    if template != "raw" and tokenizer.chat_template is None:
+        raise ValueError(f"{key}={template}: the tokenizer of {where} has no chat template: use {key}=raw "
+                         "(base models), or a tokenizer with one")
+    if template in ("chat_think", "chat_no_think"):
+        on, off = (task.render_prompt(tokenizer, "1+1?", t) for t in ("chat_think", "chat_no_think"))
+        if on == off:
+            raise ValueError(f"{key}={template}: the chat template of {where} ignores enable_thinking: use {key}=chat")
 
 
 def unit_fields(cfg: Config) -> set[str]:

@@ -37,13 +37,21 @@ def make_model_dir(path, tokenizer, hidden=32, layers=1, seed=0):
     return str(path)
 
 
+# The tiny teacher's chat template, in the addition alphabet: "0472+0386=" becomes "0472+0386=>" (";" appended when
+# enable_thinking is false). The student's tokenizer has none: the two differ only in how they can render a prompt.
+TEACHER_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>"
+                         "{% if enable_thinking is defined and enable_thinking is false %};{% endif %}{% endif %}")
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """(student_dir, teacher_dir): random tiny Qwen2 models on the addition tokenizer."""
+    """(student_dir, teacher_dir): random tiny Qwen2 models on the addition tokenizer (the teacher's with a chat
+    template, TEACHER_CHAT_TEMPLATE)."""
     import task
-    tok = task.build_tokenizer()
+    tok, teacher_tok = task.build_tokenizer(), task.build_tokenizer()
+    teacher_tok.chat_template = TEACHER_CHAT_TEMPLATE
     root = tmp_path_factory.mktemp("models")
-    return make_model_dir(root / "student", tok, 32, 1, 0), make_model_dir(root / "teacher", tok, 48, 2, 1)
+    return make_model_dir(root / "student", tok, 32, 1, 0), make_model_dir(root / "teacher", teacher_tok, 48, 2, 1)
 
 
 # ----------------------------------------------------------------------------- measurements in the CI log

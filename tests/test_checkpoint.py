@@ -177,6 +177,11 @@ def test_resume_never_changes_the_run_silently(fsdp_student, tmp_path, tiny_mode
     assert checkpoint.resume_diff(dataclasses.replace(cosine, steps=8), {"config": dataclasses.asdict(cosine)}) \
         == ["steps 4 -> 8"]
     assert checkpoint.resume_diff(dataclasses.replace(cfg, steps=8), {"config": dataclasses.asdict(cfg)}) == []
+    # before student_template and teacher_template, one chat_template switch rendered both models' prompts
+    older = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.endswith("_template")}
+    assert checkpoint.resume_diff(cfg, {"config": dict(older, chat_template=True)}) == [
+        "student_template 'chat' -> 'raw'", "teacher_template 'chat' -> 'raw'"]
+    assert checkpoint.resume_diff(cfg, {"config": dict(older, chat_template=False)}) == []
     assert f"teacher {cfg.teacher!r} -> {same!r}" in refused(ok, lr=1e-3, teacher=same)
 
 

@@ -876,7 +876,7 @@ def test_a_new_estimator_runs_through_every_role_from_its_declaration(toy_estima
                                     "max_new_tokens=8", "loss.name=toy_log_ratio"])
     preflight.check_values(cfg)
     ln, tok = learner.build(cfg, student_dir, sharded=False), AutoTokenizer.from_pretrained(student_dir)
-    prompts = [{"ids": task.encode_prompt(tok, task.addition_prompt(k, 23), False)} for k in range(4)]
+    prompts = [{"ids": task.encode_prompt(tok, task.addition_prompt(k, 23))} for k in range(4)]
     engine = rollout.engine_from_config(cfg, student_dir, "cpu", tok)
     before = learner.copy_weights(ln)
     [(loss, norm)] = opd_reference(ln, engine, teacher_cache.load_teacher(cfg), prompts, steps=1)

@@ -322,12 +322,25 @@ def test_unrepresentable_text_is_refused_not_dropped(tiny_models):
     from transformers import AutoTokenizer
     shipped = AutoTokenizer.from_pretrained(os.path.join(ROOT, "models", "student"))
     assert shipped.decode(shipped("１２+３４=", add_special_tokens=False)["input_ids"]) == "+="  # the silent drop
+    cfg = config.Config()
+
+    def check(tok, text, field="ids"):
+        row = {"prompt": text, "ids": task.encode_prompt(tok, text)}
+        row[field] = row[field] if field == "ids" else list(row["ids"])
+        preflight.check_prompts(cfg, [{"prompt": "0+0=", "ids": [1]}, row], "data", {field: tok})
+        return row["ids"]
+
     for tok in (shipped, AutoTokenizer.from_pretrained(tiny_models[0]), ascii_tokenizer()):
-        with pytest.raises(ValueError, match="characters '１２３４' outside the tokenizer's vocabulary"):
-            task.encode_prompt(tok, "１２+３４=", False)
-        assert tok.decode(task.encode_prompt(tok, "0012+0034=", False)) == "0012+0034="
+        with pytest.raises(ValueError, match="^data row 2: prompt '１２\\+３４=' has characters '１２３４' outside "):
+            check(tok, "１２+３４=")
+        with pytest.raises(ValueError, match=r"row 2 \(as the teacher renders it\): .* outside the tokenizer's"):
+            check(tok, "１２+３４=", "teacher_ids")
+        assert tok.decode(check(tok, "0012+0034=")) == "0012+0034="
     with pytest.raises(ValueError, match="encodes to no tokens"):
-        task.encode_prompt(shipped, " ", False)
+        check(shipped, " ")
+    with pytest.raises(ValueError, match="has 11 tokens > max_prompt_len=10"):
+        preflight.check_prompts(config.Config(max_prompt_len=10), [{"prompt": "0012+0034=;", "ids": [5] * 11}],
+                                "data", {"ids": shipped})
 
 
 def test_make_run_dir_never_shares_a_folder(tmp_path):

@@ -25,15 +25,15 @@ def test_batch_j_is_generated_by_exactly_version_max0_j_minus_S(tiny_models, mon
     tok = task.build_tokenizer()
     train = task.read_prompts("addition", "train", 64)
     for r in train:
-        r["ids"] = task.encode_prompt(tok, r["prompt"], False)
+        r["ids"] = task.encode_prompt(tok, r["prompt"])
     args = argparse.Namespace(student=student_dir, teacher=teacher_dir, out="")
     state = dict(p=dict(lab.QUICK, batch=4, lr=0.05), tok=tok, args=args, train=train,
                  evals=train[:4], teacher=AutoModelForCausalLM.from_pretrained(teacher_dir).eval())
     published, batches = [], []
     copy_weights, score_unit = learner.copy_weights, teacher_cache.score_unit
     monkeypatch.setattr(learner, "copy_weights", lambda ln: published.append(copy_weights(ln)) or published[-1])
-    monkeypatch.setattr(teacher_cache, "score_unit", lambda cfg, t, traj, j: batches.append((j, traj)) or
-                        score_unit(cfg, t, traj, j))
+    monkeypatch.setattr(teacher_cache, "score_unit", lambda cfg, t, traj, j, prompts: batches.append((j, traj)) or
+                        score_unit(cfg, t, traj, j, prompts))
     S, steps = 2, 6
     lab.train_student(state, lab.LossOptions(name="reverse_kl_mc", samples=3), S, 0, steps)
     assert [j for j, _ in batches] == list(range(steps)) and len(published) >= steps + 1

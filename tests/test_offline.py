@@ -17,7 +17,7 @@ import rollout
 import schedule
 import task
 import teacher_cache
-from conftest import ROOT, make_model_dir, merged
+from conftest import ROOT, TEACHER_CHAT_TEMPLATE, make_model_dir, merged
 from optional import offline
 from runtime import preflight
 
@@ -140,7 +140,7 @@ def online_scores(cfg, chunk_prompts, n_chunks):
     out = []
     for c in range(n_chunks):
         idx = list(range(c * chunk_prompts, (c + 1) * chunk_prompts))
-        traj = engine.generate([task.encode_prompt(tok, prompts[i]["prompt"], False) for i in idx], idx, 0,
+        traj = engine.generate([task.encode_prompt(tok, prompts[i]["prompt"]) for i in idx], idx, 0,
                                student_topk=need.student_topk, mc_samples=need.mc_samples,
                                generator=schedule.unit_generator(cfg, c, 1))
         teacher_fields = need.teacher | {"teacher_logp"}  # as teacher_role
@@ -262,6 +262,23 @@ def test_cache_vocabulary_and_fields_guards(models, cache_dir, tmp_path):
     assert "lacks ['mc_behavior_logp', 'mc_ids', 'mc_teacher_logp']" in refused(student, teacher, cache_dir,
                                                                                **{"loss.name": "reverse_kl_mc"})
     assert "needs cache_dir" in refused(student, teacher, "")
+
+
+def test_a_cache_remembers_how_its_prompts_were_rendered(models, cache_dir, tmp_path):
+    """The cache records prompt_template, student_template and teacher_template: a precompute resumed with another
+    rendering, or an offline run whose student would see its prompts another way, is refused."""
+    from transformers import AutoTokenizer
+    student, teacher, _ = models
+    with pytest.raises(ValueError, match="another precompute .teacher_template 'raw' there, 'chat' now"):
+        precompute(make_config(student, teacher, PRE, cache_dir=cache_dir, teacher_template="chat"))
+    chatty = sft_student(student, tmp_path / "chatty", offline.fingerprint(teacher))
+    tok = AutoTokenizer.from_pretrained(chatty)
+    tok.chat_template = TEACHER_CHAT_TEMPLATE
+    tok.save_pretrained(chatty)
+    msg = refused(chatty, teacher, cache_dir, student_template="chat")
+    assert msg == f"cache {cache_dir} was rolled out with student_template='raw', this run has 'chat': set it as the " \
+                  "cache has it"
+    preflight.check_inputs(make_config(chatty, teacher, TRAIN, cache_dir=cache_dir))  # rendered as the cache was
 
 
 def test_damaged_cache_is_refused_with_its_path(models, cache_dir, tmp_path):

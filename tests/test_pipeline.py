@@ -354,7 +354,8 @@ def test_print_config_prints_the_effective_checked_config(capsys):
 
 
 @pytest.mark.parametrize("loss", [["loss.name=reverse_kl_mc"], ["loss.name=forward_kl_topk"],
-                                  ["loss.name=reverse_kl_pg", "loss.decoupled=true", "loss.clip_eps=0.2"]])
+                                  ["loss.name=reverse_kl_pg", "loss.decoupled=true", "loss.clip_eps=0.2"],
+                                  ["loss.name=forward_kl_topk", "teacher_template=chat_no_think"]])  # its own prompt
 def test_reference_loop_equals_the_pipeline_in_sync(tmp_path, tiny_models, loss):
     """asyncopd.opd_reference (plain model, one process) and the pipeline with schedule=sync (three processes,
     FSDP learner) give the same loss and gradient norm at both steps, and the same weights after them."""

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from optional.math_data import MATH_INSTRUCTION, read_rows
+from optional.math_data import read_rows
 from tools import prepare_data
 
 GSM8K_TRAIN = [{"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
@@ -105,8 +105,7 @@ def test_writes_the_files_the_configs_name_with_exact_rows_that_asyncopd_reads(h
     for name, n in COUNTS.items():  # asyncopd's own reader takes every file
         written, read = lines(f"{out}/{name}.jsonl"), read_rows(f"{out}/{name}.jsonl")
         assert len(read) == n
-        assert read == [{"prompt": w["prompt"] + ("" if "boxed" in w["prompt"] else MATH_INSTRUCTION),
-                         "answer": w["answer"], "checker": "math"} for w in written]
+        assert read == [{"prompt": w["prompt"], "answer": w["answer"], "checker": "math"} for w in written]
     assert read_rows(f"{out}/gsm8k_{{split}}.jsonl", "test") == read_rows(f"{out}/gsm8k_test.jsonl")
 
     named = set()  # every data file a shipped config names is one this tool writes

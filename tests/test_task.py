@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+import config
 import task
 from optional import math_data
 
@@ -51,16 +52,17 @@ def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
     assert loaded.get_vocab() == tok.get_vocab()
 
 
-def test_encode_prompt():
+def test_encode_prompt_renders_raw_or_chat():
     tok = task.build_tokenizer()
-    assert tok.decode(task.encode_prompt(tok, "0012+0003=", False)) == "0012+0003="
-    with pytest.raises(ValueError, match="chat template"):
-        task.encode_prompt(tok, "0012+0003=", True)
-    with pytest.raises(ValueError, match="vocabulary"):
-        task.encode_prompt(tok, "12 + x", False)
+    assert tok.decode(task.encode_prompt(tok, "0012+0003=")) == "0012+0003="
+    with pytest.raises(ValueError, match="chat needs a chat template but the tokenizer has none: use raw"):
+        task.encode_prompt(tok, "0012+0003=", "chat")
     tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}={% endif %}")
-    assert tok.decode(task.encode_prompt(tok, "0012+0003", True)) == "0012+0003="
+                         "{% if add_generation_prompt %}={% if enable_thinking is false %};{% endif %}{% endif %}")
+    assert tok.decode(task.encode_prompt(tok, "0012+0003", "chat")) == "0012+0003="
+    assert tok.decode(task.encode_prompt(tok, "0012+0003", "chat_think")) == "0012+0003="
+    assert tok.decode(task.encode_prompt(tok, "0012+0003", "chat_no_think")) == "0012+0003=;"
+    assert task.encode_prompt(tok, "0012+0003=", "raw") == task.encode_prompt(tok, "0012+0003=")
 
 
 def test_addition_checker():
@@ -122,13 +124,16 @@ def test_load_prompts_files(tmp_path):
     rows = [{"question": "What is 6*7?", "answer": "6*7 = 42\n#### 42"},
             {"question": "Half of 3? Put it in \\boxed{}.", "answer": "#### 1.5"}]
     (tmp_path / "gsm_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = task.read_prompts(str(tmp_path / "gsm_{split}.jsonl"), "test")
+    got = task.read_prompts(str(tmp_path / "gsm_{split}.jsonl"), "test", template=config.Config.prompt_template)
     assert [r["checker"] for r in got] == ["math", "math"]
-    assert got[0]["prompt"] == "What is 6*7?" + math_data.MATH_INSTRUCTION
-    assert got[1]["prompt"] == rows[1]["question"]               # already asks for \boxed{}
+    assert got[0]["prompt"] == "What is 6*7?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert got[1]["prompt"] == config.Config.prompt_template.replace("{problem}", rows[1]["question"])  # as written
+    braces = task.read_prompts(str(tmp_path / "gsm_{split}.jsonl"), "test", template="Q {problem} \\boxed{} {x}")
+    assert braces[0]["prompt"] == "Q What is 6*7? \\boxed{} {x}"  # LaTeX braces stay (no str.format)
+    assert task.read_prompts(str(tmp_path / "gsm_{split}.jsonl"), "test")[0]["prompt"] == "What is 6*7?"
     assert task.check("math", "\\boxed{42}", got[0]["answer"]) and task.check("math", "\\boxed{3/2}", got[1]["answer"])
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm.parquet")
-    assert task.read_prompts(str(tmp_path / "gsm.parquet"), "train", limit=1) == got[:1]
+    assert task.read_prompts(str(tmp_path / "gsm.parquet"), "train", 1, config.Config.prompt_template) == got[:1]
     pq.write_table(pa.Table.from_pylist(rows).slice(0, 0), tmp_path / "none.parquet")
     with pytest.raises(ValueError, match="none.parquet has no rows"):
         task.read_prompts(str(tmp_path / "none.parquet"), "train")

@@ -65,6 +65,32 @@ def reference_logp(model, traj, shift=0):
     return torch.cat(rows)
 
 
+def test_score_unit_reads_the_response_after_the_teachers_own_prompt(teacher):
+    """Where the teacher renders a prompt its own way (rows' "teacher_ids", teacher_template), its t is the float64
+    log-softmax over ITS prompt followed by the student's response tokens, whatever teacher_batch_tokens; the unit
+    keeps the student's prompt, after which the learner reads s."""
+    from config import Config
+    from estimators import LossOptions
+    traj, g = make_traj(), torch.Generator().manual_seed(3)
+    own = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 2, 1, 7)]  # other lengths than the student's
+    prompts = [{"ids": [0], "teacher_ids": [1, 2]} for _ in range(int(traj["prompt_index"].max()) + 1)]
+    for i, ids in zip(traj["prompt_index"].tolist(), own, strict=True):
+        prompts[i] = {"ids": [0], "teacher_ids": ids}
+    seen = dict(traj, prompt_ids=torch.tensor([t for p in own for t in p]),
+                prompt_cu_seqlens=torch.tensor([0, 5, 7, 8, 15]))
+    ref = reference_logp(teacher, seen)
+    for batch_tokens in (0, 9):  # one forward, or one per group of sequences
+        cfg = Config(loss=LossOptions(name="forward_kl_topk", teacher_topk=4), teacher_batch_tokens=batch_tokens)
+        got = tc.score_unit(cfg, teacher, traj, 0, prompts)
+        assert torch.equal(got["prompt_ids"], traj["prompt_ids"])
+        assert torch.equal(got["prompt_cu_seqlens"], traj["prompt_cu_seqlens"])
+        torch.testing.assert_close(got["teacher_logp"].double(), ref.gather(1, traj["token_ids"][:, None])[:, 0],
+                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(got["teacher_topk_logp"].double(), ref.topk(4).values, rtol=0, atol=1e-5)
+    students_prompt = tc.score_unit(cfg, teacher, traj, 0)  # without the rows: after the student's prompt
+    assert (students_prompt["teacher_logp"] - got["teacher_logp"]).abs().max() > 1e-2
+
+
 ALL = {"teacher_logp", "teacher_topk_ids", "teacher_topk_logp", "student_topk_teacher_logp", "mc_teacher_logp",
        "teacher_mc_ids", "teacher_mc_logp", "teacher_dense_logp"}
 

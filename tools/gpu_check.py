@@ -140,7 +140,7 @@ def reload_check(device: str, dtype: str) -> dict:
     import task
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(STUDENT)
-    prompts = [task.encode_prompt(tok, task.addition_prompt(a, b), False) for a, b in ((12, 34), (7, 95), (250, 3))]
+    prompts = [task.encode_prompt(tok, task.addition_prompt(a, b)) for a, b in ((12, 34), (7, 95), (250, 3))]
     index, torch_dtype, tol = list(range(len(prompts))), getattr(torch, dtype), TOLERANCES[dtype]
     common = dict(device=device, max_new_tokens=16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     engine = rollout.make_engine(STUDENT, kind="vllm", dtype=dtype, **common)

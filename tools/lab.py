@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                evals=task.read_prompts("addition", "test", p["eval_size"]),
                teacher=transformers.AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval())
     for r in lab["train"] + lab["evals"]:
-        r["ids"] = task.encode_prompt(tok, r["prompt"], False)
+        r["ids"] = task.encode_prompt(tok, r["prompt"])
     for name in PARTS if args.experiment == "all" else [args.experiment]:
         t0 = time.time()
         print(f"lab: {name}", flush=True)

@@ -14,10 +14,10 @@ aime25.jsonl          opencompass/AIME2025  AIME2025-I:test + AIME2025-II:test
                       (question, answer)                                            eval_data=data/aime25.jsonl
 amc23.jsonl           math-ai/amc23  test  (question, answer)                       eval_data=data/amc23.jsonl
 
-The prompt is the problem text as published: optional/math_data.read_rows appends the \boxed{} instruction when it
-reads the file. The answer is what the grader compares: GSM8K's number after "####" (not the worked solution), the
-others' final answer as text (a whole float such as 27.0 as "27"). The id is NAME/N, N the row's index in the
-published split(s).
+The prompt is the problem text as published: a run puts it in the config's prompt_template (the paper's asks for
+\boxed{}) and each model's chat template (student_template, teacher_template). The answer is what the grader
+compares: GSM8K's number after "####" (not the worked solution), the others' final answer as text (a whole float such
+as 27.0 as "27"). The id is NAME/N, N the row's index in the published split(s).
 
 --from-dir DIR reads the files as `hf download` lays them out, one folder per data set, DIR/OWNER/NAME (or
 DIR/NAME). On a networked machine (data/ is git-ignored):

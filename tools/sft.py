@@ -134,7 +134,7 @@ def training_data(args, steps: int):
     if args.stage == "teacher":  # ground truth: the written solution followed by <eos>
         tokenizer = task.build_tokenizer()
         pairs = task.addition_problems("train", steps * args.batch_size + VAL_PROBLEMS)
-        prompts = [task.encode_prompt(tokenizer, task.addition_prompt(a, b), False) for a, b in pairs]
+        prompts = [task.encode_prompt(tokenizer, task.addition_prompt(a, b)) for a, b in pairs]
         responses = [tokenizer(task.addition_solution(a, b), add_special_tokens=False)["input_ids"]
                      + [tokenizer.eos_token_id] for a, b in pairs[:-VAL_PROBLEMS]]
         return tokenizer, prompts, responses, {"data": "ground truth"}
@@ -142,7 +142,7 @@ def training_data(args, steps: int):
         raise ValueError(f"--teacher {args.teacher} has no model.safetensors; train one with "
                          "`python -m tools.sft teacher --out models/teacher`")
     tokenizer, teacher = AutoTokenizer.from_pretrained(args.teacher), AutoModelForCausalLM.from_pretrained(args.teacher)
-    prompts = [task.encode_prompt(tokenizer, r["prompt"], False)
+    prompts = [task.encode_prompt(tokenizer, r["prompt"])
                for r in task.read_prompts("addition", "train", args.samples + VAL_PROBLEMS)]
     t0 = time.time()
     responses = sample_responses(teacher, tokenizer, prompts[:-VAL_PROBLEMS], args.temperature, batch_size=500)

@@ -23,7 +23,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def prompts(tok):
-    return [task.encode_prompt(tok, task.addition_prompt(a, b), False) for a, b in ((12, 34), (7, 95), (250, 3),
+    return [task.encode_prompt(tok, task.addition_prompt(a, b)) for a, b in ((12, 34), (7, 95), (250, 3),
                                                                                     (81, 19), (5, 5), (333, 44))]
 
 
