@@ -87,7 +87,7 @@ class Config:
     seed: int = 0  # seeds prompts order, sampling and teacher draws
     progress: bool = True  # tqdm bar on a terminal (else, or when false: a plain line per evaluation and log_every)
     log_every: int = 10  # without the bar: a plain progress line every N learner steps (a cluster job's log)
-    report_to: str = ""  # also log the metrics to "tensorboard" (run folder/tensorboard/) or "wandb" (optional)
+    report_to: str = ""  # also log the metrics to "tensorboard" (run folder/tensorboard/), "wandb" or "trackio"
 
 
 def _coerce(value, default, key):

@@ -262,17 +262,21 @@ class Watch:
 
 
 class Tracker:
-    """report_to: the metrics records, also sent to TensorBoard (run_dir/tensorboard/) or Weights & Biases (its
-    project "asyncopd", this run's name; WANDB_MODE=offline keeps it local). The x axis is the learner step."""
+    """report_to: the metrics records, also sent to TensorBoard (run_dir/tensorboard/), Weights & Biases or trackio
+    (project "asyncopd", this run's name; WANDB_MODE=offline keeps wandb local, trackio is local: its store is
+    TRACKIO_DIR, by default ~/.cache/huggingface/trackio). The x axis is the learner step."""
 
     def __init__(self, cfg, run_dir):
+        name, config = os.path.basename(run_dir), dataclasses.asdict(cfg)
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: optional
             self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        else:
+        elif cfg.report_to == "wandb":
             import wandb  # optional
-            self.writer = wandb.init(project="asyncopd", name=os.path.basename(run_dir), dir=run_dir,
-                                     config=dataclasses.asdict(cfg))
+            self.writer = wandb.init(project="asyncopd", name=name, dir=run_dir, config=config)
+        else:
+            import trackio  # optional
+            self.writer = trackio.init(project="asyncopd", name=name, config=config)
 
     def log(self, kind, rec):
         numbers = {f"{kind}/{k}": v for k, v in rec.items()

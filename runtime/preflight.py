@@ -52,7 +52,7 @@ RANGES = [
 
 # Keys with a fixed set of values, checked right after RANGES
 CHOICES = {"schedule": ("sync", "step_off", "async", "offline"), "lr_schedule": ("constant", "cosine", "linear"),
-           "teacher_dtype": ("auto", "bfloat16", "float32"), "report_to": ("", "tensorboard", "wandb"),
+           "teacher_dtype": ("auto", "bfloat16", "float32"), "report_to": ("", "tensorboard", "wandb", "trackio"),
            "weight_transport": ("auto", "shared", "handoff"), "start_method": ("auto", "fork", "spawn"),
            "student_template": tuple(task.TEMPLATES), "teacher_template": tuple(task.TEMPLATES)}
 # Keys only some schedules read ("precompute": the `asyncopd.py precompute` command): set to anything but the default

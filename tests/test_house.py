@@ -17,7 +17,8 @@ READING_SET = ["asyncopd.py", "schedule.py", "rollout.py", "batch_format.py", "t
                "estimators.py", "config.py", "task.py"]  # in the README's reading order
 MAX_TOP_FILES, MAX_TOP_LINES, MAX_README_LINES = 9, 2200, 300
 # what a function may import lazily: optional or heavy dependencies (gpu_check --plan runs without torch)
-LAZY_OK = {"vllm", "datasets", "trl", "matplotlib", "pyarrow", "torch", "transformers", "wandb", "math_verify"}
+LAZY_OK = {"vllm", "datasets", "trl", "matplotlib", "pyarrow", "torch", "transformers", "wandb", "trackio",
+           "math_verify"}
 
 
 def project_modules():

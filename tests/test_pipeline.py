@@ -317,26 +317,27 @@ def test_a_piped_log_has_plain_lines_and_tensorboard_gets_every_record(tmp_path,
     assert f"{100 * evals[-1]['accuracy']:.1f}%" in lines[7]
 
 
-def test_report_to_wandb_sends_the_records_at_their_steps(tmp_path, monkeypatch):
-    """The Weights & Biases adapter against a stand-in module (wandb is not installed here: preflight refuses it in
-    one line, asserted below): init names the run and its config, each record goes at its learner step."""
+@pytest.mark.parametrize("tracker", ["wandb", "trackio"])
+def test_report_to_wandb_or_trackio_sends_the_records_at_their_steps(tmp_path, monkeypatch, tracker):
+    """The Weights & Biases and trackio adapters against a stand-in module (neither is installed here: preflight refuses
+    it in one line, asserted below): init names the run and its config, each record goes at its learner step."""
     calls = []
     run = SimpleNamespace(log=lambda numbers, step: calls.append((numbers, step)), finish=lambda: calls.append("end"))
-    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=lambda **kw: calls.append(kw) or run))
-    cfg = config.Config(report_to="wandb")
-    tracker = coordinator.Tracker(cfg, str(tmp_path / "r1"))
+    monkeypatch.setitem(sys.modules, tracker, SimpleNamespace(init=lambda **kw: calls.append(kw) or run))
+    cfg = config.Config(report_to=tracker)
+    adapter = coordinator.Tracker(cfg, str(tmp_path / "r1"))
     for kind, rec in [("step", {"step": 1, "loss": 0.5, "lr": 1e-3, "time": 9.0, "stale_hist": [1]}),
                       ("eval", {"step": 1, "version": 1, "accuracy": 0.25}), ("teacher_eval", {"accuracy": 0.9}),
                       ("checkpoint", {"path": "x", "step": 1})]:
-        tracker.log(kind, rec)
-    tracker.close()
-    assert calls[0] == {"project": "asyncopd", "name": "r1", "dir": str(tmp_path / "r1"),
-                        "config": dataclasses.asdict(cfg)}
+        adapter.log(kind, rec)
+    adapter.close()
+    where = {"dir": str(tmp_path / "r1")} if tracker == "wandb" else {}  # trackio's store: TRACKIO_DIR
+    assert calls[0] == {"project": "asyncopd", "name": "r1", **where, "config": dataclasses.asdict(cfg)}
     assert calls[1:] == [({"step/loss": 0.5, "step/lr": 1e-3}, 1), ({"eval/version": 1, "eval/accuracy": 0.25}, 1),
                          "end"]
-    monkeypatch.delitem(sys.modules, "wandb")
-    if importlib.util.find_spec("wandb") is None:
-        with pytest.raises(ValueError, match=r"report_to=wandb needs the wandb package: .* pip install wandb"):
+    monkeypatch.delitem(sys.modules, tracker)
+    if importlib.util.find_spec(tracker) is None:
+        with pytest.raises(ValueError, match=rf"report_to={tracker} needs the {tracker} package: .* pip install "):
             preflight.check_values(cfg)
 
 
