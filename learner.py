@@ -157,7 +157,8 @@ def plan_batch(cfg: Config, batch: Batch, step: int, world: int) -> list[dict]:
             plans[r].append(plan)
     stale = stale.float()
     stats = dict(stale_min=float(stale.min()), stale_mean=float(stale.mean()), stale_max=float(stale.max()),
-                 stale_hist=torch.bincount(stale.long()).tolist(), tokens=int(batch["loss_mask"].sum()))
+                 stale_hist=torch.bincount(stale.long()).tolist(), tokens=int(batch["loss_mask"].sum()),
+                 truncated=float((~batch["finished"]).float().mean()))  # responses cut at max_new_tokens, no EOS
     return [{"batch": select_sequences(batch, orders[r]), "plan": plans[r], "denom": denom,
              "count": [[sum(count[j] for j in orders[r][a:b]) if live else 0 for a, b, live in p] for p in plans[r]],
              "stats": stats} for r in range(world)]

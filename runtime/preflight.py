@@ -395,14 +395,27 @@ def check_models(cfg: Config, online: bool = True) -> tuple[PreTrainedTokenizerB
 
 def check_template(tokenizer: PreTrainedTokenizerBase, template: str, key: str, where: str) -> None:
     """The model's tokenizer can render `template` (task.TEMPLATES): a chat template, one that reads enable_thinking
-    for chat_think / chat_no_think (else the setting would change nothing, without a word)."""
-    if template != "raw" and tokenizer.chat_template is None:
+    for chat_think / chat_no_think (else the setting would change nothing, without a word), and for the student one
+    whose assistant turn ends with the tokenizer's eos_token, the only token the rollout stops on (a Qwen3-Base
+    tokenizer names <|endoftext|> while its template closes a turn with <|im_end|>: responses would run on)."""
+    if template == "raw":
+        return
+    if tokenizer.chat_template is None:
         raise ValueError(f"{key}={template}: the tokenizer of {where} has no chat template: use {key}=raw "
                          "(base models), or a tokenizer with one")
     if template in ("chat_think", "chat_no_think"):
         on, off = (task.render_prompt(tokenizer, "1+1?", t) for t in ("chat_think", "chat_no_think"))
         if on == off:
             raise ValueError(f"{key}={template}: the chat template of {where} ignores enable_thinking: use {key}=chat")
+    if key == "student_template":
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}, {"role": "assistant", "content":
+                                              "\u00a7"}], tokenize=False, **task.TEMPLATES[template])
+        after = tokenizer(turn[turn.rindex("\u00a7") + 1:], add_special_tokens=False)["input_ids"]
+        if after and after[0] != tokenizer.eos_token_id:
+            end = tokenizer.convert_ids_to_tokens(after[0])
+            raise ValueError(f"{key}={template}: the chat template of {where} ends the assistant's turn with {end!r} "
+                             f"but its eos_token, the only token the rollout stops on, is {tokenizer.eos_token!r}: set "
+                             f"eos_token to {end!r} in its tokenizer_config.json, or use {key}=raw")
 
 
 def unit_fields(cfg: Config) -> set[str]:

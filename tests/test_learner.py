@@ -153,6 +153,9 @@ def test_plan_batch_shards_counts_and_fillers(vocab):
     assert [live for _, _, live in shards[0]["plan"][0]] == [True, True]  # 2 x 16 tokens > 20
     assert [live for _, _, live in shards[1]["plan"][0]] == [True, False]  # 2 x 4 tokens: one pass + a filler
     assert shards[1]["count"][0][1] == 0
+    assert shards[0]["stats"]["truncated"] == 0.0  # every response ended with EOS
+    cut = dict(batch, finished=torch.tensor([True, False, True, True, False, True, True, True]))
+    assert learner.plan_batch(cfg, cut, 0, 2)[1]["stats"]["truncated"] == 0.25  # the whole batch's, on every rank
     bad = dict(batch, policy_version=batch["policy_version"] + 5)
     with pytest.raises(RuntimeError, match="staleness bound violated at step 0"):
         learner.plan_batch(cfg, bad, 0, 2)

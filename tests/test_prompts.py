@@ -31,10 +31,10 @@ def refused(tiny_models, tmp_path, *overrides):
     return str(e.value)
 
 
-def teacher_copy(tiny_models, tmp_path, name, tokenizer):
-    """The tiny teacher's weights with another tokenizer."""
+def with_tokenizer(model_dir, tmp_path, name, tokenizer):
+    """A copy of model_dir's weights with another tokenizer."""
     path = tmp_path / name
-    shutil.copytree(tiny_models[1], path)
+    shutil.copytree(model_dir, path)
     for f in os.listdir(path):
         if f.startswith(("tokenizer", "chat_template", "special_tokens")):
             os.remove(path / f)
@@ -74,7 +74,7 @@ def test_templates_a_model_cannot_render_are_refused_before_start(tiny_models, t
         "teacher_template='chatml': use one of raw, chat, chat_think, chat_no_think")
     deaf = AutoTokenizer.from_pretrained(teacher)  # a chat template without the enable_thinking switch
     deaf.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}>"
-    deaf_dir = teacher_copy(tiny_models, tmp_path, "deaf", deaf)
+    deaf_dir = with_tokenizer(teacher, tmp_path, "deaf", deaf)
     assert refused(tiny_models, tmp_path, f"teacher={deaf_dir}", "teacher_template=chat_no_think") == (
         f"teacher_template=chat_no_think: the chat template of {deaf_dir} ignores enable_thinking: use "
         "teacher_template=chat")
@@ -83,6 +83,18 @@ def test_templates_a_model_cannot_render_are_refused_before_start(tiny_models, t
         "addition row 1 (as the teacher renders it): prompt ")  # 10 tokens for the student, 11 for the teacher
     assert "has 11 tokens > max_prompt_len=10" in refused(tiny_models, tmp_path, "teacher_template=chat",
                                                           "max_prompt_len=10")
+    chatty = AutoTokenizer.from_pretrained(student)  # a student whose template closes a turn with ';', not <eos>
+    chatty.chat_template = ("{% for m in messages %}{{ m['content'] }};{% endfor %}"
+                            "{% if add_generation_prompt %}>{% endif %}")
+    chatty_dir = with_tokenizer(student, tmp_path, "chatty", chatty)
+    assert refused(tiny_models, tmp_path, f"student={chatty_dir}", "student_template=chat") == (
+        f"student_template=chat: the chat template of {chatty_dir} ends the assistant's turn with ';' but its "
+        "eos_token, the only token the rollout stops on, is '<eos>': set eos_token to ';' in its "
+        "tokenizer_config.json, or use student_template=raw")
+    chatty.chat_template = chatty.chat_template.replace(";", "<eos>")  # a turn ends with EOS: the rollout stops there
+    tok, train, _ = inputs(tiny_models, tmp_path, f"student={with_tokenizer(student, tmp_path, 'ok', chatty)}",
+                           "student_template=chat")
+    assert tok.decode(train[0]["ids"]) == train[0]["prompt"] + "<eos>>"
     assert refused(tiny_models, tmp_path, "prompt_template='Q: {question}'") == (
         "prompt_template='Q: {question}' has no {problem}: write where it goes")
     assert refused(tiny_models, tmp_path, "prompt_template='{problem}?'") == (
@@ -98,7 +110,7 @@ def test_a_teacher_whose_token_ids_differ_is_refused(tiny_models, tmp_path):
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer, raw.decoder = pre_tokenizers.Split(Regex("."), behavior="isolated"), decoders.Fuse()
     swapped = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    other = teacher_copy(tiny_models, tmp_path, "swapped", swapped)
+    other = with_tokenizer(tiny_models[1], tmp_path, "swapped", swapped)
     assert refused(tiny_models, tmp_path, f"teacher={other}").startswith(
         f"tokenizer mismatch: student {tiny_models[0]} (17 tokens) vs teacher {other} (17 tokens)")
 
@@ -109,7 +121,7 @@ def test_the_teacher_is_evaluated_on_its_own_rendering(tmp_path):
     student, teacher = os.path.join(ROOT, "models", "student"), os.path.join(ROOT, "models", "teacher")
     backwards = AutoTokenizer.from_pretrained(teacher)
     backwards.chat_template = "{% for m in messages %}{{ m['content'][::-1] }}{% endfor %}"
-    other = teacher_copy((student, teacher), tmp_path, "backwards", backwards)
+    other = with_tokenizer(teacher, tmp_path, "backwards", backwards)
     accuracy = {}
     for template in ("raw", "chat"):
         cmd = [sys.executable, os.path.join(ROOT, "asyncopd.py"), "train", f"student={student}", f"teacher={other}",
