@@ -17,7 +17,7 @@ import config
 import task
 from conftest import ROOT, make_model_dir
 from optional import offline
-from runtime import coordinator, preflight
+from runtime import coordinator, preflight, prompt_checks
 
 VALID = ["eval_size=8", "max_new_tokens=12", "max_prompt_len=100", "batch_size=4", "progress=false", "run_name=r"]
 
@@ -327,7 +327,7 @@ def test_unrepresentable_text_is_refused_not_dropped(tiny_models):
     def check(tok, text, field="ids"):
         row = {"prompt": text, "ids": task.encode_prompt(tok, text)}
         row[field] = row[field] if field == "ids" else list(row["ids"])
-        preflight.check_prompts(cfg, [{"prompt": "0+0=", "ids": [1]}, row], "data", {field: tok})
+        prompt_checks.check_prompts(cfg, [{"prompt": "0+0=", "ids": [1]}, row], "data", {field: tok})
         return row["ids"]
 
     for tok in (shipped, AutoTokenizer.from_pretrained(tiny_models[0]), ascii_tokenizer()):
@@ -339,7 +339,7 @@ def test_unrepresentable_text_is_refused_not_dropped(tiny_models):
     with pytest.raises(ValueError, match="encodes to no tokens"):
         check(shipped, " ")
     with pytest.raises(ValueError, match="has 11 tokens > max_prompt_len=10"):
-        preflight.check_prompts(config.Config(max_prompt_len=10), [{"prompt": "0012+0034=;", "ids": [5] * 11}],
+        prompt_checks.check_prompts(config.Config(max_prompt_len=10), [{"prompt": "0012+0034=;", "ids": [5] * 11}],
                                 "data", {"ids": shipped})
 
 
