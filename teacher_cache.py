@@ -50,10 +50,10 @@ def score_unit(cfg: Config, teacher: PreTrainedModel, traj: Batch, unit: int, pr
     they hold the teacher's own rendering of a prompt ("teacher_ids", teacher_template), the teacher reads the student's
     response tokens after it. The unit keeps the student's prompt: the learner's s is read after that."""
     fields = estimators.needs(cfg.loss).teacher | {"teacher_logp"}
-    if prompts and "teacher_ids" in prompts[0]:
-        seen = dict(traj, **packed_prompts([prompts[i]["teacher_ids"] for i in traj["prompt_index"].tolist()]))
-    else:
-        seen = traj
+    rows = [prompts[i] for i in traj["prompt_index"].tolist()] if prompts else []
+    seen = traj  # where the teacher renders the prompts as the student does, "teacher_ids" is the "ids" list itself
+    if any(row.get("teacher_ids", row["ids"]) is not row["ids"] for row in rows):
+        seen = dict(traj, **packed_prompts([row["teacher_ids"] for row in rows]))
     scored = score(teacher, to_device(seen, cfg.teacher_device), fields, cfg.loss.teacher_topk, cfg.loss.samples,
                    batch_tokens=cfg.teacher_batch_tokens,
                    generator=unit_generator(cfg, unit, TEACHER_STREAM, cfg.teacher_device))
