@@ -57,6 +57,7 @@ FIELD_SPECS = {name: dict(dtype=dtype, rows=rows, width=width) for rows, width, 
     ("N", "Mt", dict(teacher_mc_ids=I64, teacher_mc_logp=F32)),
     ("N", "V", dict(teacher_dense_logp=F32)),
 ] for name, dtype in group.items()}
+TEACHER_AT_ROLLOUT_IDS = {"student_topk_teacher_logp": "student_topk_ids", "mc_teacher_logp": "mc_ids"}  # t there
 REQUIRED_FIELDS = ("prompt_ids", "prompt_cu_seqlens", "cu_seqlens", "token_ids")
 # Under top-p the behaviour distribution is exactly 0 outside the nucleus, so b at the student's
 # top-Ks ids may be -inf; every other log-prob is at a sampled id or from a full softmax.

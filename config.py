@@ -42,6 +42,10 @@ class Config:
     rollout_devices: list = field(default_factory=lambda: ["cpu"])  # a rollout worker each, e.g. [cuda:0, cuda:1]
     teacher_device: str = "cpu"  # e.g. "cuda:4"
     teacher_dtype: str = "auto"  # "auto" (bfloat16 on cuda, float32 on cpu), "bfloat16", "float32"; precompute too
+    teacher_engine: str = "hf"  # "hf" (transformers on teacher_device) or "vllm" (its prompt log-probs; README, GPUs)
+    teacher_tensor_parallel: int = 1  # vllm teacher: its GPUs, teacher_device and the next ones (cuda:4, 2: GPUs 4, 5)
+    teacher_url: str = ""  # vllm teacher on other nodes: http://HOST:PORT of `vllm serve --enable-scale-out` (README)
+    teacher_timeout_s: float = 600.0  # teacher_url: seconds per request before a retry (3 retries, 1, 2, 4 s apart)
     learner_devices: list = field(default_factory=lambda: ["cpu"])  # one FSDP rank per entry
     threads: int = 1  # torch CPU threads per process (2-core laptops: 1)
     start_method: str = "auto"  # child processes: "fork" (they inherit the coordinator's imports: seconds sooner),
@@ -170,9 +174,17 @@ def resolve_transport(cfg: Config) -> str:
     return "handoff" if cfg.engine == "hf" and on_cuda else "shared"
 
 
+def teacher_devices(cfg: Config) -> list[str]:
+    """The teacher's devices: none at a teacher_url; teacher_tensor_parallel GPUs from teacher_device (cpu: one)."""
+    kind, _, index = cfg.teacher_device.partition(":")
+    spans = cfg.teacher_tensor_parallel > 1 and kind == "cuda" and (index or "0").isdigit()
+    return [] if cfg.teacher_url else [f"cuda:{int(index or 0) + i}" for i in range(cfg.teacher_tensor_parallel)] \
+        if spans else [cfg.teacher_device]
+
+
 def role_devices(cfg: Config) -> list[str]:
     """Every device a role of the run uses (rollout workers, teacher, learner ranks)."""
-    return [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices]
+    return [*cfg.rollout_devices, *teacher_devices(cfg), *cfg.learner_devices]
 
 
 def start_method(cfg: Config) -> str:

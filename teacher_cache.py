@@ -1,6 +1,7 @@
 """The teacher: one forward pass per rollout unit adds the teacher log-probs t the estimator needs to the unit's batch
 (batch_format.py), i.e. it fills the finite teacher-score cache: t at the generated token, the teacher's top-K, t at the
 rollout student's top-K_s support or Monte Carlo draws, the teacher's own draws, or (small vocabularies) all of t.
+A teacher beyond one GPU scores on vLLM (teacher_engine=vllm, optional/vllm_teacher.py): the same fields, no draws.
 
 Rows follow batch_format.py's shift convention: row r of every field is scored from position P + r - 1.
 """
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 import estimators
 from batch_format import (
     FIELD_SPECS,
+    TEACHER_AT_ROLLOUT_IDS,
     Batch,
     packed_prompts,
     pad_batch,
@@ -24,10 +26,10 @@ from batch_format import (
     validate_batch,
 )
 from config import Config
+from optional import vllm_teacher
 from schedule import TEACHER_STREAM, unit_generator
 
 TEACHER_FIELDS = {name for name in FIELD_SPECS if "teacher" in name}  # what score() can add
-GATHERED = {"student_topk_teacher_logp": "student_topk_ids", "mc_teacher_logp": "mc_ids"}  # t at rollout ids
 
 
 def scoring_dtype(cfg: Config) -> torch.dtype:
@@ -37,14 +39,16 @@ def scoring_dtype(cfg: Config) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.teacher_dtype]
 
 
-def load_teacher(cfg: Config) -> PreTrainedModel:
-    """The frozen teacher as every scorer uses it (the teacher role and `precompute`)."""
+def load_teacher(cfg: Config) -> PreTrainedModel | vllm_teacher.TeacherOnVLLM:
+    """The frozen teacher as every scorer uses it (the teacher role and `precompute`); a vLLM one has score() too."""
+    if cfg.teacher_engine == "vllm":  # at teacher_url, or in this process on its GPUs: optional/vllm_teacher.py
+        return vllm_teacher.from_config(cfg, scoring_dtype(cfg))
     model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=scoring_dtype(cfg))
     return model.to(cfg.teacher_device).eval()
 
 
-def score_unit(cfg: Config, teacher: PreTrainedModel, traj: Batch, unit: int, prompts: list[dict] | None = None
-               ) -> Batch:
+def score_unit(cfg: Config, teacher: PreTrainedModel | vllm_teacher.TeacherOnVLLM, traj: Batch, unit: int,
+               prompts: list[dict] | None = None) -> Batch:
     """Rollout unit `unit` scored: the trajectory plus the teacher fields the estimator needs. t at the generated
     token is always scored (4 bytes/token), so every run logs a reverse-KL estimate. prompts: the data set's rows; where
     they hold the teacher's own rendering of a prompt ("teacher_ids", teacher_template), the teacher reads the student's
@@ -54,9 +58,9 @@ def score_unit(cfg: Config, teacher: PreTrainedModel, traj: Batch, unit: int, pr
     seen = traj  # where the teacher renders the prompts as the student does, "teacher_ids" is the "ids" list itself
     if any(row.get("teacher_ids", row["ids"]) is not row["ids"] for row in rows):
         seen = dict(traj, **packed_prompts([row["teacher_ids"] for row in rows]))
-    scored = score(teacher, to_device(seen, cfg.teacher_device), fields, cfg.loss.teacher_topk, cfg.loss.samples,
-                   batch_tokens=cfg.teacher_batch_tokens,
-                   generator=unit_generator(cfg, unit, TEACHER_STREAM, cfg.teacher_device))
+    scored = teacher.score(seen, fields, cfg.loss.teacher_topk) if not isinstance(teacher, PreTrainedModel) else score(
+        teacher, to_device(seen, cfg.teacher_device), fields, cfg.loss.teacher_topk, cfg.loss.samples,
+        batch_tokens=cfg.teacher_batch_tokens, generator=unit_generator(cfg, unit, TEACHER_STREAM, cfg.teacher_device))
     return dict(to_device(scored, "cpu"), prompt_ids=traj["prompt_ids"], prompt_cu_seqlens=traj["prompt_cu_seqlens"])
 
 
@@ -75,7 +79,7 @@ def score(teacher_model: PreTrainedModel, traj: Batch, fields: set | frozenset, 
     if teacher_model.training:
         raise ValueError("score: teacher_model is in training mode; call teacher_model.eval() first")
     V = teacher_model.lm_head.out_features
-    for f, ids_field in GATHERED.items():
+    for f, ids_field in TEACHER_AT_ROLLOUT_IDS.items():
         if f in fields and ids_field not in traj:
             raise ValueError(f"score: '{f}' needs '{ids_field}' in the trajectory; ask the rollout for it")
     if fields & {"teacher_topk_ids", "teacher_topk_logp"} and not 1 <= teacher_topk <= V:
@@ -105,7 +109,7 @@ def score(teacher_model: PreTrainedModel, traj: Batch, fields: set | frozenset, 
         got = {"teacher_dense_logp": t, "teacher_logp": t.gather(1, traj["token_ids"][sl].to(device)[:, None])[:, 0]}
         if fields & {"teacher_topk_ids", "teacher_topk_logp"}:
             got["teacher_topk_logp"], got["teacher_topk_ids"] = torch.topk(t, teacher_topk, dim=-1, sorted=True)
-        for f, ids_field in GATHERED.items():
+        for f, ids_field in TEACHER_AT_ROLLOUT_IDS.items():
             if f in fields:
                 got[f] = t.gather(1, traj[ids_field][sl].to(device))
         if fields & {"teacher_mc_ids", "teacher_mc_logp"}:

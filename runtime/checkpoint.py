@@ -140,6 +140,7 @@ MAY_CHANGE = {
     "eval_data", "eval_size", "eval_every", "eval_teacher", "save_every",  # evaluation and checkpoints
     "out_dir", "run_name", "resume", "progress",  # where it writes, logging
     "threads", "start_method", "rollout_devices", "teacher_device", "engine",  # where the processes sit
+    "teacher_engine", "teacher_tensor_parallel", "teacher_url", "teacher_timeout_s",
     "queue_size", "weight_transport", "activation_checkpointing", "micro_batch_tokens", "teacher_batch_tokens",
     "dist_timeout_s", "stall_timeout_s", "gpu_memory_utilization", "loss.chunk_size",  # performance and limits
     "max_prompt_len", "precompute_prompts", "chunk_prompts", "allow_teacher_mismatch",  # input checks, precompute

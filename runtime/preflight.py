@@ -22,23 +22,24 @@ import estimators
 import rollout
 import task
 import teacher_cache
-from batch_format import FIELD_SPECS
-from config import Config, resolve_transport, role_devices, start_method, training_dtype
-from optional import math_data, offline
+from batch_format import FIELD_SPECS, TEACHER_AT_ROLLOUT_IDS
+from config import Config, resolve_transport, role_devices, start_method, teacher_devices, training_dtype
+from optional import math_data, offline, vllm_support
+from optional.vllm_teacher import RemoteTeacher, check_fields
 from runtime import checkpoint, filesystem
 from runtime.prompt_checks import check_prompts, check_template
 
 # Per-key ranges, checked first by check_values(): (keys, predicate, the fix). Every float must also be finite.
 RANGES = [
     ("steps batch_size mini_batches eval_every max_prompt_len max_new_tokens threads precompute_prompts chunk_prompts "
-     "dist_timeout_s",
+     "dist_timeout_s teacher_tensor_parallel",
      lambda v: v >= 1, "must be >= 1"),
     ("eval_size queue_size save_every rollout_batch_size step_off max_staleness micro_batch_tokens "
      "teacher_batch_tokens warmup_steps",
      lambda v: v >= 0, "is negative: must be >= 0 (see --help for what 0 means)"),
     ("dist_timeout_s", lambda v: v <= 7 * 86400, "is more than a week (604800 s): a collective waiting that long is "
      "hung (and datetime.timedelta overflows for huge values); lower it"),
-    ("lr stall_timeout_s", lambda v: v > 0, "must be > 0"),
+    ("lr stall_timeout_s teacher_timeout_s", lambda v: v > 0, "must be > 0"),
     ("weight_decay grad_clip min_lr", lambda v: v >= 0, "must be >= 0"),
     ("betas", lambda v: len(v) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in v),
      "must be two numbers in [0, 1), e.g. [0.9, 0.999]"),
@@ -55,7 +56,8 @@ RANGES = [
 CHOICES = {"schedule": ("sync", "step_off", "async", "offline"), "lr_schedule": ("constant", "cosine", "linear"),
            "teacher_dtype": ("auto", "bfloat16", "float32"), "report_to": ("", "tensorboard", "wandb", "trackio"),
            "weight_transport": ("auto", "shared", "handoff"), "start_method": ("auto", "fork", "spawn"),
-           "student_template": tuple(task.TEMPLATES), "teacher_template": tuple(task.TEMPLATES)}
+           "student_template": tuple(task.TEMPLATES), "teacher_template": tuple(task.TEMPLATES),
+           "teacher_engine": ("hf", "vllm")}
 # Keys only some schedules read ("precompute": the `asyncopd.py precompute` command): set to anything but the default
 # on another schedule they would be ignored without a word, so they are refused.
 SCHEDULE_KEYS = {"cache_dir": ("offline", "precompute"), "allow_teacher_mismatch": ("offline",),
@@ -80,6 +82,8 @@ def check_inputs(cfg: Config, precompute: bool = False) -> tuple[PreTrainedToken
             raise ValueError("precompute needs cache_dir=PATH (where the chunks go)")
         writable(cfg.cache_dir, "cache_dir")
         fits(cfg.cache_dir, "cache_dir", [], f"chunk_00000.safetensors.tmp-{_PID}")
+        if cfg.teacher_engine != "hf":  # optional/offline.py reads the teacher's config from the HF model
+            raise ValueError("precompute scores with the HF teacher: set teacher_engine=hf")
         if cfg.engine == "vllm" and cfg.rollout_devices[0] not in ("cuda", "cuda:0", "cpu"):
             raise ValueError(f"precompute with engine=vllm runs vLLM in this process, which takes the first visible "
                              f"GPU, not {cfg.rollout_devices[0]}: set rollout_devices=[cuda:0] or CUDA_VISIBLE_DEVICES")
@@ -359,10 +363,33 @@ def check_models(cfg: Config, online: bool = True) -> tuple[PreTrainedTokenizerB
             raise ValueError(f"tokenizer mismatch: student {student_dir} ({len(tok)} tokens) vs teacher {cfg.teacher} "
                              f"({len(t_tok)} tokens): OPD needs one tokenizer")
         check_template(t_tok, cfg.teacher_template, "teacher_template", cfg.teacher)
+        check_teacher_engine(cfg, fields & teacher_cache.TEACHER_FIELDS | {"teacher_logp"}, t_conf.vocab_size)
     if "teacher_dense_logp" in fields and s_conf.vocab_size > estimators.MAX_DENSE_VOCAB:
         raise ValueError(f"estimator {cfg.loss.name} needs the dense teacher distribution, too big at "
                          f"V={s_conf.vocab_size}: use forward_kl_topk, reverse_kl_mc or jsd on a finite support")
     return tok, t_tok
+
+
+def check_teacher_engine(cfg: Config, fields: set, vocab_size: int) -> None:
+    """teacher_engine=vllm can score these fields where it is asked to: in this process (the installed vLLM build, its
+    devices) or at teacher_url (asked a 2-token request of this run's kind: the server refuses what it cannot do)."""
+    if cfg.teacher_engine == "hf":
+        if cfg.teacher_url or cfg.teacher_tensor_parallel != 1:
+            raise ValueError("teacher_url and teacher_tensor_parallel are read by teacher_engine=vllm: set it, or drop "
+                             "them")
+        return
+    check_fields(fields, f"teacher_engine=vllm ({cfg.loss.name})")
+    if cfg.teacher_tensor_parallel > 1 and not cfg.teacher_device.startswith("cuda"):
+        raise ValueError(f"teacher_tensor_parallel={cfg.teacher_tensor_parallel} spans GPUs: set teacher_device=cuda:N "
+                         "or teacher_tensor_parallel=1")
+    if cfg.eval_teacher and cfg.eval_size:
+        raise ValueError("eval_teacher=true: the vLLM teacher only scores (its accuracy is not measured here): set "
+                         "eval_teacher=false, or teacher_engine=hf")
+    if cfg.teacher_url:
+        RemoteTeacher(cfg.teacher_url, vocab_size, timeout_s=min(cfg.teacher_timeout_s, 30)).check(
+            cfg.max_prompt_len + cfg.max_new_tokens + 1, fields, cfg.loss.teacher_topk)
+    else:
+        vllm_support.check_teacher(fields & set(TEACHER_AT_ROLLOUT_IDS), teacher_devices(cfg))
 
 
 def unit_fields(cfg: Config) -> set[str]:

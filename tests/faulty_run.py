@@ -4,6 +4,7 @@ engine broken on purpose, so tests can show tools/gpu_check.py's assertions catc
     reload       load_weights keeps the old weights (only the version number moves)
     temperature  the temperature is applied twice (the engine samples and scores at T^2)
     draws        the MC draws (columns 1..) belong to the next row: samples of another position's distribution
+    teacher_rows the vLLM teacher's fields are read one row off (t of the previous response token)
 
 The patch is top-level code: spawned children re-import this file (as __mp_main__) and are broken too; forked
 children inherit it. The product has no such hook."""
@@ -15,9 +16,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import asyncopd  # noqa: E402
 import rollout  # noqa: E402
+from optional import vllm_teacher  # noqa: E402
 
 FAULT = os.environ["ASYNCOPD_FAULT"]
-FAULTS = ("reload", "temperature", "draws")
+FAULTS = ("reload", "temperature", "draws", "teacher_rows")
 if FAULT not in FAULTS:
     raise SystemExit(f"ASYNCOPD_FAULT={FAULT!r}: use one of {FAULTS}")
 
@@ -40,8 +42,16 @@ def broken(engine: rollout.Engine) -> rollout.Engine:
     return engine
 
 
-make_engine = rollout.make_engine
-rollout.make_engine = lambda *args, **kwargs: broken(make_engine(*args, **kwargs))
+def shifted_parse(traj, fields, *args, parse=vllm_teacher.parse):
+    out = parse(traj, fields, *args)
+    return dict(out, **{f: torch.roll(out[f], 1, dims=0) for f in fields})
+
+
+if FAULT == "teacher_rows":
+    vllm_teacher.parse = shifted_parse
+else:
+    make_engine = rollout.make_engine
+    rollout.make_engine = lambda *args, **kwargs: broken(make_engine(*args, **kwargs))
 
 if __name__ == "__main__":
     sys.exit(asyncopd.main(sys.argv[1:]))

@@ -786,9 +786,9 @@ def test_declared_fields_are_exactly_what_the_estimator_reads(key):
 
 def test_declarations_follow_the_cache_contract():
     """Every declared name is a batch_format field; the teacher role declares only fields score() can add
-    (TEACHER_FIELDS), the rollout and learner roles none of them; a teacher field scored at rollout ids (GATHERED)
-    comes with those ids; every id field is written by a role of the same declaration; the learner's proximal
-    log-probs sit at id fields."""
+    (TEACHER_FIELDS), the rollout and learner roles none of them; a teacher field scored at rollout ids
+    (TEACHER_AT_ROLLOUT_IDS) comes with those ids; every id field is written by a role of the same declaration; the
+    learner's proximal log-probs sit at id fields."""
     assert all(e.fn.__name__ == name for name, e in E.ESTIMATORS.items())
     assert set(E.CORE) <= set(batch_format.FIELD_SPECS)
     records = [f for e in E.ESTIMATORS.values()
@@ -797,8 +797,8 @@ def test_declarations_follow_the_cache_contract():
         for role, names in (("rollout", f.rollout + f.behavior), ("teacher", f.teacher), ("learner", f.proximal)):
             assert set(names) <= set(batch_format.FIELD_SPECS), (f, role)
             assert all((name in teacher_cache.TEACHER_FIELDS) == (role == "teacher") for name in names), (f, role)
-        gathered = set(f.teacher) & set(teacher_cache.GATHERED)
-        assert all(teacher_cache.GATHERED[name] in f.rollout for name in gathered), f
+        gathered = set(f.teacher) & set(batch_format.TEACHER_AT_ROLLOUT_IDS)
+        assert all(batch_format.TEACHER_AT_ROLLOUT_IDS[name] in f.rollout for name in gathered), f
         assert set(f.ids) - {"dense"} <= set(f.rollout + f.teacher), f
         assert len(f.proximal) in (0, len(f.ids)), f
 

@@ -136,33 +136,37 @@ def test_transport_and_dtypes_are_resolved_before_start(tmp_path, tiny_models):
 
 def test_gpu_check_plans_valid_runs_for_1_to_8_gpus(tiny_models):
     """`bash run.sh gpu-check` cannot run here; its plan can: every run it would make is a valid config that
-    names only visible GPUs, covers every GPU path, and NCCL gets distinct GPUs. The CPU plan (what the tests run)
-    has the same paths less CUDA IPC."""
+    names only visible GPUs, covers every GPU path, and NCCL gets distinct GPUs; the vLLM teacher (TP 2 from 3 GPUs)
+    and its HF twin run sync only. The CPU plan (what the tests run) has the same paths less CUDA IPC."""
     from tools import gpu_check
     for n in range(1, 9):
         runs = gpu_check.plan(n, with_vllm=True)
         names = {name for name, _, _ in runs}
-        assert len(runs) == 2 * len(names) and {s for _, s, _ in runs} == {"sync", "async"}
-        assert len(names) == 6 + (n >= 4) + (n >= 5)  # 2 vLLM workers from 4 GPUs, 3 learner ranks from 5
+        teacher = {gpu_check.TWIN, f"vllm teacher (TP {2 if n >= 3 else 1}), MC"}
+        assert teacher <= names and [s for name, s, _ in runs if name in teacher] == ["sync", "sync"]
+        assert len(runs) == 2 * len(names) - 2 and {s for _, s, _ in runs} == {"sync", "async"}
+        assert len(names) == 8 + (n >= 4) + (n >= 5)  # 2 vLLM workers from 4 GPUs, 3 learner ranks from 5
         for name, _, over in runs:
             keys = [o.split("=")[0] for o in gpu_check.COMMON + over]
             assert len(set(keys)) == len(keys), (name, over)  # no key given twice
             cfg = config.load_config(None, gpu_check.COMMON + over)
-            devices = [*cfg.rollout_devices, cfg.teacher_device, *cfg.learner_devices]
+            devices = config.role_devices(cfg)
             assert all(d.startswith("cuda:") and int(d.split(":")[1]) < n for d in devices), (n, name)
+            assert len(config.teacher_devices(cfg)) == (2 if n >= 3 and name.startswith("vllm teacher") else 1)
             ranks = 3 if "x3" in name else min(n, 2)
             assert len(set(cfg.learner_devices)) == len(cfg.learner_devices) == ranks
             shared = "shared-memory" in name or cfg.engine == "vllm" or "CUDA IPC" not in name and \
                 cfg.weight_transport == "shared"
             assert config.resolve_transport(cfg) == ("shared" if shared or cfg.engine == "vllm" else "handoff"), name
-            assert (cfg.engine == "vllm") == ("vllm" in name.lower()) and cfg.mixed_precision
+            assert (cfg.engine == "vllm") == ("vllm rollout" in name.lower()) and cfg.mixed_precision
+            assert (cfg.teacher_engine == "vllm") == name.startswith("vllm teacher")
     cpu = gpu_check.plan(0, with_vllm=True, cpu=True)
     gpu_only = {"NCCL learner x2, fkl, bf16 mixed precision", "NCCL learner x3 (uneven token shards), fkl"}
     cpu_only = {"gloo learner x2, fkl", "gloo learner x3 (uneven token shards), fkl",
                 "vllm rollout, T=0.7, forward KL top-K"}
     assert {name for name, _, _ in cpu} == {name for name, _, _ in gpu_check.plan(8, with_vllm=True)
-                                            if "CUDA IPC" not in name and "MC reverse KL" not in name} \
-        - gpu_only | cpu_only
+                                            if "CUDA IPC" not in name and "MC" not in name.split(", ")[-1]} \
+        - gpu_only | cpu_only | {"vllm teacher (TP 1), fkl"}
     for name, _, over in cpu:
         cfg = config.load_config(None, gpu_check.COMMON + over)
         assert set(config.role_devices(cfg)) == {"cpu"} and not cfg.mixed_precision, name

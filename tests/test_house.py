@@ -103,7 +103,7 @@ def readme_commands():
     text, out = open(os.path.join(ROOT, "README.md")).read(), []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         heredoc = None
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a continued line is one command
             if heredoc:
                 heredoc = None if line.strip() == heredoc else heredoc
                 continue
@@ -158,6 +158,9 @@ def test_every_readme_command_names_what_exists():
             else:
                 assert args[0] == "asyncopd.py" and args[1] in ("train", "precompute", "print-config"), argv
                 check_overrides(args[2:], next((a for a in args[2:] if a.endswith(".yaml")), None))
+        elif "=" in program:  # VAR=value vllm serve ...: the server the remote teacher needs (optional/vllm_teacher.py)
+            assert argv[1:3] == ["vllm", "serve"] and {"--enable-scale-out", "--max-logprobs", "--max-model-len"} <= \
+                set(argv) and argv[argv.index("--hf-overrides") + 1] == '{"head_dtype": "float32"}', argv
         else:
             assert program in (".venv/bin/hf", "mkdir"), f"{argv}: use .venv/bin/python or bash run.sh"
     run_sh = open(os.path.join(ROOT, "run.sh")).read()

@@ -24,7 +24,7 @@ import types
 import numpy as np
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
 from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
@@ -115,7 +115,7 @@ def cmd_loss(args):
 # ----------------------------------------------------------------------------- memory (shipped GPU configs)
 GPU_BYTES, FIT = 80e9, 0.85  # an 80 GB GPU; a config fits if every device's modelled peak is <= 85% of it (68 GB)
 GPU_CONFIGS = ["configs/gpu1_smoke.yaml", "configs/qwen2.5_gsm8k_4gpu.yaml", "configs/qwen3_deepmath_8gpu.yaml",
-               "configs/qwen3_deepmath_8gpu_fkl.yaml"]
+               "configs/qwen3_deepmath_8gpu_fkl.yaml", "configs/qwen3_30b_teacher_8gpu.yaml"]
 # Real model dims, from each model's config.json on the Hugging Face Hub (Qwen/<name>; nothing is downloaded here).
 MODELS = {
     "Qwen2.5-0.5B-Instruct": dict(hidden=896, inter=4864, layers=24, heads=14, kv=2, head_dim=64, tied=True),
@@ -123,6 +123,11 @@ MODELS = {
     "Qwen3-1.7B-Base": dict(hidden=2048, inter=6144, layers=28, heads=16, kv=8, head_dim=128, tied=True),
     "Qwen3-8B": dict(hidden=4096, inter=12288, layers=36, heads=32, kv=8, head_dim=128, tied=False),
 }
+# Teachers only vLLM serves here (teacher_engine=vllm): their parameter count, from a meta-device build.
+VLLM_TEACHERS = {"Qwen3-30B-A3B-Instruct-2507": Qwen3MoeConfig(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+    num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    tie_word_embeddings=False)}
 VOCAB = 151936  # every model above (config.json vocab_size)
 OVERHEAD, SLACK = 2.5e9, 0.05  # per process: CUDA context + NCCL/cuBLAS workspaces; allocator fragmentation on tensors
 VLLM_BUDGET = "vLLM gpu_memory_utilization x GPU (weights, KV cache, activations, its CUDA context: all inside)"
@@ -165,6 +170,19 @@ def measure_model(name, tokens=256):
     # saved: one layer's bytes per token, + k and v repeated to all heads (SDPA with a mask)
     return dict(d, name=name, params=params, layer_params=sum(p.numel() for p in layer.parameters()), act=act,
                 saved=act["plain"] + 2 * (d["heads"] - d["kv"]) * d["head_dim"] * 2)
+
+
+def vllm_teacher_terms(cfg, conf):
+    """vLLM teacher, per GPU of its tensor-parallel group: its gpu_memory_utilization budget (bf16 weights / TP, KV
+    cache, activations, inside) + the prompt log-prob workspace outside vLLM's memory profile, two fp32 [1024, V]
+    chunks (v1/worker/gpu/sample/prompt_logprob.py), + a unit's scores [N, M + 1] fp32 until the request ends."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
+    N = cfg.rollout_batch_size * cfg.max_new_tokens
+    return params, {VLLM_BUDGET: cfg.gpu_memory_utilization * GPU_BYTES,
+                    "prompt log-prob chunks: 2 x [1024, V] fp32": 2 * 4 * 1024 * VOCAB,
+                    f"a unit's id scores [{N}, {cfg.loss.samples + cfg.loss.student_topk}] fp32":
+                        4 * N * (cfg.loss.samples + cfg.loss.student_topk)}
 
 
 def cache_bytes_per_token(cfg):
@@ -262,11 +280,23 @@ def cmd_memory(args):
     for path in args.configs:
         cfg = config.load_config(path)
         cfg.rollout_batch_size = cfg.rollout_batch_size or cfg.batch_size
-        s, t = measured[os.path.basename(cfg.student)], measured[os.path.basename(cfg.teacher)]
+        s, teacher = measured[os.path.basename(cfg.student)], os.path.basename(cfg.teacher)
         rollout = f"rollout worker ({'vLLM' if cfg.engine == 'vllm' else 'HF'})"
         roles = [("learner rank", cfg.learner_devices, learner_terms(cfg, s)),
-                 ("teacher scoring", [cfg.teacher_device], teacher_terms(cfg, t)),
                  (rollout, cfg.rollout_devices, rollout_terms(cfg, s))]
+        if cfg.teacher_engine == "vllm":  # its weights must leave a quarter of its budget to the KV cache
+            params, terms = vllm_teacher_terms(cfg, VLLM_TEACHERS[teacher])
+            weights, budget = 2 * params / cfg.teacher_tensor_parallel, cfg.gpu_memory_utilization * GPU_BYTES
+            fits = weights <= 0.75 * budget
+            ok &= fits
+            roles.append((f"teacher (vLLM, TP {cfg.teacher_tensor_parallel})", config.teacher_devices(cfg), terms))
+            print(f"\n{path}: vLLM teacher {teacher}, {params / 1e9:.2f} B parameters: bf16 weights "
+                  f"{weights / 1e9:.1f} GB per GPU of its {budget / 1e9:.1f} GB budget: "
+                  f"{'fits' if fits else 'DOES NOT FIT'} (at most 75%, the rest for the KV cache)")
+            t = {"name": teacher}
+        else:
+            t = measured[teacher]
+            roles.insert(1, ("teacher scoring", [cfg.teacher_device], teacher_terms(cfg, t)))
         if cfg.eval_teacher and cfg.eval_size:  # task.evaluate's batch, at most 250
             roles.append(("teacher evaluation", [cfg.teacher_device], generation_terms(
                 cfg, t, min(cfg.eval_size, 250), 2, "bf16 weights", "[B, V] sampling buffers")))

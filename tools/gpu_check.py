@@ -8,8 +8,10 @@
 Each path is `asyncopd.py train` in a fresh process, sync and async: HF rollout with host shared-memory weights,
 HF rollout with the learner's buffer handed over by CUDA IPC to two rollout workers, the FSDP2 learner on NCCL with
 bf16 mixed precision, the learner with activation checkpointing + token micro-batches + teacher sub-batches at
-temperature 0.7, three learner ranks (shards of uneven tokens, >= 5 GPUs), and the vLLM rollout: forward KL, in-engine
-Monte Carlo draws at temperature 0.7, two vLLM workers (>= 4 GPUs).
+temperature 0.7, three learner ranks (shards of uneven tokens, >= 5 GPUs), the vLLM rollout: forward KL, in-engine
+Monte Carlo draws at temperature 0.7, two vLLM workers (>= 4 GPUs); and the vLLM teacher (tensor parallel 2 on >= 3
+GPUs; on a GPU it scores the student's MC draws through prompt_logprob_token_ids), sync only, beside its twin with
+the HF teacher.
 
 What fails a path:
 - the run exits non-zero or trains fewer steps (the learner itself checks the staleness bound every step);
@@ -18,6 +20,8 @@ What fails a path:
   the rollout's dtype (TOLERANCES). s is the learner's log-prob, b the rollout's. A reload that did not take, a
   temperature applied twice, draws paired with the wrong rows or taken from another distribution all exceed it
   (tests/test_vllm_cpu.py shows each failing on CPU);
+- the vLLM teacher's sync run: its loss at some step differs from its HF-teacher twin's (both teachers fp32, the
+  same seeds, so the same trajectories) by more than the mean tolerance of the student's dtype;
 - the reload check (vLLM): after loading changed weights, vLLM's greedy tokens on fixed prompts equal those of an
   HF model holding the same weights, and its log-probs match within the tolerance; before the load they differ.
 Prints one table; exits non-zero if any path failed.
@@ -40,6 +44,7 @@ COMMON = ["student=models/student", "teacher=models/teacher", "data=addition", "
 MC = ["loss.name=reverse_kl_mc", "loss.advantage=theta", "loss.ratio=true", "loss.samples=16"]
 FKL = ["loss.name=forward_kl_topk", "loss.teacher_topk=8"]
 RELOAD = "vllm reload vs HF from the same weights"
+TWIN = "hf teacher, fp32 (the vLLM teacher's twin)"
 MICRO = ["temperature=0.7", "activation_checkpointing=true", "micro_batch_tokens=256", "teacher_batch_tokens=256"]
 
 
@@ -86,7 +91,25 @@ def plan(n_gpus: int, with_vllm: bool, cpu: bool = False) -> list[tuple[str, str
                           [f"rollout_devices=[{gpu(0)},{gpu(2)}]"] + roles[1:] + vllm + FKL))
     schedules = [("sync", ["schedule=sync"]), ("async", ["schedule=async", "max_staleness=2"])]
     batch = lambda over: [] if any(o.startswith("batch_size=") for o in over) else ["batch_size=32"]  # noqa: E731
-    return [(name, sched, over + batch(over) + device + extra) for name, over in paths for sched, extra in schedules]
+    out = [(name, sched, over + batch(over) + device + extra) for name, over in paths for sched, extra in schedules]
+    if with_vllm:  # the vLLM teacher and its HF twin: sync, where the two runs see the same trajectories
+        tp = 2 if not cpu and n_gpus >= 3 else 1
+        twin = roles + ["teacher_dtype=float32", "eval_teacher=false"] + (FKL if cpu else MC)
+        vllm = twin + ["teacher_engine=vllm", f"teacher_tensor_parallel={tp}"] + (
+            [] if cpu else ["gpu_memory_utilization=0.3"])
+        out += [(name, "sync", over + ["batch_size=32"] + device + ["schedule=sync"])
+                for name, over in ((TWIN, twin), (f"vllm teacher (TP {tp}), {'fkl' if cpu else 'MC'}", vllm))]
+    return out
+
+
+def check_teacher_twin(row: dict, twin: dict, dtype: str) -> str:
+    """The vLLM teacher's sync run against its HF-teacher twin: the first step whose loss differs by more than the
+    dtype's mean tolerance, as one line ('' if none)."""
+    for a, b in zip(row["steps"], twin["steps"], strict=True):
+        if not abs(a["loss"] - b["loss"]) <= TOLERANCES[dtype].mean:
+            return (f"step {a['step']}: loss {a['loss']:.7g} with the vLLM teacher vs {b['loss']:.7g} with the HF "
+                    f"teacher: t differs between the two teachers")
+    return ""
 
 
 def check_steps(steps: list[dict], dtype: str) -> str:
@@ -205,8 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows.append(run_path(name, schedule, over, args.steps, args.out))
         r = rows[-1]
-        print(f"  {'pass' if r['ok'] else 'FAIL'}  {r['path']} [{schedule}] {r['seconds']:.0f}s {r['problem']}",
-              flush=True)
+        if name.startswith("vllm teacher") and r["ok"]:
+            twin = next(t for t in rows if t["path"] == TWIN)
+            r["problem"] = twin["problem"] and f"its twin failed: {twin['problem']}" or check_teacher_twin(
+                r, twin, "bfloat16" if "mixed_precision=true" in over else "float32")
+            r["ok"] = not r["problem"]
+            if r["ok"]:
+                gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(r["steps"], twin["steps"], strict=True))
+                r["note"] = f"loss vs its HF-teacher twin: max |difference| over the steps {gap:.1e}"
+        print(f"  {'pass' if r['ok'] else 'FAIL'}  {r['path']} [{schedule}] {r['seconds']:.0f}s "
+              f"{r['problem'] or r.get('note', '')}", flush=True)
         for s in r["steps"] if schedule == "sync" else []:
             mc = f"  mc mean(s-b) {s['mc_s_minus_b_mean']:+.2e}" if "mc_s_minus_b_mean" in s else ""
             print(f"        step {s['step']}: mean|s-b| {s['s_minus_b_abs_mean']:.2e}  "
