@@ -41,6 +41,7 @@ from transformers import AutoConfig
 import estimators
 from batch_format import TEACHER_AT_ROLLOUT_IDS, Batch, validate_batch
 from config import Config, teacher_devices
+from optional import vllm_support
 from runtime.coordinator import visible_device
 
 FROM_PROMPT_LOGPROBS = {"teacher_logp", "teacher_topk_ids", "teacher_topk_logp", "teacher_dense_logp"}
@@ -247,3 +248,26 @@ def from_config(cfg: Config, dtype: torch.dtype) -> TeacherOnVLLM:
                        cfg.loss.student_topk + cfg.loss.samples, dtype=str(dtype).removeprefix("torch."),
                        device=cfg.teacher_device, tensor_parallel_size=cfg.teacher_tensor_parallel,
                        max_model_len=cfg.max_prompt_len + cfg.max_new_tokens + 1, **on_gpu)
+
+
+def check_config(cfg: Config, fields: set, vocab_size: int) -> None:
+    """Before start (runtime/preflight.py): teacher_engine=vllm can score these fields where it is asked to, in this
+    process (the installed vLLM build, its devices) or at teacher_url (asked a 2-token request of this run's kind: the
+    server refuses what it cannot do). Also refuses the vLLM teacher's keys without it."""
+    if cfg.teacher_engine == "hf":
+        if cfg.teacher_url or cfg.teacher_tensor_parallel != 1:
+            raise ValueError("teacher_url and teacher_tensor_parallel are read by teacher_engine=vllm: set it, or drop "
+                             "them")
+        return
+    check_fields(fields, f"teacher_engine=vllm ({cfg.loss.name})")
+    if cfg.teacher_tensor_parallel > 1 and not cfg.teacher_device.startswith("cuda"):
+        raise ValueError(f"teacher_tensor_parallel={cfg.teacher_tensor_parallel} spans GPUs: set teacher_device=cuda:N "
+                         "or teacher_tensor_parallel=1")
+    if cfg.eval_teacher and cfg.eval_size:
+        raise ValueError("eval_teacher=true: the vLLM teacher only scores (its accuracy is not measured here): set "
+                         "eval_teacher=false, or teacher_engine=hf")
+    if cfg.teacher_url:
+        RemoteTeacher(cfg.teacher_url, vocab_size, timeout_s=min(cfg.teacher_timeout_s, 30)).check(
+            cfg.max_prompt_len + cfg.max_new_tokens + 1, fields, cfg.loss.teacher_topk)
+    else:
+        vllm_support.check_teacher(fields & set(TEACHER_AT_ROLLOUT_IDS), teacher_devices(cfg))

@@ -22,10 +22,9 @@ import estimators
 import rollout
 import task
 import teacher_cache
-from batch_format import FIELD_SPECS, TEACHER_AT_ROLLOUT_IDS
-from config import Config, resolve_transport, role_devices, start_method, teacher_devices, training_dtype
-from optional import math_data, offline, vllm_support
-from optional.vllm_teacher import RemoteTeacher, check_fields
+from batch_format import FIELD_SPECS
+from config import Config, resolve_transport, role_devices, start_method, training_dtype
+from optional import math_data, offline, vllm_teacher
 from runtime import checkpoint, filesystem
 from runtime.prompt_checks import check_prompts, check_template
 
@@ -363,33 +362,11 @@ def check_models(cfg: Config, online: bool = True) -> tuple[PreTrainedTokenizerB
             raise ValueError(f"tokenizer mismatch: student {student_dir} ({len(tok)} tokens) vs teacher {cfg.teacher} "
                              f"({len(t_tok)} tokens): OPD needs one tokenizer")
         check_template(t_tok, cfg.teacher_template, "teacher_template", cfg.teacher)
-        check_teacher_engine(cfg, fields & teacher_cache.TEACHER_FIELDS | {"teacher_logp"}, t_conf.vocab_size)
+        vllm_teacher.check_config(cfg, fields & teacher_cache.TEACHER_FIELDS | {"teacher_logp"}, t_conf.vocab_size)
     if "teacher_dense_logp" in fields and s_conf.vocab_size > estimators.MAX_DENSE_VOCAB:
         raise ValueError(f"estimator {cfg.loss.name} needs the dense teacher distribution, too big at "
                          f"V={s_conf.vocab_size}: use forward_kl_topk, reverse_kl_mc or jsd on a finite support")
     return tok, t_tok
-
-
-def check_teacher_engine(cfg: Config, fields: set, vocab_size: int) -> None:
-    """teacher_engine=vllm can score these fields where it is asked to: in this process (the installed vLLM build, its
-    devices) or at teacher_url (asked a 2-token request of this run's kind: the server refuses what it cannot do)."""
-    if cfg.teacher_engine == "hf":
-        if cfg.teacher_url or cfg.teacher_tensor_parallel != 1:
-            raise ValueError("teacher_url and teacher_tensor_parallel are read by teacher_engine=vllm: set it, or drop "
-                             "them")
-        return
-    check_fields(fields, f"teacher_engine=vllm ({cfg.loss.name})")
-    if cfg.teacher_tensor_parallel > 1 and not cfg.teacher_device.startswith("cuda"):
-        raise ValueError(f"teacher_tensor_parallel={cfg.teacher_tensor_parallel} spans GPUs: set teacher_device=cuda:N "
-                         "or teacher_tensor_parallel=1")
-    if cfg.eval_teacher and cfg.eval_size:
-        raise ValueError("eval_teacher=true: the vLLM teacher only scores (its accuracy is not measured here): set "
-                         "eval_teacher=false, or teacher_engine=hf")
-    if cfg.teacher_url:
-        RemoteTeacher(cfg.teacher_url, vocab_size, timeout_s=min(cfg.teacher_timeout_s, 30)).check(
-            cfg.max_prompt_len + cfg.max_new_tokens + 1, fields, cfg.loss.teacher_topk)
-    else:
-        vllm_support.check_teacher(fields & set(TEACHER_AT_ROLLOUT_IDS), teacher_devices(cfg))
 
 
 def unit_fields(cfg: Config) -> set[str]:
